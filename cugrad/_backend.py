@@ -1,0 +1,219 @@
+"""Backend registry and dispatch: the backend follows the data.
+
+Every op of ``cugrad.functional`` is implemented once per backend with one signature,
+declared in ``OPS`` below. ``functional`` validates arguments, then calls
+``backend_for(...).ops.<name>(...)``; nothing below it checks arguments again, so a
+backend op may assume:
+
+* every array argument is an array of this backend (NumPy or CuPy), of dtype float32 or
+  float64 (all float arguments of one call share it; class-index targets are int64);
+* shapes are those the op's docstring in ``functional`` states (already checked);
+* arrays may be non-contiguous views: a backend that needs C order makes it itself.
+
+``cuda_available()`` decides once per process whether a CUDA device really works (not
+merely whether ``import cupy`` succeeds); ``CUGRAD_FORCE_CPU=1`` forces the CPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+import numpy as np
+
+# name -> parameter names, in order. Both backends implement exactly these.
+OPS: dict[str, tuple[str, ...]] = {
+    # c = act(op(a) @ op(b) + bias); op(x) = x.T when trans_x. bias: None or (N,);
+    # activation: None | "sigmoid" | "tanh" | "relu".
+    "gemm": ("a", "b", "trans_a", "trans_b", "bias", "activation"),
+    # column sum of a 2-D (M, N) array -> (N,), deterministic.
+    "bias_grad": ("grad",),
+    # element-wise forward of a named activation on a 2-D array.
+    "activation": ("name", "x"),
+    # grad_in = grad_out * f'(.) with `saved` the forward OUTPUT (for relu, the output and
+    # the input give the same mask, so either may be passed).
+    "activation_backward": ("name", "grad_out", "saved"),
+    # row-wise over the last axis of a 2-D array.
+    "softmax": ("x",),
+    "log_softmax": ("x",),
+    # reduction: "mean" | "sum" | "half_sum"; loss is a 0-d array of the input dtype.
+    "mse_loss": ("pred", "target", "reduction"),
+    "mse_loss_backward": ("pred", "target", "reduction"),
+    # logits (N, C); target int64 class indices (N,) or probabilities (N, C);
+    # reduction "mean" | "sum". fwd_bwd returns (loss, grad) from one pass.
+    "cross_entropy": ("logits", "target", "reduction"),
+    "cross_entropy_backward": ("logits", "target", "reduction"),
+    "cross_entropy_fwd_bwd": ("logits", "target", "reduction"),
+    # In-place optimiser updates (PyTorch's rules). momentum_buf is None when momentum == 0.
+    "sgd_step": ("param", "grad", "momentum_buf", "lr", "momentum", "weight_decay"),
+    "adam_step": ("param", "grad", "exp_avg", "exp_avg_sq", "step", "lr", "beta1", "beta2",
+                  "eps", "weight_decay"),
+}
+
+FORCE_CPU_ENV = "CUGRAD_FORCE_CPU"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An array lives on a device whose backend cannot run here."""
+
+
+@dataclass
+class Backend:
+    """One implementation of the whole op set."""
+
+    name: str                      # "numpy" or "cuda"
+    device: str                    # "cpu" or "cuda"
+    xp: ModuleType                 # numpy or cupy
+    ops: Any = field(default=None)  # namespace with one attribute per op in OPS
+
+    def asarray(self, x, dtype=None):
+        return self.xp.asarray(x, dtype=dtype)
+
+
+class _OpTable:
+    """Attribute access to a backend's registered ops, with a clear error if one is missing."""
+
+    def __init__(self, backend_name: str, impls: dict[str, Callable]):
+        self._backend_name = backend_name
+        self._impls = impls
+
+    def __getattr__(self, op: str) -> Callable:
+        try:
+            return self._impls[op]
+        except KeyError:
+            raise NotImplementedError(
+                f"cugrad: the {self._backend_name} backend does not implement op {op!r}") from None
+
+
+_IMPLS: dict[str, dict[str, Callable]] = {}
+
+
+def implements(backend_name: str, op: str) -> Callable[[Callable], Callable]:
+    """Register ``fn`` as ``backend_name``'s implementation of ``op``.
+
+    The parameter names must be exactly those of ``OPS[op]``: one signature per op.
+    """
+    if op not in OPS:
+        raise KeyError(f"cugrad: unknown op {op!r}; known ops: {sorted(OPS)}")
+
+    def register(fn: Callable) -> Callable:
+        params = tuple(inspect.signature(fn).parameters)
+        if params != OPS[op]:
+            raise TypeError(
+                f"cugrad: {backend_name} implementation of {op!r} has parameters {params}, "
+                f"expected {OPS[op]}")
+        _IMPLS.setdefault(backend_name, {})[op] = fn
+        return fn
+
+    return register
+
+
+def missing_ops(backend_name: str) -> list[str]:
+    """Ops of OPS that ``backend_name`` has not registered (for tests)."""
+    return sorted(set(OPS) - set(_IMPLS.get(backend_name, {})))
+
+
+# --------------------------------------------------------------------------- backends
+
+_lock = threading.Lock()
+_numpy_backend: Backend | None = None
+_cuda_backend: Backend | None = None
+_cuda_state: tuple[bool, str] | None = None   # (available, reason if not)
+
+
+def numpy_backend() -> Backend:
+    global _numpy_backend
+    if _numpy_backend is None:
+        from .backends import numpy_backend as _impl  # noqa: F401  (registers the ops)
+        _numpy_backend = Backend("numpy", "cpu", np, _OpTable("numpy", _IMPLS["numpy"]))
+    return _numpy_backend
+
+
+def _probe_cuda() -> tuple[bool, str]:
+    if os.environ.get(FORCE_CPU_ENV, "").strip() not in ("", "0"):
+        return False, f"{FORCE_CPU_ENV}={os.environ[FORCE_CPU_ENV]} forces the CPU backend"
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
+        return False, f"CuPy is not importable ({type(exc).__name__}: {exc})"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return False, "CuPy sees no CUDA device"
+        # A real round trip: allocate, run a kernel, copy back.
+        probe = cupy.arange(4, dtype=cupy.float32) * 2
+        if probe.get().tolist() != [0.0, 2.0, 4.0, 6.0]:
+            return False, "a CUDA probe kernel returned a wrong result"
+    except Exception as exc:
+        return False, f"no working CUDA device ({type(exc).__name__}: {exc})"
+    try:
+        from .backends import cuda as _impl  # noqa: F401  (registers the ops)
+    except ImportError as exc:
+        return False, f"the CUDA backend failed to import ({exc})"
+    return True, ""
+
+
+def cuda_available() -> bool:
+    """True when a CUDA device really works here and the CUDA backend is enabled."""
+    return _cuda_status()[0]
+
+
+def cuda_unavailable_reason() -> str:
+    """Why ``cuda_available()`` is False ("" when it is True)."""
+    return _cuda_status()[1]
+
+
+def _cuda_status() -> tuple[bool, str]:
+    global _cuda_state
+    if _cuda_state is None:
+        with _lock:
+            if _cuda_state is None:
+                _cuda_state = _probe_cuda()
+    return _cuda_state
+
+
+def cuda_backend() -> Backend:
+    global _cuda_backend
+    ok, reason = _cuda_status()
+    if not ok:
+        raise BackendUnavailableError(f"cugrad: the CUDA backend is unavailable: {reason}")
+    if _cuda_backend is None:
+        import cupy
+        _cuda_backend = Backend("cuda", "cuda", cupy, _OpTable("cuda", _IMPLS.get("cuda", {})))
+    return _cuda_backend
+
+
+def is_cupy_array(x) -> bool:
+    mod = type(x).__module__
+    return mod.startswith("cupy") or mod.startswith("cupy_backends")
+
+
+def is_gpu_array(x) -> bool:
+    """A CuPy array, or any other GPU array (PyTorch CUDA tensor, ...) seen through its
+    ``__cuda_array_interface__``."""
+    return is_cupy_array(x) or hasattr(x, "__cuda_array_interface__")
+
+
+def device_of(x) -> str:
+    """"cpu" for NumPy arrays (and other host data), "cuda" for GPU arrays."""
+    return "cuda" if is_gpu_array(x) else "cpu"
+
+
+def backend_for_device(device: str) -> Backend:
+    device = normalize_device(device)
+    return cuda_backend() if device == "cuda" else numpy_backend()
+
+
+def normalize_device(device) -> str:
+    name = str(device).lower()
+    if name in ("cpu", "numpy"):
+        return "cpu"
+    if name == "cuda" or name.startswith("cuda:"):
+        if name not in ("cuda", "cuda:0"):
+            raise ValueError(f"cugrad: device {device!r} is not supported; expected 'cpu' or "
+                             "'cuda' (the current CuPy device)")
+        return "cuda"
+    raise ValueError(f"cugrad: unknown device {device!r}; expected 'cpu' or 'cuda'")
