@@ -1,0 +1,137 @@
+"""Argument validation for ``cugrad.functional``: the only place arguments are checked.
+
+Every error names the op, the argument, what it got (type, shape, dtype, device) and what
+was expected. After ``prepare`` the arrays are arrays of one backend and one float dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _backend
+from ._backend import Backend
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_DLPACK_CPU, _DLPACK_CUDA = 1, 2
+
+
+def describe(x) -> str:
+    """'numpy.ndarray of shape (3, 4), dtype float32, on cpu' (or the Python type)."""
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        return f"{type(x).__module__}.{type(x).__qualname__} object"
+    kind = f"{type(x).__module__.split('.')[0]}.{type(x).__name__}"
+    return f"{kind} of shape {tuple(shape)}, dtype {dtype}, on {_backend.device_of(x)}"
+
+
+def _to_backend_array(op: str, name: str, x):
+    """NumPy and CuPy arrays pass through; other arrays come in without a copy through
+    ``__cuda_array_interface__`` / DLPack; anything else is a TypeError."""
+    if isinstance(x, np.ndarray) or _backend.is_cupy_array(x):
+        return x
+    if hasattr(x, "__cuda_array_interface__"):
+        return _gpu_import(op, name, x)
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        device_type = int(x.__dlpack_device__()[0])
+        if device_type == _DLPACK_CPU:
+            return np.from_dlpack(x)
+        if device_type == _DLPACK_CUDA:
+            return _gpu_import(op, name, x)
+    raise TypeError(
+        f"{op}: argument {name!r} must be a NumPy or CuPy array (or a GPU array exposing "
+        f"__cuda_array_interface__/DLPack), got {describe(x)}; use cugrad.asarray() to "
+        "convert lists and scalars")
+
+
+def _gpu_import(op: str, name: str, x):
+    if not _backend.cuda_available():
+        raise _backend.BackendUnavailableError(
+            f"{op}: argument {name!r} is a GPU array ({describe(x)}) but the CUDA backend is "
+            f"unavailable: {_backend.cuda_unavailable_reason()}")
+    from .backends.cuda.interop import to_cupy
+    return to_cupy(x)
+
+
+def prepare(op: str, arrays: dict, *, ints: tuple[str, ...] = ()) -> tuple[Backend, dict]:
+    """Convert every non-None entry of ``arrays`` to a backend array, check that they share
+    one device and that the float ones share one dtype, float32 or float64. Entries named in
+    ``ints`` are exempt from the float dtype rule (class-index targets)."""
+    out = {k: (None if v is None else _to_backend_array(op, k, v)) for k, v in arrays.items()}
+    present = [(k, v) for k, v in out.items() if v is not None]
+    first_name, first = present[0]
+    device = _backend.device_of(first)
+    for name, arr in present[1:]:
+        if _backend.device_of(arr) != device:
+            raise ValueError(
+                f"{op}: argument {name!r} is on {_backend.device_of(arr)} ({describe(arr)}) but "
+                f"{first_name!r} is on {device} ({describe(first)}); move both to one device "
+                "with cugrad.asarray(x, device=...) or Module.to(device)")
+    dtype = None
+    for name, arr in present:
+        if name in ints:
+            continue
+        if arr.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{op}: argument {name!r} has dtype {arr.dtype} ({describe(arr)}); expected "
+                "float32 or float64")
+        if dtype is None:
+            dtype, dtype_name = arr.dtype, name
+        elif arr.dtype != dtype:
+            raise TypeError(
+                f"{op}: argument {name!r} has dtype {arr.dtype} but {dtype_name!r} has dtype "
+                f"{dtype}; all float arguments of one call must share a dtype (convert with "
+                ".astype)")
+    backend = _backend.cuda_backend() if device == "cuda" else _backend.numpy_backend()
+    return backend, out
+
+
+def check_ndim(op: str, name: str, x, ndim: int, meaning: str = "") -> None:
+    if x.ndim != ndim:
+        what = f" {meaning}" if meaning else ""
+        raise ValueError(f"{op}: argument {name!r} must be {ndim}-D{what}, got {describe(x)}")
+
+
+def check_min_ndim(op: str, name: str, x, ndim: int) -> None:
+    if x.ndim < ndim:
+        raise ValueError(
+            f"{op}: argument {name!r} must have at least {ndim} dimension(s), got {describe(x)}")
+
+
+def check_shape(op: str, name: str, x, expected: tuple, why: str) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(
+            f"{op}: argument {name!r} has shape {tuple(x.shape)}, expected {tuple(expected)} "
+            f"({why})")
+
+
+def check_choice(op: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"{op}: {name}={value!r} is not supported; expected one of "
+            f"{', '.join(repr(c) for c in choices)}")
+
+
+def check_no_nan(op: str, name: str, x, xp) -> None:
+    if bool(xp.isnan(x).any()):
+        raise ValueError(f"{op}: argument {name!r} contains NaN ({describe(x)}); targets must "
+                         "be numbers")
+
+
+def check_scalar(op: str, name: str, value, *, low: float = 0.0, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """A finite (or +inf where high is inf) real scalar in [low, high] (bounds open when asked)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} "
+                        f"{value!r}")
+    v = float(value)
+    bad = (math.isnan(v) or v < low or v > high or (low_open and v == low)
+           or (high_open and v == high) or (math.isinf(v)))
+    if bad:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{op}: {name}={value!r} is out of range; expected a finite number in "
+                         f"{lo}{low}, {high}{hi}")
+    return v

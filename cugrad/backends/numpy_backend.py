@@ -1,0 +1,202 @@
+"""The NumPy backend: the CPU fallback and the specification every backend must match.
+
+Plain, vectorised NumPy, one function per op of ``cugrad._backend.OPS``. Arguments arrive
+validated (see ``_backend``). Temporaries are reused in place where the math allows, so a
+training step costs little more than the same step written directly in NumPy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._backend import implements
+
+BACKEND = "numpy"
+
+
+# ------------------------------------------------------------------ element-wise helpers
+
+def _sigmoid_inplace(y: np.ndarray) -> np.ndarray:
+    """y <- 1 / (1 + exp(-y)) without overflow: with e = exp(-|y|) <= 1,
+    sigmoid(y) = 1/(1+e) for y >= 0 and e/(1+e) for y < 0."""
+    e = np.abs(y)
+    np.negative(e, out=e)
+    np.exp(e, out=e)
+    np.divide(np.where(y >= 0, 1.0, e).astype(y.dtype, copy=False), 1.0 + e, out=y)
+    return y
+
+
+def _apply_activation_inplace(name: str | None, y: np.ndarray) -> np.ndarray:
+    if name is None:
+        return y
+    if name == "sigmoid":
+        return _sigmoid_inplace(y)
+    if name == "tanh":
+        return np.tanh(y, out=y)
+    if name == "relu":
+        return np.maximum(y, 0, out=y)
+    raise ValueError(f"unknown activation {name!r}")  # unreachable: functional validates
+
+
+# ----------------------------------------------------------------------------- products
+
+@implements(BACKEND, "gemm")
+def gemm(a, b, trans_a, trans_b, bias, activation):
+    # .T is a view: NumPy hands BLAS the transposed layout, no copy is made.
+    out = np.matmul(a.T if trans_a else a, b.T if trans_b else b)
+    if bias is not None:
+        out += bias
+    return _apply_activation_inplace(activation, out)
+
+
+@implements(BACKEND, "bias_grad")
+def bias_grad(grad):
+    return grad.sum(axis=0)
+
+
+# -------------------------------------------------------------------------- activations
+
+@implements(BACKEND, "activation")
+def activation(name, x):
+    return _apply_activation_inplace(name, np.array(x, copy=True))
+
+
+@implements(BACKEND, "activation_backward")
+def activation_backward(name, grad_out, saved):
+    if name == "sigmoid":          # dZ * z * (1 - z)
+        out = 1.0 - saved
+        out *= saved
+    elif name == "tanh":           # dZ * (1 - z^2)
+        out = saved * saved
+        np.subtract(1.0, out, out=out)
+    elif name == "relu":           # dZ * [z > 0]  (z > 0 exactly where y > 0)
+        return np.where(saved > 0, grad_out, np.zeros((), grad_out.dtype))
+    else:
+        raise ValueError(f"unknown activation {name!r}")  # unreachable
+    out *= grad_out
+    return out
+
+
+@implements(BACKEND, "softmax")
+def softmax(x):
+    out = x - x.max(axis=-1, keepdims=True)
+    np.exp(out, out=out)
+    out /= out.sum(axis=-1, keepdims=True)
+    return out
+
+
+@implements(BACKEND, "log_softmax")
+def log_softmax(x):
+    out = x - x.max(axis=-1, keepdims=True)
+    out -= np.log(np.exp(out).sum(axis=-1, keepdims=True))
+    return out
+
+
+# ------------------------------------------------------------------------------- losses
+
+_MSE_SCALE = {"sum": 1.0, "half_sum": 0.5}
+
+
+def _mse_scale(reduction: str, n: int) -> float:
+    return 1.0 / n if reduction == "mean" else _MSE_SCALE[reduction]
+
+
+@implements(BACKEND, "mse_loss")
+def mse_loss(pred, target, reduction):
+    d = (pred - target).ravel()
+    return np.asarray(np.dot(d, d) * _mse_scale(reduction, d.size), dtype=pred.dtype)
+
+
+@implements(BACKEND, "mse_loss_backward")
+def mse_loss_backward(pred, target, reduction):
+    # d/dpred of scale * sum(d^2) = 2 * scale * d
+    out = pred - target
+    out *= 2.0 * _mse_scale(reduction, out.size)
+    return out
+
+
+def _xent_parts(logits, target, reduction):
+    """Shared pass: shifted logits, log-sum-exp per row, and the reduction's scale."""
+    n = logits.shape[0]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    sumexp = exp.sum(axis=1, keepdims=True)
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    return shifted, exp, sumexp, scale
+
+
+def _xent_loss(shifted, sumexp, target, scale, dtype):
+    # L_row = logsumexp(z) - sum_i t_i z_i  (computed on the shifted logits)
+    lse = np.log(sumexp[:, 0])
+    if target.ndim == 1:
+        picked = np.take_along_axis(shifted, target[:, None], axis=1)[:, 0]
+        rows = lse - picked
+    else:
+        rows = lse * target.sum(axis=1) - np.einsum("ij,ij->i", target, shifted)
+    return np.asarray(rows.sum() * scale, dtype=dtype)
+
+
+def _xent_grad(exp, sumexp, target, scale):
+    # dL/dz = (softmax(z) * sum_i t_i - t) * scale; exp is reused as the output buffer.
+    # (sum_i t_i = 1 for class indices and for proper probability rows: softmax - t.)
+    grad = exp
+    grad /= sumexp
+    if target.ndim == 1:
+        grad[np.arange(grad.shape[0]), target] -= 1.0
+    else:
+        grad *= target.sum(axis=1, keepdims=True)
+        grad -= target
+    if scale != 1.0:
+        grad *= scale
+    return grad
+
+
+@implements(BACKEND, "cross_entropy")
+def cross_entropy(logits, target, reduction):
+    shifted, _, sumexp, scale = _xent_parts(logits, target, reduction)
+    return _xent_loss(shifted, sumexp, target, scale, logits.dtype)
+
+
+@implements(BACKEND, "cross_entropy_backward")
+def cross_entropy_backward(logits, target, reduction):
+    _, exp, sumexp, scale = _xent_parts(logits, target, reduction)
+    return _xent_grad(exp, sumexp, target, scale)
+
+
+@implements(BACKEND, "cross_entropy_fwd_bwd")
+def cross_entropy_fwd_bwd(logits, target, reduction):
+    shifted, exp, sumexp, scale = _xent_parts(logits, target, reduction)
+    loss = _xent_loss(shifted, sumexp, target, scale, logits.dtype)
+    return loss, _xent_grad(exp, sumexp, target, scale)
+
+
+# --------------------------------------------------------------------------- optimisers
+
+@implements(BACKEND, "sgd_step")
+def sgd_step(param, grad, momentum_buf, lr, momentum, weight_decay):
+    g = grad
+    if weight_decay != 0.0:
+        g = grad + weight_decay * param
+    if momentum_buf is not None:
+        # buf starts at zero, so the first step gives buf = g, as PyTorch's clone does.
+        momentum_buf *= momentum
+        momentum_buf += g
+        g = momentum_buf
+    param -= lr * g
+
+
+@implements(BACKEND, "adam_step")
+def adam_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+    g = grad
+    if weight_decay != 0.0:
+        g = grad + weight_decay * param
+    exp_avg *= beta1
+    exp_avg += (1.0 - beta1) * g
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1.0 - beta2) * (g * g)
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2_sqrt = (1.0 - beta2 ** step) ** 0.5
+    denom = np.sqrt(exp_avg_sq)
+    denom /= bias_correction2_sqrt
+    denom += eps
+    param -= (lr / bias_correction1) * (exp_avg / denom)

@@ -1,0 +1,417 @@
+"""cugrad.functional (import as ``F``): every op with its backward, on either backend.
+
+Each op validates its arguments (shapes per MATH.md, one float dtype, one device), opens
+its NVTX range, and calls one backend implementation: NumPy arrays run on the NumPy
+backend, CuPy (and other CUDA) arrays on the CUDA backend. Nothing below this module
+checks arguments again.
+
+Shapes (MATH.md §1–4): ``matmul`` computes ``op(a) @ op(b)`` with ``op(x) = x.T`` when the
+``trans_*`` flag is set, reading the operands in place; ``linear`` uses PyTorch's weight
+layout ``(out_features, in_features)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import numpy as np
+
+from . import _backend
+from ._checks import (check_choice, check_min_ndim, check_ndim, check_no_nan, check_scalar,
+                      check_shape, describe, prepare)
+from ._trace import op_range
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu")
+MSE_REDUCTIONS = ("mean", "sum", "half_sum")
+XENT_REDUCTIONS = ("mean", "sum")
+
+__all__ = [
+    "matmul", "matmul_backward", "linear", "linear_backward", "bias_grad",
+    "sigmoid", "sigmoid_backward", "tanh", "tanh_backward", "relu", "relu_backward",
+    "softmax", "log_softmax", "mse_loss", "mse_loss_backward", "cross_entropy",
+    "cross_entropy_backward", "cross_entropy_with_grad", "sgd_step", "adam_step",
+]
+
+
+def _op(name: str):
+    """Run the decorated op inside its NVTX range (device taken from the first argument)."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with op_range(name, _backend.device_of(args[0]) if args else None):
+                return fn(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
+# ----------------------------------------------------------------------------- products
+
+def _product_shape(op, a, b, trans_a, trans_b, a_name="a", b_name="b"):
+    """(M, K, N) of op(a) @ op(b), with a clear error on a mismatched inner dimension."""
+    check_ndim(op, a_name, a, 2, "(a matrix)")
+    check_ndim(op, b_name, b, 2, "(a matrix)")
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if k != k2:
+        raise ValueError(
+            f"{op}: inner dimensions do not match: {a_name}{'ᵀ' if trans_a else ''} is "
+            f"({m}, {k}) but {b_name}{'ᵀ' if trans_b else ''} is ({k2}, {n}) "
+            f"({a_name}: {describe(a)}; {b_name}: {describe(b)}); expected "
+            f"{b_name}{'ᵀ' if trans_b else ''} to have {k} rows")
+    return m, k, n
+
+
+def _gemm(backend, a, b, trans_a, trans_b, bias=None, activation=None):
+    """act(op(a) @ op(b) + bias) on ``backend``; an empty result launches nothing."""
+    m = a.shape[1] if trans_a else a.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
+    if m == 0 or n == 0:
+        return backend.xp.empty((m, n), dtype=a.dtype)
+    return backend.ops.gemm(a, b, trans_a, trans_b, bias, activation)
+
+
+def _check_flag(op, name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+@_op("matmul")
+def matmul(a, b, *, trans_a=False, trans_b=False):
+    """``op(a) @ op(b)``: a (M, K) or, with ``trans_a``, (K, M); b (K, N) or, with
+    ``trans_b``, (N, K). Returns (M, N). Layouts NN, NT, TN and TT read a and b in place."""
+    trans_a = _check_flag("matmul", "trans_a", trans_a)
+    trans_b = _check_flag("matmul", "trans_b", trans_b)
+    backend, arr = prepare("matmul", {"a": a, "b": b})
+    a, b = arr["a"], arr["b"]
+    _product_shape("matmul", a, b, trans_a, trans_b)
+    return _gemm(backend, a, b, trans_a, trans_b)
+
+
+@_op("matmul.backward")
+def matmul_backward(grad_c, a, b, *, trans_a=False, trans_b=False):
+    """Gradients of ``c = op(a) @ op(b)``: returns ``(grad_a, grad_b)`` with a's and b's
+    shapes. Each is one product in layout NN, NT or TN (MATH.md §1)."""
+    trans_a = _check_flag("matmul_backward", "trans_a", trans_a)
+    trans_b = _check_flag("matmul_backward", "trans_b", trans_b)
+    backend, arr = prepare("matmul_backward", {"grad_c": grad_c, "a": a, "b": b})
+    g, a, b = arr["grad_c"], arr["a"], arr["b"]
+    m, _, n = _product_shape("matmul_backward", a, b, trans_a, trans_b)
+    check_ndim("matmul_backward", "grad_c", g, 2)
+    check_shape("matmul_backward", "grad_c", g, (m, n), "the shape of op(a) @ op(b)")
+    # d op(a) = G op(b)ᵀ and d op(b) = op(a)ᵀ G, transposed back where the operand was.
+    grad_a = (_gemm(backend, b, g, trans_b, True) if trans_a
+              else _gemm(backend, g, b, False, not trans_b))
+    grad_b = (_gemm(backend, g, a, True, trans_a) if trans_b
+              else _gemm(backend, a, g, not trans_a, False))
+    return grad_a, grad_b
+
+
+def _check_activation(op, activation):
+    if activation is not None:
+        check_choice(op, "activation", activation, (None,) + ACTIVATIONS)
+
+
+def _linear_shapes(op, x, weight, bias):
+    check_ndim(op, "x", x, 2, "(batch, in_features)")
+    check_ndim(op, "weight", weight, 2, "(out_features, in_features)")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{op}: x has {x.shape[1]} features ({describe(x)}) but weight expects "
+            f"{weight.shape[1]} ({describe(weight)}); weight must be (out_features, "
+            f"in_features) = (*, {x.shape[1]})")
+    if bias is not None:
+        check_shape(op, "bias", bias, (weight.shape[0],), "(out_features,) of weight")
+
+
+@_op("linear.forward")
+def linear(x, weight, bias=None, *, activation=None):
+    """``act(x @ weight.T + bias)``: x (N, in), weight (out, in), bias (out,) or None,
+    activation None | "sigmoid" | "tanh" | "relu". One fused product on the GPU."""
+    _check_activation("linear", activation)
+    backend, arr = prepare("linear", {"x": x, "weight": weight, "bias": bias})
+    x, weight, bias = arr["x"], arr["weight"], arr["bias"]
+    _linear_shapes("linear", x, weight, bias)
+    return _gemm(backend, x, weight, False, True, bias, activation)
+
+
+@_op("linear.backward")
+def linear_backward(grad_y, x, weight, *, bias=True, activation=None, out=None):
+    """Gradients of ``y = act(x @ weight.T + b)``: returns ``(grad_x, grad_weight,
+    grad_bias)`` (``grad_bias`` None when ``bias`` is False). With ``activation``,
+    ``grad_y`` is the gradient of the activated output and ``out`` the saved forward
+    output. dX = G W (NN), dW = Gᵀ X (TN), db = column sum of G (MATH.md §2)."""
+    op = "linear_backward"
+    _check_activation(op, activation)
+    bias = _check_flag(op, "bias", bias)
+    if activation is not None and out is None:
+        raise ValueError(f"{op}: activation={activation!r} needs out=, the saved forward "
+                         "output of linear(..., activation=...)")
+    backend, arr = prepare(op, {"grad_y": grad_y, "x": x, "weight": weight,
+                                "out": out if activation is not None else None})
+    g, x, weight = arr["grad_y"], arr["x"], arr["weight"]
+    _linear_shapes(op, x, weight, None)
+    check_ndim(op, "grad_y", g, 2, "(batch, out_features)")
+    expected = (x.shape[0], weight.shape[0])
+    check_shape(op, "grad_y", g, expected, "(batch of x, out_features of weight)")
+    device = backend.device
+    if activation is not None:
+        check_shape(op, "out", arr["out"], expected, "the forward output's shape")
+        with op_range("linear.backward.act", device):
+            g = _activation_backward_2d(backend, activation, g, arr["out"])
+    with op_range("linear.backward.dX", device):
+        grad_x = _gemm(backend, g, weight, False, False)
+    with op_range("linear.backward.dW", device):
+        grad_w = _gemm(backend, g, x, True, False)
+    grad_b = None
+    if bias:
+        with op_range("linear.backward.db", device):
+            grad_b = _bias_grad(backend, g)
+    return grad_x, grad_w, grad_b
+
+
+def _bias_grad(backend, g):
+    if g.shape[0] == 0 or g.shape[1] == 0:
+        return backend.xp.zeros((g.shape[1],), dtype=g.dtype)
+    return backend.ops.bias_grad(g)
+
+
+@_op("bias_grad")
+def bias_grad(grad_y):
+    """Column sum of a 2-D gradient (M, N) -> (N,): the gradient of a bias added to rows."""
+    backend, arr = prepare("bias_grad", {"grad_y": grad_y})
+    g = arr["grad_y"]
+    check_ndim("bias_grad", "grad_y", g, 2, "(batch, features)")
+    return _bias_grad(backend, g)
+
+
+# -------------------------------------------------------------------------- activations
+# Element-wise ops take any shape; backends see 2-D arrays (rows of the last axis).
+
+def _as_rows(x):
+    if x.ndim == 2:
+        return x
+    return x.reshape(1, -1) if x.ndim < 2 else x.reshape(-1, x.shape[-1])
+
+
+def _activation_backward_2d(backend, name, grad_out, saved):
+    if grad_out.size == 0:
+        return backend.xp.empty(grad_out.shape, dtype=grad_out.dtype)
+    return backend.ops.activation_backward(name, grad_out, saved)
+
+
+def _activation(name, x):
+    backend, arr = prepare(name, {"x": x})
+    x = arr["x"]
+    if x.size == 0:
+        return backend.xp.empty(x.shape, dtype=x.dtype)
+    return backend.ops.activation(name, _as_rows(x)).reshape(x.shape)
+
+
+def _activation_backward(name, saved_name, grad_out, saved):
+    op = f"{name}_backward"
+    backend, arr = prepare(op, {"grad_out": grad_out, saved_name: saved})
+    g, s = arr["grad_out"], arr[saved_name]
+    check_shape(op, saved_name, s, g.shape, "the shape of grad_out")
+    return _activation_backward_2d(backend, name, _as_rows(g), _as_rows(s)).reshape(g.shape)
+
+
+@_op("sigmoid")
+def sigmoid(x):
+    """``1 / (1 + exp(-x))``, element-wise, without overflow for any finite x."""
+    return _activation("sigmoid", x)
+
+
+@_op("sigmoid.backward")
+def sigmoid_backward(grad_out, out):
+    """``grad_out * out * (1 - out)`` with ``out = sigmoid(x)`` (MATH.md §3)."""
+    return _activation_backward("sigmoid", "out", grad_out, out)
+
+
+@_op("tanh")
+def tanh(x):
+    """``tanh(x)``, element-wise."""
+    return _activation("tanh", x)
+
+
+@_op("tanh.backward")
+def tanh_backward(grad_out, out):
+    """``grad_out * (1 - out²)`` with ``out = tanh(x)``."""
+    return _activation_backward("tanh", "out", grad_out, out)
+
+
+@_op("relu")
+def relu(x):
+    """``max(x, 0)``, element-wise."""
+    return _activation("relu", x)
+
+
+@_op("relu.backward")
+def relu_backward(grad_out, out_or_x):
+    """``grad_out * [x > 0]``; ``relu(x) > 0`` exactly where ``x > 0``, so the saved output
+    or the input may be passed."""
+    return _activation_backward("relu", "out_or_x", grad_out, out_or_x)
+
+
+def _softmax(op, x):
+    backend, arr = prepare(op, {"x": x})
+    x = arr["x"]
+    check_min_ndim(op, "x", x, 1)
+    if x.size == 0:
+        return backend.xp.empty(x.shape, dtype=x.dtype)
+    return getattr(backend.ops, op)(_as_rows(x)).reshape(x.shape)
+
+
+@_op("softmax")
+def softmax(x):
+    """Softmax over the last axis, shifted by the row maximum (no overflow)."""
+    return _softmax("softmax", x)
+
+
+@_op("log_softmax")
+def log_softmax(x):
+    """``x - logsumexp(x)`` over the last axis, shifted by the row maximum."""
+    return _softmax("log_softmax", x)
+
+
+# ------------------------------------------------------------------------------- losses
+
+def _mse_args(op, pred, target, reduction):
+    check_choice(op, "reduction", reduction, MSE_REDUCTIONS)
+    backend, arr = prepare(op, {"pred": pred, "target": target})
+    pred, target = arr["pred"], arr["target"]
+    check_min_ndim(op, "pred", pred, 1)
+    check_shape(op, "target", target, pred.shape, "the shape of pred")
+    if pred.size == 0:
+        raise ValueError(f"{op}: pred is empty ({describe(pred)}); a loss needs at least one "
+                         "element")
+    check_no_nan(op, "target", target, backend.xp)
+    return backend, _as_rows(pred), _as_rows(target)
+
+
+@_op("mse_loss")
+def mse_loss(pred, target, *, reduction="mean"):
+    """Mean squared error. reduction "mean": Σ(pred−target)²/n; "sum": Σ(pred−target)²;
+    "half_sum": Σ(pred−target)²/2 (seed 002). Returns a 0-d array of pred's dtype."""
+    backend, p, t = _mse_args("mse_loss", pred, target, reduction)
+    return backend.ops.mse_loss(p, t, reduction)
+
+
+@_op("mse_loss.backward")
+def mse_loss_backward(pred, target, *, reduction="mean"):
+    """d mse_loss / d pred, same arguments: 2(pred−target)/n, 2(pred−target) or
+    (pred−target) for "mean", "sum", "half_sum". Shape of pred."""
+    backend, p, t = _mse_args("mse_loss_backward", pred, target, reduction)
+    return backend.ops.mse_loss_backward(p, t, reduction).reshape(pred.shape)
+
+
+def _xent_args(op, logits, target, reduction):
+    check_choice(op, "reduction", reduction, XENT_REDUCTIONS)
+    target_is_index = (getattr(target, "ndim", None) == 1)
+    backend, arr = prepare(op, {"logits": logits, "target": target},
+                           ints=("target",) if target_is_index else ())
+    logits, target = arr["logits"], arr["target"]
+    check_ndim(op, "logits", logits, 2, "(batch, classes)")
+    n, c = logits.shape
+    if n == 0 or c == 0:
+        raise ValueError(f"{op}: logits is empty ({describe(logits)}); cross-entropy needs at "
+                         "least one row and one class")
+    if target.ndim == 1:
+        if target.dtype.kind not in "iu":
+            raise TypeError(f"{op}: class-index target must be an integer array of shape "
+                            f"({n},), got {describe(target)}")
+        check_shape(op, "target", target, (n,), "one class index per row of logits")
+        xp = backend.xp
+        lo, hi = int(target.min()), int(target.max())
+        if lo < 0 or hi >= c:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{op}: target holds class index {bad}, out of range for {c} "
+                             f"classes; expected indices in [0, {c - 1}]")
+        target = xp.ascontiguousarray(target, dtype=np.int64)
+    elif target.ndim == 2:
+        check_shape(op, "target", target, (n, c),
+                    "probabilities of the shape of logits, or class indices of shape (N,)")
+        check_no_nan(op, "target", target, backend.xp)
+    else:
+        raise ValueError(f"{op}: target must be class indices ({n},) or probabilities "
+                         f"({n}, {c}), got {describe(target)}")
+    return backend, logits, target
+
+
+@_op("cross_entropy")
+def cross_entropy(logits, target, *, reduction="mean"):
+    """Softmax cross-entropy of logits (N, C) against class indices (N,) or probabilities
+    (N, C): Σ_rows [logsumexp(z) − Σ_i t_i z_i], divided by N for "mean"."""
+    backend, z, t = _xent_args("cross_entropy", logits, target, reduction)
+    return backend.ops.cross_entropy(z, t, reduction)
+
+
+@_op("cross_entropy.backward")
+def cross_entropy_backward(logits, target, *, reduction="mean"):
+    """d cross_entropy / d logits, same arguments: softmax(z) − t, divided by N for
+    "mean" (for probability rows that do not sum to 1: softmax(z)·Σt − t)."""
+    backend, z, t = _xent_args("cross_entropy_backward", logits, target, reduction)
+    return backend.ops.cross_entropy_backward(z, t, reduction)
+
+
+@_op("cross_entropy")
+def cross_entropy_with_grad(logits, target, *, reduction="mean"):
+    """``(cross_entropy(...), cross_entropy_backward(...))`` from one pass over the logits."""
+    backend, z, t = _xent_args("cross_entropy", logits, target, reduction)
+    return backend.ops.cross_entropy_fwd_bwd(z, t, reduction)
+
+
+# --------------------------------------------------------------------------- optimisers
+
+def _inplace_args(op, arrays):
+    backend, arr = prepare(op, arrays)
+    param = arr["param"]
+    for name, a in arr.items():
+        if a is None:
+            continue
+        check_shape(op, name, a, param.shape, "the shape of param")
+        if name != "grad" and not (a.flags.c_contiguous and a.flags.writeable):
+            raise ValueError(f"{op}: argument {name!r} is updated in place and must be a "
+                             f"writable C-contiguous array, got {describe(a)}")
+    return backend, arr
+
+
+@_op("sgd_step")
+def sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, weight_decay=0.0):
+    """In place, PyTorch's SGD: g = grad + wd·param; with momentum, buf = momentum·buf + g
+    (buf starts at zero) and g = buf; param -= lr·g. ``momentum_buf`` is required exactly
+    when momentum > 0."""
+    op = "sgd_step"
+    lr = check_scalar(op, "lr", lr)
+    momentum = check_scalar(op, "momentum", momentum)
+    weight_decay = check_scalar(op, "weight_decay", weight_decay)
+    if (momentum_buf is None) != (momentum == 0.0):
+        raise ValueError(f"{op}: momentum_buf must be given exactly when momentum > 0 "
+                         f"(momentum={momentum}, momentum_buf is "
+                         f"{'None' if momentum_buf is None else 'given'})")
+    backend, arr = _inplace_args(op, {"param": param, "grad": grad,
+                                      "momentum_buf": momentum_buf})
+    if arr["param"].size:
+        backend.ops.sgd_step(arr["param"], arr["grad"], arr["momentum_buf"], lr, momentum,
+                             weight_decay)
+
+
+@_op("adam_step")
+def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999,
+              eps=1e-8, weight_decay=0.0):
+    """In place, PyTorch's Adam (L2 weight decay added to the gradient); ``step`` counts
+    from 1 and sets the bias corrections 1 − β^step."""
+    op = "adam_step"
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
+        raise ValueError(f"{op}: step must be an integer >= 1, got {step!r}")
+    lr = check_scalar(op, "lr", lr)
+    beta1 = check_scalar(op, "beta1", beta1, high=1.0, high_open=True)
+    beta2 = check_scalar(op, "beta2", beta2, high=1.0, high_open=True)
+    eps = check_scalar(op, "eps", eps)
+    weight_decay = check_scalar(op, "weight_decay", weight_decay)
+    backend, arr = _inplace_args(op, {"param": param, "grad": grad, "exp_avg": exp_avg,
+                                      "exp_avg_sq": exp_avg_sq})
+    if arr["param"].size:
+        backend.ops.adam_step(arr["param"], arr["grad"], arr["exp_avg"], arr["exp_avg_sq"],
+                              int(step), lr, beta1, beta2, eps, weight_decay)
