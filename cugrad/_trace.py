@@ -180,29 +180,29 @@ class _TimedRange:
         self.duration_ns = None
 
     def __enter__(self):
+        if self.clock == "cuda":
+            self.children = []
+            start = _cuda_event()    # may raise: nothing is pushed yet
         if self.nvtx is not None:
             self.nvtx.__enter__()
         self.parent = getattr(_tls, "top", None)
         _tls.top = self
-        if self.clock == "cuda":
-            self.start = _cuda_event()
-            self.children = []
-        else:
-            self.start = perf_counter_ns()
+        self.start = start if self.clock == "cuda" else perf_counter_ns()
 
     def __exit__(self, exc_type, exc, tb):
+        end_ns = perf_counter_ns()
+        parent = self.parent
+        _tls.top = parent
+        self.parent = None
         try:
-            parent = self.parent
             if self.clock == "cuda":
                 self.end = _cuda_event()
                 if parent is not None and parent.clock == "cuda":
                     parent.children.append(self)
             else:
-                self.duration_ns = perf_counter_ns() - self.start
+                self.duration_ns = end_ns - self.start
                 if parent is not None and parent.clock == "cpu":
                     parent.child_ns += self.duration_ns
-            _tls.top = parent
-            self.parent = None
             for prof in self.profilers:
                 prof._record(self)
         finally:
