@@ -1,8 +1,18 @@
 """cugrad: neural-network layers trained with hand-written CUDA kernels, and the same API
-on the CPU through NumPy."""
+on the CPU through NumPy.
 
+    import cugrad
+    import cugrad.functional as F
+    from cugrad import nn, optim
+"""
+
+from . import functional, nn, optim
+from ._arrays import asarray, to_numpy
 from ._backend import BackendUnavailableError, cuda_available, cuda_unavailable_reason
+from .gradcheck import GradcheckError, gradcheck, jacobian
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "cuda_available", "cuda_unavailable_reason"]
+__all__ = ["functional", "nn", "optim", "asarray", "to_numpy", "cuda_available",
+           "cuda_unavailable_reason", "BackendUnavailableError", "gradcheck", "jacobian",
+           "GradcheckError"]

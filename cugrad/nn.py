@@ -1,0 +1,359 @@
+"""cugrad.nn: layers with explicit forward and backward.
+
+A ``Module`` computes ``forward(x)`` (through ``__call__``) and, afterwards,
+``backward(grad_out) -> grad_in``, which also accumulates the gradients of its
+parameters into ``Parameter.grad`` until ``zero_grad()``. Each forward saves what its
+backward needs; a second ``backward`` without a new forward is an error (as PyTorch's
+without ``retain_graph``). A module instance appears once in a model: calling it twice in
+one forward would overwrite what the first call saved.
+
+Every forward and backward runs inside an NVTX range named ``"{name}.forward"`` /
+``"{name}.backward"``, where name is the class name or, inside a ``Sequential``,
+``"{index}:{ClassName}"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import zipfile
+from typing import Iterator
+
+import numpy as np
+
+from . import _backend
+from . import functional as F
+from ._arrays import asarray, to_numpy
+from ._checks import check_choice, describe
+from ._trace import op_range
+
+__all__ = ["Parameter", "Module", "Linear", "Sigmoid", "Tanh", "ReLU", "Sequential",
+           "MSELoss", "CrossEntropyLoss"]
+
+
+class Parameter:
+    """A trainable array (``.data``) and its accumulated gradient (``.grad``, None until a
+    backward writes it)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = None
+
+    shape = property(lambda self: tuple(self.data.shape))
+    dtype = property(lambda self: self.data.dtype)
+    device = property(lambda self: _backend.device_of(self.data))
+
+    def accumulate(self, grad) -> None:
+        # The first gradient is taken as is; later ones add to it.
+        if self.grad is None:
+            self.grad = grad
+        else:
+            self.grad += grad
+
+    def __repr__(self):
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device!r})"
+
+
+def _ranged_backward(backward):
+    @functools.wraps(backward)
+    def wrapper(self, *args, **kwargs):
+        device = _backend.device_of(args[0]) if args else self.device
+        with op_range(f"{self._range_name}.backward", device):
+            return backward(self, *args, **kwargs)
+    return wrapper
+
+
+class Module:
+    """Base class: subclasses define ``forward`` and ``backward`` and hold ``Parameter``
+    and ``Module`` attributes, found in attribute order by ``parameters()``."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "backward" in cls.__dict__:
+            cls.backward = _ranged_backward(cls.__dict__["backward"])
+
+    def __init__(self):
+        self._range_name = type(self).__name__
+        self._device = "cpu"
+        self._saved = None
+
+    # -- forward / backward plumbing ------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        device = _backend.device_of(args[0]) if args else self.device
+        with op_range(f"{self._range_name}.forward", device):
+            return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} does not define forward")
+
+    def backward(self, grad_out):
+        raise NotImplementedError(f"{type(self).__name__} does not define backward")
+
+    def _save(self, *tensors) -> None:
+        self._saved = tensors
+
+    def _take_saved(self) -> tuple:
+        saved = self._saved
+        if saved is None:
+            raise RuntimeError(
+                f"{self._range_name}.backward: nothing saved to differentiate; backward needs "
+                "a forward call first, and may run only once per forward (call the module "
+                "again before a second backward)")
+        self._saved = None
+        return saved
+
+    # -- parameters and children ------------------------------------------------------------
+    def named_children(self) -> Iterator[tuple[str, "Module"]]:
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        for name, value in vars(self).items():
+            if isinstance(value, Parameter):
+                yield prefix + name, value
+        for name, child in self.named_children():
+            yield from child.named_parameters(f"{prefix}{name}.")
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    def to(self, device) -> "Module":
+        """Move every parameter (and gradient) to ``device`` ("cpu" or "cuda"); in place,
+        returns self."""
+        device = _backend.normalize_device(device)
+        for p in self.parameters():
+            p.data = asarray(p.data, device=device)
+            if p.grad is not None:
+                p.grad = asarray(p.grad, device=device)
+        self._set_device(device)
+        return self
+
+    def _set_device(self, device: str) -> None:
+        self._device = device
+        self._saved = None          # saved activations live on the old device
+        for _, child in self.named_children():
+            child._set_device(device)
+
+    # -- weights -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """{name: array} of every parameter (the arrays themselves, not copies)."""
+        return {name: p.data for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state: dict) -> "Module":
+        """Copy ``state`` into the parameters. Every key must be present with the right
+        shape; on any error nothing is changed and the message names the key."""
+        params = dict(self.named_parameters())
+        missing = [k for k in params if k not in state]
+        unexpected = [k for k in state if k not in params]
+        if missing or unexpected:
+            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys "
+                           f"{unexpected} (expected exactly {list(params)})")
+        new = {}
+        for name, p in params.items():
+            value = state[name]
+            shape = tuple(getattr(value, "shape", ()))
+            if shape != p.shape:
+                raise ValueError(f"load_state_dict: key {name!r} has shape {shape}, expected "
+                                 f"{p.shape} ({describe(value)})")
+            dtype = getattr(value, "dtype", None)
+            if dtype is None or np.dtype(dtype).kind not in "fiu":
+                raise TypeError(f"load_state_dict: key {name!r} is not a numeric array "
+                                f"({describe(value)})")
+            new[name] = asarray(value, device=p.device, dtype=p.dtype)
+        for name, p in params.items():          # only now: all or nothing
+            p.data = new[name].copy() if new[name] is state[name] else new[name]
+        return self
+
+    def save(self, path) -> None:
+        """Write the weights to ``path`` as an uncompressed .npz (no pickles)."""
+        arrays = {name: to_numpy(a) for name, a in self.state_dict().items()}
+        with open(os.fspath(path), "wb") as f:
+            np.savez(f, **arrays)
+
+    def load(self, path) -> "Module":
+        """Read weights written by ``save`` (never unpickles); on a missing key, a shape
+        mismatch or an unreadable file, raises and leaves the weights as they were."""
+        try:
+            with np.load(os.fspath(path), allow_pickle=False) as archive:
+                state = {name: archive[name] for name in archive.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{type(self).__name__}.load: cannot read weights from "
+                             f"{os.fspath(path)!r}: {type(exc).__name__}: {exc}") from exc
+        return self.load_state_dict(state)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Linear(Module):
+    """``y = x @ weight.T + bias`` with PyTorch's layout, weight (out_features,
+    in_features), and PyTorch's default initialisation: weight and bias uniform in
+    ±1/sqrt(in_features), drawn from ``rng`` (a numpy Generator or an int seed).
+    ``activation`` ("sigmoid", "tanh", "relu"), a cugrad extension, fuses the activation
+    into the same kernel (forward and backward)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 device="cpu", dtype="float32", rng=None, activation=None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"Linear: {name} must be a positive integer, got {v!r}")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"Linear: dtype must be float32 or float64, got {dtype}")
+        if activation is not None:
+            check_choice("Linear", "activation", activation, F.ACTIVATIONS)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.activation = activation
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        bound = 1.0 / np.sqrt(in_features)
+        weight = rng.uniform(-bound, bound, size=(out_features, in_features))
+        self.weight = Parameter(weight.astype(dtype))
+        self.bias = Parameter(rng.uniform(-bound, bound, size=out_features).astype(dtype)) \
+            if bias else None
+        self.to(device)
+
+    def forward(self, x):
+        b = self.bias.data if self.bias is not None else None
+        y = F.linear(x, self.weight.data, b, activation=self.activation)
+        self._save(x, y if self.activation else None)
+        return y
+
+    def backward(self, grad_out):
+        x, y = self._take_saved()
+        gx, gw, gb = F.linear_backward(grad_out, x, self.weight.data,
+                                       bias=self.bias is not None,
+                                       activation=self.activation, out=y)
+        self.weight.accumulate(gw)
+        if self.bias is not None:
+            self.bias.accumulate(gb)
+        return gx
+
+    def __repr__(self):
+        act = f", activation={self.activation!r}" if self.activation else ""
+        return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}{act})")
+
+
+class _Activation(Module):
+    """Element-wise activation; saves its output for the backward (MATH.md §3)."""
+
+    _forward = staticmethod(F.sigmoid)
+    _backward = staticmethod(F.sigmoid_backward)
+
+    def forward(self, x):
+        y = self._forward(x)
+        self._save(y)
+        return y
+
+    def backward(self, grad_out):
+        (y,) = self._take_saved()
+        return self._backward(grad_out, y)
+
+
+class Sigmoid(_Activation):
+    """``1 / (1 + exp(-x))``."""
+
+
+class Tanh(_Activation):
+    """``tanh(x)``."""
+    _forward = staticmethod(F.tanh)
+    _backward = staticmethod(F.tanh_backward)
+
+
+class ReLU(_Activation):
+    """``max(x, 0)``."""
+    _forward = staticmethod(F.relu)
+    _backward = staticmethod(F.relu_backward)
+
+
+class Sequential(Module):
+    """Modules applied in order; backward runs them in reverse."""
+
+    def __init__(self, *modules: Module):
+        super().__init__()
+        for i, m in enumerate(modules):
+            if not isinstance(m, Module):
+                raise TypeError(f"Sequential: argument {i} is {type(m).__name__}, expected "
+                                "a cugrad.nn.Module")
+        self.layers = list(modules)
+        devices = {m.device for m in modules if m.parameters()}
+        if len(devices) > 1:
+            raise ValueError(f"Sequential: layers live on different devices {sorted(devices)}; "
+                             "move them to one with .to(device)")
+        self._set_device(devices.pop() if devices else "cpu")
+        for i, m in enumerate(self.layers):
+            m._range_name = f"{i}:{type(m).__name__}"
+
+    def named_children(self):
+        for i, m in enumerate(self.layers):
+            yield str(i), m
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def forward(self, x):
+        for m in self.layers:
+            x = m(x)
+        return x
+
+    def backward(self, grad_out):
+        for m in reversed(self.layers):
+            grad_out = m.backward(grad_out)
+        return grad_out
+
+    def __repr__(self):
+        inner = "".join(f"\n  ({i}): {m!r}" for i, m in enumerate(self.layers))
+        return f"Sequential({inner}\n)"
+
+
+class MSELoss(Module):
+    """``loss = criterion(pred, target)``; ``criterion.backward()`` returns d loss/d pred.
+    reduction: "mean" (default), "sum", "half_sum" (Σ(pred−target)²/2)."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        check_choice("MSELoss", "reduction", reduction, F.MSE_REDUCTIONS)
+        self.reduction = reduction
+
+    def forward(self, pred, target):
+        loss = F.mse_loss(pred, target, reduction=self.reduction)
+        self._save(pred, target)
+        self._device = _backend.device_of(pred)
+        return loss
+
+    def backward(self):
+        pred, target = self._take_saved()
+        return F.mse_loss_backward(pred, target, reduction=self.reduction)
+
+
+class CrossEntropyLoss(Module):
+    """Softmax cross-entropy of logits (N, C) against class indices (N,) or probabilities
+    (N, C); forward and gradient come from one pass. reduction: "mean" or "sum"."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        check_choice("CrossEntropyLoss", "reduction", reduction, F.XENT_REDUCTIONS)
+        self.reduction = reduction
+
+    def forward(self, logits, target):
+        loss, grad = F.cross_entropy_with_grad(logits, target, reduction=self.reduction)
+        self._save(grad)
+        self._device = _backend.device_of(logits)
+        return loss
+
+    def backward(self):
+        (grad,) = self._take_saved()
+        return grad

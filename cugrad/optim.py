@@ -1,0 +1,93 @@
+"""cugrad.optim: SGD and Adam with PyTorch's update rules, one in-place op per parameter."""
+
+from __future__ import annotations
+
+from . import functional as F
+from ._arrays import asarray
+from ._backend import backend_for_device, device_of
+from ._checks import check_scalar
+from ._trace import op_range
+from .nn import Parameter
+
+__all__ = ["Optimizer", "SGD", "Adam"]
+
+
+class Optimizer:
+    """Holds the parameters and their per-parameter state; ``step()`` updates every
+    parameter that has a gradient, ``zero_grad()`` clears the gradients."""
+
+    _range = "optimizer.step"
+
+    def __init__(self, params):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError(f"{type(self).__name__}: got an empty parameter list")
+        for i, p in enumerate(self.params):
+            if not isinstance(p, Parameter):
+                raise TypeError(f"{type(self).__name__}: params[{i}] is {type(p).__name__}, "
+                                "expected cugrad.nn.Parameter (pass model.parameters())")
+        self.state: dict[int, dict] = {id(p): {} for p in self.params}
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        with op_range(self._range, self.params[0].device):
+            for p in self.params:
+                if p.grad is not None:
+                    self._update(p, self.state[id(p)])
+
+    def _update(self, p: Parameter, state: dict) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _buffer(p: Parameter, state: dict, name: str):
+        """A zero buffer like p, made on first use; it follows p if p moved device."""
+        buf = state.get(name)
+        if buf is None:
+            buf = state[name] = backend_for_device(p.device).xp.zeros_like(p.data)
+        elif device_of(buf) != p.device:
+            buf = state[name] = asarray(buf, device=p.device)
+        return buf
+
+
+class SGD(Optimizer):
+    """``g = grad + weight_decay·p``; with momentum, ``buf = momentum·buf + g`` and
+    ``g = buf``; ``p -= lr·g`` (PyTorch's SGD without dampening or Nesterov)."""
+
+    _range = "sgd.step"
+
+    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0):
+        super().__init__(params)
+        self.lr = check_scalar("SGD", "lr", lr)
+        self.momentum = check_scalar("SGD", "momentum", momentum)
+        self.weight_decay = check_scalar("SGD", "weight_decay", weight_decay)
+
+    def _update(self, p, state):
+        buf = self._buffer(p, state, "momentum_buf") if self.momentum else None
+        F.sgd_step(p.data, p.grad, buf, lr=self.lr, momentum=self.momentum,
+                   weight_decay=self.weight_decay)
+
+
+class Adam(Optimizer):
+    """PyTorch's Adam (L2 weight decay added to the gradient, bias-corrected moments)."""
+
+    _range = "adam.step"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params)
+        self.lr = check_scalar("Adam", "lr", lr)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Adam: betas must be a pair (beta1, beta2), got {betas!r}")
+        self.betas = tuple(check_scalar("Adam", f"betas[{i}]", b, high=1.0, high_open=True)
+                           for i, b in enumerate(betas))
+        self.eps = check_scalar("Adam", "eps", eps)
+        self.weight_decay = check_scalar("Adam", "weight_decay", weight_decay)
+
+    def _update(self, p, state):
+        state["step"] = state.get("step", 0) + 1
+        F.adam_step(p.data, p.grad, self._buffer(p, state, "exp_avg"),
+                    self._buffer(p, state, "exp_avg_sq"), step=state["step"], lr=self.lr,
+                    beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+                    weight_decay=self.weight_decay)
