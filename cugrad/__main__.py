@@ -1,0 +1,41 @@
+"""``python -m cugrad <command>``: demo (train an MLP), info (backends on this machine)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def info() -> int:
+    import numpy as np
+
+    import cugrad
+    print(f"cugrad {cugrad.__version__}, NumPy {np.__version__}")
+    if cugrad.cuda_available():
+        import cupy
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        print(f"CUDA backend: available, CuPy {cupy.__version__}, device "
+              f"{props['name'].decode()}")
+    else:
+        print(f"CUDA backend: unavailable ({cugrad.cuda_unavailable_reason()})")
+    return 0
+
+
+COMMANDS = {"demo": "train an MLP on handwritten digits (GPU if available)",
+            "info": "show which backends work here"}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m cugrad {demo,info} [options]\n")
+        for name, text in COMMANDS.items():
+            print(f"  {name:6s} {text}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    if argv[0] == "demo":
+        from .demo import main as demo_main
+        return demo_main(argv[1:])
+    return info()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
