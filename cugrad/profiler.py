@@ -5,13 +5,19 @@
     print(prof)
 
 records every op and layer range (``cugrad._trace.op_range``) entered in the block, in
-every thread, and prints a table sorted by total time::
+every thread, and prints a table sorted by total time (an excerpt, 100 CPU steps of a
+small MLP)::
 
-    op                     calls    total  total %     self   self %     mean
-    Sequential.forward        10   1.20ms   48.0 %   40.0us    1.6 %  120.0us
-    0:Linear.forward          10 500.00us   20.0 %   30.0us    1.2 %   50.0us
-    linear.forward            20 900.00us   36.0 %  900.00us  36.0 %   45.0us
+    op                             calls      total    total %       self     self %       mean
+    -------------------------------------------------------------------------------------------
+    Sequential.backward              100    7.956ms     34.9 %    1.064ms      4.7 %   79.562us
+    CrossEntropyLoss.forward         100    5.206ms     22.8 %  521.695us      2.3 %   52.061us
+    cross_entropy                    100    4.684ms     20.5 %    4.684ms     20.5 %   46.844us
+    linear.backward                  200    4.505ms     19.7 %    2.430ms     10.6 %   22.526us
     ...
+    -------------------------------------------------------------------------------------------
+    profiled host time: 22.819ms (sum of outermost ranges = sum of self)
+    wall time of the block: 24.430ms; total includes nested ranges, self % sums to 100 %
 
 How nested ranges are counted (the same convention as PyTorch's profiler):
 

@@ -1,0 +1,246 @@
+"""cugrad.profile(): exact call counts, consistent times and percentages, a sorted table,
+and nothing recorded (or timed) outside the block."""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import cugrad
+import cugrad.functional as F
+from cugrad import _trace
+from cugrad._trace import op_range
+from cugrad.nn import CrossEntropyLoss, Linear, ReLU, Sequential
+from cugrad.optim import SGD
+from cugrad.profiler import OpStat, Profile, profile
+
+
+def _train_setup(device="cpu"):
+    model = Sequential(Linear(5, 7, rng=0), ReLU(), Linear(7, 3, rng=1))
+    if device != "cpu":
+        model.to(device)
+    loss_fn = CrossEntropyLoss()
+    opt = SGD(model.parameters(), lr=0.1)
+    x = np.random.default_rng(2).standard_normal((4, 5)).astype(np.float32)
+    y = np.array([0, 2, 1, 2], dtype=np.int64)
+    if device != "cpu":
+        import cupy
+        x, y = cupy.asarray(x), cupy.asarray(y)
+
+    def step():
+        loss = loss_fn(model(x), y)
+        model.backward(loss_fn.backward())
+        opt.step()
+        return loss
+    return step
+
+
+# Calls per training step of Sequential(Linear(5, 7), ReLU(), Linear(7, 3)) with
+# CrossEntropyLoss and SGD (4 parameters).
+STEP_CALLS = {
+    "Sequential.forward": 1, "0:Linear.forward": 1, "1:ReLU.forward": 1,
+    "2:Linear.forward": 1, "linear.forward": 2, "relu": 1,
+    "CrossEntropyLoss.forward": 1, "cross_entropy": 1, "CrossEntropyLoss.backward": 1,
+    "Sequential.backward": 1, "2:Linear.backward": 1, "1:ReLU.backward": 1,
+    "0:Linear.backward": 1, "linear.backward": 2, "linear.backward.dX": 2,
+    "linear.backward.dW": 2, "linear.backward.db": 2, "relu.backward": 1,
+    "sgd.step": 1, "sgd_step": 4,
+}
+
+
+def test_counts_are_exact_for_a_known_sequence():
+    step = _train_setup()
+    with profile() as prof:
+        for _ in range(3):
+            step()
+        F.matmul(np.ones((2, 3), np.float32), np.ones((3, 4), np.float32))
+    counts = {s.name: s.calls for s in prof.stats()}
+    assert counts == {**{k: 3 * v for k, v in STEP_CALLS.items()}, "matmul": 1}
+    assert {s.device for s in prof.stats()} == {"cpu"}
+
+
+def test_times_and_percentages_are_consistent():
+    step = _train_setup()
+    with profile() as prof:
+        with op_range("train", "cpu"):
+            for _ in range(5):
+                step()
+    rows = prof.stats()
+    assert rows[0].name == "train"                        # the outermost range: 100 %
+    assert rows[0].total_ns == prof.profiled_ns("cpu")
+    assert rows[0].total_pct == pytest.approx(100.0)
+    assert sum(r.self_pct for r in rows) == pytest.approx(100.0)
+    assert sum(r.self_ns for r in rows) == prof.profiled_ns("cpu")
+    assert prof.profiled_ns("cpu") <= prof.wall_ns
+    for r in rows:
+        assert r.total_ns > 0 and 0 <= r.self_ns <= r.total_ns
+        assert r.mean_ns == pytest.approx(r.total_ns / r.calls)
+        assert r.self_pct <= r.total_pct <= 100.0 + 1e-9
+    # A layer's total holds its ops' totals.
+    assert prof["0:Linear.forward"].total_ns >= prof["linear.forward"].total_ns / 2
+    assert prof["Sequential.forward"].total_ns >= (prof["0:Linear.forward"].total_ns
+                                                   + prof["2:Linear.forward"].total_ns)
+
+
+def test_self_time_is_total_less_direct_children():
+    with profile() as prof:
+        with op_range("outer", "cpu"):
+            time.sleep(0.002)
+            with op_range("inner", "cpu"):
+                time.sleep(0.001)
+                with op_range("leaf", None):      # None: the enclosing range's clock
+                    time.sleep(0.001)
+            with op_range("inner", "cpu"):
+                pass
+    outer, inner, leaf = prof["outer"], prof["inner"], prof["leaf"]
+    assert outer.calls == 1 and inner.calls == 2 and leaf.calls == 1
+    assert outer.self_ns == outer.total_ns - inner.total_ns
+    assert inner.self_ns == inner.total_ns - leaf.total_ns
+    assert leaf.self_ns == leaf.total_ns >= 1_000_000
+    assert outer.self_ns >= 2_000_000
+    assert prof.profiled_ns() == outer.total_ns == outer.self_ns + inner.self_ns + leaf.self_ns
+
+
+def test_table_is_sorted_with_the_documented_columns():
+    step = _train_setup()
+    with profile() as prof:
+        for _ in range(2):
+            step()
+    text = str(prof)
+    lines = text.splitlines()
+    assert lines[0].split() == ["op", "calls", "total", "total", "%", "self", "self", "%",
+                                "mean"]
+    body = lines[2:2 + len(prof.stats())]
+    names = [ln.split()[0] for ln in body]
+    assert names == [s.name for s in prof.stats()]
+    totals = [s.total_ns for s in prof.stats()]
+    assert totals == sorted(totals, reverse=True)
+    assert set(names) == set(STEP_CALLS)
+    for ln in body:
+        cells = ln.split()
+        assert int(cells[1]) == 2 * STEP_CALLS[cells[0]]
+        assert re.fullmatch(r"[\d.]+(ns|us|ms|s)", cells[2])
+    assert "self % sums to 100 %" in text
+    by_self = [ln.split()[0] for ln in prof.table(sort_by="self").splitlines()[2:2 + len(names)]]
+    self_ns = {s.name: s.self_ns for s in prof.stats()}
+    assert [self_ns[n] for n in by_self] == sorted(self_ns.values(), reverse=True)
+    assert [ln.split()[0] for ln in prof.table(sort_by="name").splitlines()[2:2 + 3]] == \
+        sorted(STEP_CALLS)[:3]
+    assert len(prof.table(row_limit=4).splitlines()) == 2 + 4 + 3
+    with pytest.raises(ValueError, match="sort_by"):
+        prof.table(sort_by="speed")
+    with pytest.raises(ValueError, match="sort_by"):
+        profile(sort_by="speed")
+
+
+def test_inert_when_not_active():
+    if _trace.nvtx_enabled():
+        pytest.skip("an NVTX tool is attached: op_range is not a no-op here")
+    step = _train_setup()
+    prof = profile()
+    step()                                   # not entered: nothing is recorded
+    assert prof.stats() == [] and "no op ran" in str(prof)
+    assert op_range("matmul", "cpu") is _trace._NO_RANGE
+    with prof:
+        assert op_range("matmul", "cpu") is not _trace._NO_RANGE
+        step()
+    assert op_range("matmul", "cpu") is _trace._NO_RANGE   # back to the shared no-op
+    assert _trace._profilers == () and _trace._quiet
+    before = {s.name: s.calls for s in prof.stats()}
+    step()                                   # after the block: not recorded either
+    assert {s.name: s.calls for s in prof.stats()} == before
+
+
+def test_no_cupy_import_for_cpu_profiling():
+    had_cupy = "cupy" in sys.modules
+    with profile():
+        _train_setup()()
+    assert ("cupy" in sys.modules) == had_cupy
+
+
+def test_a_raising_op_is_recorded_and_leaves_the_stack_clean():
+    a = np.ones((4, 5), np.float32)
+    with profile() as prof:
+        with pytest.raises(ValueError):
+            with op_range("outer", "cpu"):
+                F.matmul(a, a)
+        with op_range("after", "cpu"):
+            pass
+    assert prof["matmul"].calls == 1 and prof["outer"].calls == 1
+    assert prof["after"].total_ns == prof["after"].self_ns      # not nested in "outer"
+    assert getattr(_trace._tls, "top", None) is None
+
+
+def test_threads_are_counted_exactly_and_kept_apart():
+    n_threads, n_calls = 8, 200
+    barrier = threading.Barrier(n_threads)
+
+    def work(i):
+        barrier.wait()
+        for _ in range(n_calls):
+            with op_range(f"outer{i % 2}", "cpu"):
+                with op_range("inner", "cpu"):
+                    pass
+
+    with profile() as prof:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert prof["inner"].calls == n_threads * n_calls
+    assert prof["outer0"].calls == prof["outer1"].calls == n_threads * n_calls // 2
+    # Each thread's "inner" is subtracted from its own "outer" only.
+    outer_self = prof["outer0"].self_ns + prof["outer1"].self_ns
+    outer_total = prof["outer0"].total_ns + prof["outer1"].total_ns
+    assert outer_self == outer_total - prof["inner"].total_ns
+    assert prof.profiled_ns() == outer_total
+
+
+def test_profiles_nest():
+    with profile() as outer:
+        with op_range("a", "cpu"):
+            pass
+        with profile() as inner:
+            with op_range("b", "cpu"):
+                pass
+        with op_range("c", "cpu"):
+            pass
+    assert {s.name for s in outer.stats()} == {"a", "b", "c"}
+    assert {s.name for s in inner.stats()} == {"b"}
+    with pytest.raises(RuntimeError, match="already recording"):
+        with outer:
+            with outer:
+                pass
+    assert _trace._profilers == ()
+
+
+def test_opstat_lookup():
+    with profile() as prof:
+        with op_range("x", "cpu"):
+            pass
+    assert isinstance(prof["x"], OpStat) and "x" in prof and "y" not in prof
+    with pytest.raises(KeyError):
+        prof["y"]
+
+
+@pytest.mark.gpu
+def test_cuda_ops_are_timed_on_the_device():
+    if not cugrad.cuda_available():
+        pytest.skip(f"no CUDA backend: {cugrad.cuda_unavailable_reason()}")
+    step = _train_setup("cuda")
+    step()                                   # compile kernels outside the profile
+    with profile() as prof:
+        for _ in range(3):
+            step()
+    rows = prof.stats()
+    assert {r.device for r in rows} == {"cuda"}
+    assert {r.name: r.calls for r in rows} == {k: 3 * v for k, v in STEP_CALLS.items()}
+    assert all(r.total_ns > 0 and r.self_ns <= r.total_ns for r in rows)
+    assert sum(r.self_pct for r in rows) == pytest.approx(100.0)
+    assert "device time (CUDA events)" in str(prof)
