@@ -1,0 +1,78 @@
+"""Shared fixtures: one suite parametrised over the backends that work here.
+
+``backend`` yields a ``BackendCase`` for "numpy" and, marked ``gpu``, for "cuda"; the CUDA
+case is skipped, with the reason, where no CUDA device works. ``rel_err`` is MATH.md §7's
+‖out − ref‖ / ‖ref‖ (NaN never passes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import cugrad
+from cugrad._arrays import asarray, to_numpy
+
+# Shapes that are multiples of no tile size.
+ODD = (1, 7, 33, 127)
+
+
+@dataclass
+class BackendCase:
+    name: str       # "numpy" or "cuda"
+    device: str     # "cpu" or "cuda"
+
+    def put(self, host, dtype=None):
+        """A host array moved to this backend (dtype preserved unless given)."""
+        host = np.asarray(host)
+        return asarray(host, device=self.device, dtype=dtype or host.dtype)
+
+    @staticmethod
+    def get(x):
+        return None if x is None else to_numpy(x)
+
+
+@pytest.fixture(params=["numpy", pytest.param("cuda", marks=pytest.mark.gpu)])
+def backend(request) -> BackendCase:
+    if request.param == "cuda":
+        if not cugrad.cuda_available():
+            pytest.skip(f"CUDA backend not tested: {cugrad.cuda_unavailable_reason()}")
+        # Kernels write every output element: poison fresh outputs so an unwritten one shows.
+        os.environ.setdefault("CUGRAD_POISON_OUTPUTS", "1")
+        return BackendCase("cuda", "cuda")
+    return BackendCase("numpy", "cpu")
+
+
+@pytest.fixture(params=[np.float32, np.float64], ids=["f32", "f64"])
+def dtype(request):
+    return np.dtype(request.param)
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(to_numpy(out), dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert out.shape == ref.shape, f"shape {out.shape} != reference shape {ref.shape}"
+    assert not np.isnan(out).any() or np.isnan(ref).any(), "NaN in the output"
+    denom = np.linalg.norm(ref)
+    diff = np.linalg.norm(out - ref)
+    return float(diff / denom) if denom > 0 else float(diff)
+
+
+# float32: element-wise well under 1e-5, products and sums ~1e-4 (MATH.md §7).
+def tol(dtype, kind="product") -> float:
+    if np.dtype(dtype) == np.float64:
+        return 1e-12
+    return 1e-4 if kind == "product" else 1e-5
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def randn(rng, *shape, dtype=np.float32, scale=1.0):
+    """Random non-zero data (never zeros: an unwritten output must not pass)."""
+    return (rng.standard_normal(shape) * scale).astype(dtype)

@@ -1,0 +1,302 @@
+"""Every op of cugrad.functional against a float64 reference, on every backend that works.
+
+References are written out here in float64 NumPy from MATH.md, independently of the
+NumPy backend, on random data at shapes that are multiples of no tile size.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+
+import cugrad.functional as F
+from cugrad import gradcheck
+from conftest import ODD, randn, rel_err, tol
+
+LAYOUTS = list(itertools.product([False, True], repeat=2))      # NN, NT, TN, TT
+LAYOUT_IDS = ["NN", "NT", "TN", "TT"]
+GEMM_SHAPES = [(1, 1, 1), (7, 33, 5), (33, 1, 127), (65, 17, 129), (127, 7, 1), (1, 300, 33)]
+
+
+def sigmoid64(y):
+    y = np.asarray(y, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -y))          # 1/(1+e^{-y}) without overflow
+
+
+ACT64 = {None: lambda y: y, "sigmoid": sigmoid64, "tanh": np.tanh,
+         "relu": lambda y: np.maximum(y, 0.0)}
+
+
+def operands(rng, m, k, n, ta, tb, dtype):
+    a = randn(rng, *((k, m) if ta else (m, k)), dtype=dtype)
+    b = randn(rng, *((n, k) if tb else (k, n)), dtype=dtype)
+    return a, b
+
+
+def op64(x, t):
+    x = np.asarray(x, dtype=np.float64)
+    return x.T if t else x
+
+
+# ----------------------------------------------------------------------------- products
+
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+def test_matmul_layouts(backend, dtype, rng, m, k, n, ta, tb):
+    a, b = operands(rng, m, k, n, ta, tb, dtype)
+    out = F.matmul(backend.put(a), backend.put(b), trans_a=ta, trans_b=tb)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert rel_err(out, op64(a, ta) @ op64(b, tb)) < tol(dtype)
+
+
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 33, 5), (65, 17, 129)])
+def test_matmul_backward(backend, dtype, rng, m, k, n, ta, tb):
+    a, b = operands(rng, m, k, n, ta, tb, dtype)
+    g = randn(rng, m, n, dtype=dtype)
+    ga, gb = F.matmul_backward(backend.put(g), backend.put(a), backend.put(b),
+                               trans_a=ta, trans_b=tb)
+    g64 = g.astype(np.float64)
+    dopa = g64 @ op64(b, tb).T                   # d op(a)
+    dopb = op64(a, ta).T @ g64                   # d op(b)
+    assert ga.shape == a.shape and gb.shape == b.shape
+    assert rel_err(ga, dopa.T if ta else dopa) < tol(dtype)
+    assert rel_err(gb, dopb.T if tb else dopb) < tol(dtype)
+
+
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+def test_matmul_gradcheck(backend, rng, ta, tb):
+    a, b = operands(rng, 3, 4, 5, ta, tb, np.float64)
+    gradcheck(lambda a, b: F.matmul(a, b, trans_a=ta, trans_b=tb),
+              backend.put(a), backend.put(b),
+              backward=lambda g, a, b: F.matmul_backward(g, a, b, trans_a=ta, trans_b=tb))
+
+
+def test_matmul_reads_views_in_place(backend, rng):
+    """Non-contiguous operands (slices, .T of a C array) give the same product."""
+    a = randn(rng, 40, 66)[:, ::2]           # (40, 33), strided
+    b = randn(rng, 5, 33).T                  # (33, 5), Fortran order
+    out = F.matmul(backend.put(a) if backend.name == "numpy" else backend.put(a.copy()),
+                   backend.put(b) if backend.name == "numpy" else backend.put(b.copy()))
+    assert rel_err(out, a.astype(np.float64) @ b) < 1e-4
+
+
+@pytest.mark.parametrize("m,k,n", [(0, 5, 3), (4, 5, 0), (4, 0, 3)])
+def test_matmul_empty_dimensions(backend, m, k, n):
+    a = backend.put(np.ones((m, k), np.float32))
+    b = backend.put(np.ones((k, n), np.float32))
+    out = backend.get(F.matmul(a, b))
+    assert out.shape == (m, n)
+    assert np.array_equal(out, np.zeros((m, n), np.float32))     # K = 0: the empty sum
+
+
+# --------------------------------------------------------------------------------- linear
+
+@pytest.mark.parametrize("activation", [None, "sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("n,d_in,d_out", [(1, 1, 1), (7, 33, 5), (127, 65, 33)])
+def test_linear(backend, dtype, rng, n, d_in, d_out, activation, with_bias):
+    x, w, b = randn(rng, n, d_in, dtype=dtype), randn(rng, d_out, d_in, dtype=dtype), \
+        randn(rng, d_out, dtype=dtype)
+    out = F.linear(backend.put(x), backend.put(w), backend.put(b) if with_bias else None,
+                   activation=activation)
+    pre = x.astype(np.float64) @ w.astype(np.float64).T + (b if with_bias else 0.0)
+    assert rel_err(out, ACT64[activation](pre)) < tol(dtype)
+
+
+@pytest.mark.parametrize("activation", [None, "sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("n,d_in,d_out", [(1, 1, 1), (7, 33, 5), (127, 65, 33)])
+def test_linear_backward(backend, dtype, rng, n, d_in, d_out, activation, with_bias):
+    x, w, b = randn(rng, n, d_in, dtype=dtype), randn(rng, d_out, d_in, dtype=dtype), \
+        randn(rng, d_out, dtype=dtype)
+    gy = randn(rng, n, d_out, dtype=dtype)
+    y = F.linear(backend.put(x), backend.put(w), backend.put(b) if with_bias else None,
+                 activation=activation)
+    gx, gw, gb = F.linear_backward(backend.put(gy), backend.put(x), backend.put(w),
+                                   bias=with_bias, activation=activation,
+                                   out=y if activation else None)
+    # float64 reference of MATH.md §2–3
+    pre = x.astype(np.float64) @ w.astype(np.float64).T + (b if with_bias else 0.0)
+    z = ACT64[activation](pre)
+    dpre = gy.astype(np.float64) * {None: 1.0, "sigmoid": z * (1 - z), "tanh": 1 - z * z,
+                                    "relu": (pre > 0).astype(np.float64)}[activation]
+    assert rel_err(gx, dpre @ w.astype(np.float64)) < tol(dtype)
+    assert rel_err(gw, dpre.T @ x.astype(np.float64)) < tol(dtype)
+    if with_bias:
+        assert rel_err(gb, dpre.sum(axis=0)) < tol(dtype)
+    else:
+        assert gb is None
+
+
+@pytest.mark.parametrize("activation", [None, "sigmoid", "tanh", "relu"])
+def test_linear_gradcheck(backend, rng, activation):
+    x, w, b = randn(rng, 4, 3, dtype=np.float64), randn(rng, 5, 3, dtype=np.float64), \
+        randn(rng, 5, dtype=np.float64)
+    if activation == "relu":     # keep pre-activations away from the kink at 0
+        b += np.sign(b) * 0.5
+
+    def backward(g, x, w, b):
+        y = F.linear(x, w, b, activation=activation)
+        return F.linear_backward(g, x, w, bias=True, activation=activation, out=y)
+
+    gradcheck(lambda x, w, b: F.linear(x, w, b, activation=activation),
+              backend.put(x), backend.put(w), backend.put(b), backward=backward)
+
+
+@pytest.mark.parametrize("m,n", [(1, 1), (300, 7), (1000, 33), (7, 1000), (129, 65)])
+def test_bias_grad(backend, dtype, rng, m, n):
+    g = randn(rng, m, n, dtype=dtype)
+    out = F.bias_grad(backend.put(g))
+    assert out.shape == (n,) and out.dtype == dtype
+    assert rel_err(out, g.astype(np.float64).sum(axis=0)) < tol(dtype)
+
+
+# -------------------------------------------------------------------------- activations
+
+ACT_OPS = {"sigmoid": (F.sigmoid, F.sigmoid_backward), "tanh": (F.tanh, F.tanh_backward),
+           "relu": (F.relu, F.relu_backward)}
+
+
+@pytest.mark.parametrize("name", list(ACT_OPS))
+@pytest.mark.parametrize("shape", [(1,), (7, 33), (127, 65), (3, 5, 7)])
+def test_activation_forward_backward(backend, dtype, rng, name, shape):
+    fwd, bwd = ACT_OPS[name]
+    x = randn(rng, *shape, dtype=dtype, scale=3.0)
+    g = randn(rng, *shape, dtype=dtype)
+    z = fwd(backend.put(x))
+    z64 = ACT64[name](x)
+    assert z.shape == x.shape and z.dtype == dtype
+    assert rel_err(z, z64) < tol(dtype, "elementwise")
+    deriv = {"sigmoid": z64 * (1 - z64), "tanh": 1 - z64 * z64,
+             "relu": (x > 0).astype(np.float64)}[name]
+    saved = z if name != "relu" else backend.put(x)      # relu accepts the input too
+    assert rel_err(bwd(backend.put(g), saved), g * deriv) < tol(dtype, "elementwise")
+    if name == "relu":
+        assert rel_err(bwd(backend.put(g), z), g * deriv) < tol(dtype, "elementwise")
+
+
+@pytest.mark.parametrize("name", list(ACT_OPS))
+def test_activation_gradcheck(backend, rng, name):
+    fwd, bwd = ACT_OPS[name]
+    x = randn(rng, 3, 4, dtype=np.float64, scale=2.0)
+    x[np.abs(x) < 0.1] = 0.5          # relu: stay away from the kink
+    gradcheck(fwd, backend.put(x), backward=lambda g, x: bwd(g, fwd(x)))
+
+
+def test_sigmoid_and_softmax_do_not_overflow(backend, dtype):
+    x = np.array([[1e4, -1e4, 0.0, 88.8, -88.8, 1e-4]], dtype=dtype)
+    s = backend.get(F.sigmoid(backend.put(x)))
+    assert np.all(np.isfinite(s))
+    assert rel_err(s, sigmoid64(x)) < tol(dtype, "elementwise")
+    for op, ref in ((F.softmax, lambda v: np.exp(v - v.max()) / np.exp(v - v.max()).sum()),
+                    (F.log_softmax, lambda v: v - v.max() - np.log(np.exp(v - v.max()).sum()))):
+        out = backend.get(op(backend.put(x)))
+        assert np.all(np.isfinite(out)), op.__name__
+        assert rel_err(out, ref(x.astype(np.float64))) < tol(dtype, "elementwise")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (33, 1000), (5,), (2, 3, 7)])
+def test_softmax_log_softmax(backend, dtype, rng, shape):
+    x = randn(rng, *shape, dtype=dtype, scale=4.0)
+    x64 = x.astype(np.float64)
+    lse = np.log(np.exp(x64 - x64.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        + x64.max(-1, keepdims=True)
+    assert rel_err(F.softmax(backend.put(x)), np.exp(x64 - lse)) < tol(dtype, "elementwise")
+    assert rel_err(F.log_softmax(backend.put(x)), x64 - lse) < tol(dtype, "elementwise")
+
+
+# ------------------------------------------------------------------------------- losses
+
+MSE_REF = {"mean": lambda d: ((d * d).sum() / d.size, 2 * d / d.size),
+           "sum": lambda d: ((d * d).sum(), 2 * d),
+           "half_sum": lambda d: ((d * d).sum() / 2, d)}
+
+
+@pytest.mark.parametrize("reduction", list(MSE_REF))
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (1000, 3), (17,)])
+def test_mse_loss(backend, dtype, rng, reduction, shape):
+    p, t = randn(rng, *shape, dtype=dtype), randn(rng, *shape, dtype=dtype)
+    loss = F.mse_loss(backend.put(p), backend.put(t), reduction=reduction)
+    grad = F.mse_loss_backward(backend.put(p), backend.put(t), reduction=reduction)
+    ref_loss, ref_grad = MSE_REF[reduction](p.astype(np.float64) - t)
+    assert loss.shape == () and loss.dtype == dtype
+    assert rel_err(loss, ref_loss) < tol(dtype)
+    assert rel_err(grad, ref_grad) < tol(dtype, "elementwise")
+
+
+@pytest.mark.parametrize("reduction", list(MSE_REF))
+def test_mse_gradcheck(backend, rng, reduction):
+    p, t = randn(rng, 3, 5, dtype=np.float64), randn(rng, 3, 5, dtype=np.float64)
+    tt = backend.put(t)
+    gradcheck(lambda p: F.mse_loss(p, tt, reduction=reduction), backend.put(p),
+              backward=lambda g, p: g * F.mse_loss_backward(p, tt, reduction=reduction))
+
+
+def xent_ref(z, t, reduction):
+    z = z.astype(np.float64)
+    n, c = z.shape
+    m = z.max(axis=1, keepdims=True)
+    lse = (np.log(np.exp(z - m).sum(axis=1, keepdims=True)) + m)[:, 0]
+    tp = np.eye(c)[t] if t.ndim == 1 else t.astype(np.float64)
+    rows = lse * tp.sum(axis=1) - (tp * z).sum(axis=1)
+    soft = np.exp(z - lse[:, None])
+    grad = soft * tp.sum(axis=1, keepdims=True) - tp
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    return rows.sum() * scale, grad * scale
+
+
+def xent_targets(rng, n, c, kind, dtype):
+    if kind == "index":
+        return rng.integers(0, c, size=n)
+    p = rng.random((n, c)) + 0.01
+    return (p / p.sum(axis=1, keepdims=True)).astype(dtype)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("n,c", [(1, 1), (7, 1000), (33, 10), (127, 3), (1, 1000)])
+def test_cross_entropy(backend, dtype, rng, n, c, reduction, kind):
+    z = randn(rng, n, c, dtype=dtype, scale=3.0)
+    t = xent_targets(rng, n, c, kind, dtype)
+    ref_loss, ref_grad = xent_ref(z, t, reduction)
+    zz, tt = backend.put(z), backend.put(t)
+    loss = F.cross_entropy(zz, tt, reduction=reduction)
+    grad = F.cross_entropy_backward(zz, tt, reduction=reduction)
+    loss2, grad2 = F.cross_entropy_with_grad(zz, tt, reduction=reduction)
+    assert loss.shape == () and loss.dtype == dtype and grad.dtype == dtype
+    # a single class has loss exactly 0: compare absolutely there
+    assert abs(float(loss) - ref_loss) <= tol(dtype) * max(1.0, abs(ref_loss))
+    assert rel_err(grad, ref_grad) < tol(dtype, "elementwise") or \
+        np.abs(backend.get(grad) - ref_grad).max() < 10 * tol(dtype, "elementwise")
+    assert float(loss2) == float(loss)
+    assert np.array_equal(backend.get(grad2), backend.get(grad))
+
+
+def test_cross_entropy_large_logits(backend, dtype):
+    z = np.array([[1e4, 0.0, -1e4], [-1e4, -1e4 + 1, 3.0]], dtype=dtype)
+    t = np.array([1, 0])
+    loss, grad = F.cross_entropy_with_grad(backend.put(z), backend.put(t), reduction="sum")
+    ref_loss, ref_grad = xent_ref(z, t, "sum")
+    assert np.isfinite(float(loss)) and np.all(np.isfinite(backend.get(grad)))
+    assert rel_err(loss, ref_loss) < tol(dtype, "elementwise")
+    assert rel_err(grad, ref_grad) < tol(dtype, "elementwise")
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_gradcheck(backend, rng, kind, reduction):
+    z = randn(rng, 4, 5, dtype=np.float64)
+    # probability rows that do not sum to 1: the gradient is softmax·Σt − t
+    t = rng.integers(0, 5, size=4) if kind == "index" else rng.random((4, 5))
+    tt = backend.put(t)
+    gradcheck(lambda z: F.cross_entropy(z, tt, reduction=reduction), backend.put(z),
+              backward=lambda g, z: g * F.cross_entropy_backward(z, tt, reduction=reduction))
+
+
+def test_integer_target_dtypes(backend, rng):
+    z = randn(rng, 5, 4)
+    for int_dtype in (np.int32, np.int64, np.uint8):
+        t = rng.integers(0, 4, size=5).astype(int_dtype)
+        ref, _ = xent_ref(z, t.astype(np.int64), "mean")
+        assert rel_err(F.cross_entropy(backend.put(z), backend.put(t)), ref) < 1e-5
