@@ -1,0 +1,189 @@
+"""The one table of kernel tunables and launch configurations, and the kernel names.
+
+Everything the CUDA backend launches is named here: ``instantiations()`` lists, per
+compiled module (a kernel file plus its compile options), every template instantiation
+the launchers can ask for. The loader compiles exactly these; the nvcc check in
+``tests/test_cuda_compile.py`` compiles exactly these; the launchers build their names
+with the ``*_name`` functions below, so a launcher cannot ask for a kernel that is not
+compiled. Benchmarks sweep the tunables by editing (or monkeypatching) this table.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+# Common NVRTC/nvcc options for every module. No fast-math: accuracy is the contract.
+BASE_OPTIONS: tuple[str, ...] = ("-std=c++17",)
+
+# C++ scalar type per dtype name.
+CTYPES = {"float32": "float", "float64": "double"}
+DTYPES = tuple(CTYPES)
+
+# Activation codes, as CUGRAD_ACT_* in kernels/common.cuh.
+ACTIVATIONS = {None: 0, "sigmoid": 1, "tanh": 2, "relu": 3}
+EPI_BIAS = 4   # CUGRAD_EPI_BIAS in kernels/gemm.cu
+
+
+@dataclass(frozen=True)
+class GemmTiles:
+    """gemm_tiled's block tile BM x BN, depth BK, per-thread tile TM x TN."""
+    bm: int
+    bn: int
+    bk: int
+    tm: int
+    tn: int
+
+    @property
+    def threads(self) -> int:
+        return (self.bm // self.tm) * (self.bn // self.tn)
+
+    def options(self) -> list[str]:
+        return [f"-DGEMM_BM={self.bm}", f"-DGEMM_BN={self.bn}", f"-DGEMM_BK={self.bk}",
+                f"-DGEMM_TM={self.tm}", f"-DGEMM_TN={self.tn}"]
+
+
+# Per dtype: doubles take half the register tile (an 8x8 double tile needs ~216 registers).
+GEMM_TILES = {
+    "float32": GemmTiles(bm=128, bn=128, bk=8, tm=8, tn=8),   # 256 threads
+    "float64": GemmTiles(bm=64, bn=64, bk=8, tm=4, tn=4),     # 256 threads
+}
+GEMM_REF_TILE = 16          # gemm_reference: REF_TILE x REF_TILE threads, one output each
+VEC_BYTES = 16              # gemm_tiled VEC=1 reads 16-byte vectors
+
+ELEMENTWISE_THREADS = 256   # activations, mse_grad, optimisers (grid-stride loops)
+ELEMENTWISE_MAX_BLOCKS = 8192
+
+ROW_WARPS = 8               # softmax / cross-entropy: one warp per row, 8 rows a block
+ROW_MAX_BLOCKS = 65535
+
+COLSUM_COLS = 32            # bias_grad_colsum block (COLSUM_COLS, COLSUM_LANES)
+COLSUM_LANES = 8
+COLSUM_ROWS_PER_CHUNK = 512  # split-M: rows summed by one block before the second pass
+
+REDUCE_THREADS = 256        # sum_reduce block
+REDUCE_MIN_PER_BLOCK = 8192  # elements per block at least; a single block below 2x this
+REDUCE_MAX_BLOCKS = 1024    # partials summed by the second pass
+
+MAX_GRID_YZ = 65535
+INT32_MAX = 2**31 - 1
+
+# ------------------------------------------------------------------------ module table
+
+
+def module_options(file: str, dtype: str | None = None, reference: bool = False) -> list[str]:
+    """Compile options of the module that holds ``file``'s kernels for ``dtype``."""
+    opts = list(BASE_OPTIONS)
+    if file == "gemm.cu":
+        if reference:
+            opts.append(f"-DGEMM_REF_TILE={GEMM_REF_TILE}")
+        else:
+            opts += GEMM_TILES[dtype].options()
+    elif file == "bias_grad.cu":
+        opts += [f"-DCOLSUM_COLS={COLSUM_COLS}", f"-DCOLSUM_LANES={COLSUM_LANES}"]
+    elif file == "losses.cu":
+        opts += [f"-DROW_WARPS={ROW_WARPS}", f"-DREDUCE_THREADS={REDUCE_THREADS}"]
+    return opts
+
+
+def gemm_epilogue(has_bias: bool, activation: str | None) -> int:
+    return ACTIVATIONS[activation] | (EPI_BIAS if has_bias else 0)
+
+
+def gemm_tiled_name(dtype: str, ta: bool, tb: bool, epi: int, vec: bool) -> str:
+    return f"gemm_tiled<{CTYPES[dtype]}, {int(ta)}, {int(tb)}, {epi}, {int(vec)}>"
+
+
+def gemm_reference_name(dtype: str, ta: bool, tb: bool, epi: int) -> str:
+    return f"gemm_reference<{CTYPES[dtype]}, {int(ta)}, {int(tb)}, {epi}>"
+
+
+def activation_name(direction: str, dtype: str, activation: str) -> str:
+    return f"activation_{direction}<{CTYPES[dtype]}, {ACTIVATIONS[activation]}>"
+
+
+def colsum_name(dtype: str) -> str:
+    return f"bias_grad_colsum<{CTYPES[dtype]}>"
+
+
+def softmax_name(dtype: str, log: bool) -> str:
+    return f"softmax_rows<{CTYPES[dtype]}, {int(log)}>"
+
+
+def xent_name(dtype: str, class_index: bool, grad: bool) -> str:
+    target = "long long" if class_index else CTYPES[dtype]
+    return f"softmax_xent_fwd_bwd<{CTYPES[dtype]}, {target}, {int(grad)}>"
+
+
+def sum_reduce_name(dtype: str, sqdiff: bool) -> str:
+    return f"sum_reduce<{CTYPES[dtype]}, {int(sqdiff)}>"
+
+
+def mse_grad_name(dtype: str) -> str:
+    return f"mse_grad<{CTYPES[dtype]}>"
+
+
+def sgd_name(dtype: str, momentum: bool) -> str:
+    return f"sgd_step<{CTYPES[dtype]}, {int(momentum)}>"
+
+
+def adam_name(dtype: str) -> str:
+    return f"adam_step<{CTYPES[dtype]}>"
+
+
+_EPILOGUES = [gemm_epilogue(bias, act) for bias in (False, True) for act in ACTIVATIONS]
+_BOOLS = (False, True)
+
+
+def instantiations() -> list[tuple[str, list[str], list[str]]]:
+    """[(file, compile options, [every name expression the backend can launch from it])]."""
+    table: list[tuple[str, list[str], list[str]]] = []
+    for dt in DTYPES:
+        table.append(("gemm.cu", module_options("gemm.cu", dt), [
+            gemm_tiled_name(dt, ta, tb, epi, vec)
+            for ta, tb, epi, vec in itertools.product(_BOOLS, _BOOLS, _EPILOGUES, _BOOLS)]))
+    table.append(("gemm.cu", module_options("gemm.cu", reference=True), [
+        gemm_reference_name(dt, ta, tb, epi)
+        for dt, ta, tb, epi in itertools.product(DTYPES, _BOOLS, _BOOLS, _EPILOGUES)]))
+    table.append(("bias_grad.cu", module_options("bias_grad.cu"),
+                  [colsum_name(dt) for dt in DTYPES]))
+    acts = [a for a in ACTIVATIONS if a is not None]
+    table.append(("activations.cu", module_options("activations.cu"), [
+        activation_name(d, dt, a) for d, dt, a in itertools.product(("fwd", "bwd"), DTYPES, acts)]))
+    table.append(("losses.cu", module_options("losses.cu"), [
+        *(softmax_name(dt, log) for dt, log in itertools.product(DTYPES, _BOOLS)),
+        *(xent_name(dt, ci, g) for dt, ci, g in itertools.product(DTYPES, _BOOLS, _BOOLS)),
+        *(sum_reduce_name(dt, sq) for dt, sq in itertools.product(DTYPES, _BOOLS)),
+        *(mse_grad_name(dt) for dt in DTYPES)]))
+    table.append(("optim.cu", module_options("optim.cu"), [
+        *(sgd_name(dt, mom) for dt, mom in itertools.product(DTYPES, _BOOLS)),
+        *(adam_name(dt) for dt in DTYPES)]))
+    return table
+
+
+def module_of(file: str, name_expression: str) -> tuple[str, ...]:
+    """The compile options of the module of ``instantiations()`` holding this kernel."""
+    return _module_index()[(file, name_expression)]
+
+
+_INDEX: dict[tuple[str, str], tuple[str, ...]] | None = None
+
+
+def _module_index() -> dict[tuple[str, str], tuple[str, ...]]:
+    global _INDEX
+    if _INDEX is None:
+        index: dict[tuple[str, str], tuple[str, ...]] = {}
+        for file, options, names in instantiations():
+            for name in names:
+                if (file, name) in index:
+                    raise RuntimeError(f"cugrad: {file}: {name} is listed in two modules")
+                index[(file, name)] = tuple(options)
+        _INDEX = index
+    return _INDEX
+
+
+def scalar(dtype, value):
+    """A kernel scalar argument of the array dtype (numpy.float32 / numpy.float64)."""
+    return np.dtype(dtype).type(value)

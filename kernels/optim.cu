@@ -1,0 +1,52 @@
+/* optim.cu: in-place optimiser updates, PyTorch's rules   (MATH.md §5: w <- w - lr dw)
+
+   SGD (weight decay wd, momentum mu, buf starting at zero, which equals PyTorch's
+   first-step clone of g):
+       g = grad + wd p;   if MOMENTUM: buf = mu buf + g, g = buf;   p -= lr g
+   Adam (L2 weight decay added to the gradient, as torch.optim.Adam), step t >= 1:
+       g = grad + wd p;   m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g²
+       p -= step_size · m / (sqrt(v) / bc2_sqrt + eps)
+   with step_size = lr / (1 - b1^t) and bc2_sqrt = sqrt(1 - b2^t), computed on the host in
+   float64 and passed in the parameter dtype.
+
+   Shapes: every array is a C-contiguous parameter-sized array of n elements.
+
+   Kernels (grid-stride loops, 64-bit indices):
+     sgd_step<T, MOMENTUM>   p, grad, buf (read and written only when MOMENTUM = 1)
+     adam_step<T>            p, grad, m, v
+
+   CUDA features used: __global__, templates, sqrtf/sqrt (through common.cuh).
+*/
+#include "common.cuh"
+
+template <typename T, int MOMENTUM>
+__global__ void sgd_step(T* __restrict__ p, const T* __restrict__ grad, T* __restrict__ buf, long long n,
+                         T lr, T momentum, T weight_decay) {
+    // p, grad, buf (n); p and buf updated in place; any 1-D grid.
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        T g = grad[i];
+        if (weight_decay != T(0)) g += weight_decay * p[i];   // skipped at 0, as PyTorch does
+        if (MOMENTUM) {
+            g = momentum * buf[i] + g;
+            buf[i] = g;
+        }
+        p[i] -= lr * g;
+    }
+}
+
+template <typename T>
+__global__ void adam_step(T* __restrict__ p, const T* __restrict__ grad, T* __restrict__ m, T* __restrict__ v,
+                          long long n, T step_size, T beta1, T beta2, T eps, T weight_decay, T bc2_sqrt) {
+    // p, grad, m, v (n); p, m, v updated in place; any 1-D grid.
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        T g = grad[i];
+        if (weight_decay != T(0)) g += weight_decay * p[i];
+        const T mi = beta1 * m[i] + (T(1) - beta1) * g;
+        const T vi = beta2 * v[i] + (T(1) - beta2) * (g * g);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= step_size * (mi / (dsqrt(vi) / bc2_sqrt + eps));
+    }
+}
