@@ -1,0 +1,113 @@
+"""Optimiser steps against PyTorch's update rules, written out in float64."""
+
+import numpy as np
+import pytest
+
+import cugrad.functional as F
+from cugrad import nn, optim
+from conftest import randn, rel_err
+
+
+def sgd_reference(p, grads, lr, momentum, wd):
+    """torch.optim.SGD (dampening 0, no Nesterov): first step buf = g, then
+    buf = momentum·buf + g; p -= lr·buf."""
+    p, buf = p.astype(np.float64), None
+    for g in grads:
+        g = g + wd * p
+        if momentum:
+            buf = g.copy() if buf is None else momentum * buf + g
+            g = buf
+        p = p - lr * g
+    return p
+
+
+def adam_reference(p, grads, lr, b1, b2, eps, wd):
+    """torch.optim.Adam (amsgrad off): L2 decay into g, bias-corrected moments."""
+    p = p.astype(np.float64)
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        g = g + wd * p
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1 ** t)
+        v_hat = v / (1 - b2 ** t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return p
+
+
+def run(backend, opt_cls, kwargs, p0, grads):
+    param = nn.Parameter(backend.put(p0.copy()))   # updated in place
+    opt = opt_cls([param], **kwargs)
+    for g in grads:
+        param.grad = backend.put(g)
+        opt.step()
+    return param.data
+
+
+@pytest.mark.parametrize("momentum,wd", [(0.0, 0.0), (0.9, 0.0), (0.0, 0.01), (0.5, 0.1)])
+def test_sgd_matches_pytorch_rule(backend, dtype, rng, momentum, wd):
+    p0 = randn(rng, 7, 33, dtype=dtype)
+    grads = [randn(rng, 7, 33, dtype=dtype) for _ in range(5)]
+    out = run(backend, optim.SGD, dict(lr=0.1, momentum=momentum, weight_decay=wd), p0, grads)
+    ref = sgd_reference(p0, grads, 0.1, momentum, wd)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < (1e-6 if dtype == np.float32 else 1e-14)
+
+
+@pytest.mark.parametrize("lr,betas,eps,wd", [(1e-3, (0.9, 0.999), 1e-8, 0.0),
+                                             (1e-2, (0.8, 0.99), 1e-6, 0.05)])
+def test_adam_matches_pytorch_rule(backend, dtype, rng, lr, betas, eps, wd):
+    p0 = randn(rng, 127, dtype=dtype)
+    grads = [randn(rng, 127, dtype=dtype) for _ in range(6)]
+    out = run(backend, optim.Adam, dict(lr=lr, betas=betas, eps=eps, weight_decay=wd), p0, grads)
+    ref = adam_reference(p0, grads, lr, *betas, eps, wd)
+    assert rel_err(out, ref) < (1e-6 if dtype == np.float32 else 1e-13)
+
+
+def test_parameters_without_grad_are_skipped(backend):
+    a = nn.Parameter(backend.put(np.ones(3, np.float32)))
+    b = nn.Parameter(backend.put(np.ones(3, np.float32)))
+    a.grad = backend.put(np.full(3, 2.0, np.float32))
+    opt = optim.SGD([a, b], lr=0.5)
+    opt.step()
+    assert np.array_equal(backend.get(a.data), np.zeros(3, np.float32))
+    assert np.array_equal(backend.get(b.data), np.ones(3, np.float32))
+    opt.zero_grad()
+    assert a.grad is None
+
+
+@pytest.mark.parametrize("bad", [dict(lr=float("nan")), dict(lr=-1.0), dict(momentum=-0.1),
+                                 dict(weight_decay=float("inf")), dict(lr="fast")])
+def test_sgd_rejects_bad_hyperparameters(bad):
+    kwargs = {"lr": 0.1, **bad}
+    with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
+        optim.SGD(nn.Linear(2, 2).parameters(), **kwargs)
+
+
+@pytest.mark.parametrize("bad,name", [(dict(betas=(1.0, 0.9)), "betas"),
+                                      (dict(betas=(0.9, float("nan"))), "betas"),
+                                      (dict(betas=(0.9,)), "betas"), (dict(eps=-1e-8), "eps"),
+                                      (dict(lr=float("nan")), "lr")])
+def test_adam_rejects_bad_hyperparameters(bad, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        optim.Adam(nn.Linear(2, 2).parameters(), **bad)
+
+
+def test_optimizer_rejects_non_parameters():
+    with pytest.raises(ValueError, match="empty"):
+        optim.SGD([], lr=0.1)
+    with pytest.raises(TypeError, match="Parameter"):
+        optim.SGD([np.ones(3)], lr=0.1)
+
+
+def test_functional_steps_validate_in_place_arrays():
+    p = np.ones((4, 4), np.float32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        F.sgd_step(p[:, ::2], np.ones((4, 2), np.float32), lr=0.1)
+    with pytest.raises(ValueError, match="momentum_buf"):
+        F.sgd_step(p, p.copy(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="step"):
+        F.adam_step(p, p.copy(), p.copy(), p.copy(), step=0, lr=0.1)
+    with pytest.raises(ValueError, match="shape"):
+        F.adam_step(p, p.copy(), p.copy(), np.ones(3, np.float32), step=1, lr=0.1)
