@@ -1,0 +1,84 @@
+"""Every kernel instantiation the CUDA backend can launch compiles with nvcc (no GPU needed).
+
+For each module of ``config.instantiations()`` (a kernel file and its options) and each of
+sm_80 and sm_90, one nvcc call compiles a generated translation unit that includes the .cu
+and takes the address of every name expression, which forces nvcc to instantiate and
+compile each kernel. Warnings are errors. Skipped, with the reason, where nvcc is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+from cugrad.backends.cuda import config
+from cugrad.backends.cuda.loader import source_dir
+
+ARCHS = ("sm_80", "sm_90")
+NVCC = os.environ.get("NVCC") or shutil.which("nvcc") or (
+    "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set NVCC or put it on PATH): "
+                                "the CUDA compile check needs the CUDA toolkit")
+
+MODULES = config.instantiations()
+
+
+def _module_id(module) -> str:
+    file, options, _ = module
+    defines = [o[2:] for o in options if o.startswith("-D")]
+    return file + ("[" + ",".join(defines) + "]" if defines else "")
+
+
+def translation_unit(file: str, names: list[str]) -> str:
+    kernels = source_dir()
+    assert kernels is not None, "the compile check runs from a source checkout"
+    refs = ",\n    ".join(f"(void*)&{name}" for name in names)
+    return (f'#include "{(kernels / file).as_posix()}"\n\n'
+            "// Taking each kernel's address forces its instantiation and device compilation.\n"
+            f"void* cugrad_kernels[] = {{\n    {refs}\n}};\n")
+
+
+def compile_module(module, arch: str, workdir: Path) -> subprocess.CompletedProcess:
+    file, options, names = module
+    tu = workdir / f"{_module_id(module).replace('[', '_').replace(']', '').replace(',', '_').replace('=', '')}_{arch}.cu"
+    tu.write_text(translation_unit(file, names))
+    cmd = [NVCC, "-c", f"-arch={arch}", "-Werror", "all-warnings", *options,
+           "-o", str(tu.with_suffix(".o")), str(tu)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@lru_cache(maxsize=None)
+def _compile_all(workdir: str) -> dict[tuple[str, str], subprocess.CompletedProcess]:
+    """All (module, arch) compilations, run in parallel once for the whole test module."""
+    jobs = [(module, arch) for module in MODULES for arch in ARCHS]
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        results = pool.map(lambda job: compile_module(job[0], job[1], Path(workdir)), jobs)
+        return {(_module_id(module), arch): r for (module, arch), r in zip(jobs, results)}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return _compile_all(str(tmp_path_factory.mktemp("nvcc")))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("module", MODULES, ids=_module_id)
+def test_instantiations_compile(module, arch, compiled):
+    result = compiled[(_module_id(module), arch)]
+    assert result.returncode == 0, (
+        f"nvcc failed for {_module_id(module)} on {arch} "
+        f"({len(module[2])} instantiations):\n{' '.join(result.args)}\n{result.stdout}\n{result.stderr}")
+    assert "warning" not in (result.stdout + result.stderr).lower(), result.stdout + result.stderr
+
+
+def test_every_kernel_file_is_compiled():
+    kernels = source_dir()
+    files = {f.name for f in kernels.glob("*.cu")}
+    assert files == {file for file, _, _ in MODULES}, "a .cu file is missing from config.instantiations()"
