@@ -81,8 +81,8 @@ def prepare(op: str, arrays: dict, *, ints: tuple[str, ...] = ()) -> tuple[Backe
             dtype, dtype_name = arr.dtype, name
         elif arr.dtype != dtype:
             raise TypeError(
-                f"{op}: argument {name!r} has dtype {arr.dtype} but {dtype_name!r} has dtype "
-                f"{dtype}; all float arguments of one call must share a dtype (convert with "
+                f"{op}: argument {name!r} has dtype {arr.dtype} ({describe(arr)}) but "
+                f"{dtype_name!r} has dtype {dtype}; all float arguments of one call must share a dtype (convert with "
                 ".astype)")
     backend = _backend.cuda_backend() if device == "cuda" else _backend.numpy_backend()
     return backend, out
