@@ -13,6 +13,7 @@ Importing this module does not import CuPy.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -32,6 +33,8 @@ class KernelCompileError(RuntimeError):
         super().__init__(f"cugrad: failed to compile kernels/{file} with options "
                          f"{' '.join(self.options)}\ncompiler log:\n{log}")
 
+
+POISON_ENV = "CUGRAD_POISON_OUTPUTS"   # fill fresh outputs with NaN (tests)
 
 _SCALAR_TYPES = (np.int32, np.int64, np.float32, np.float64)
 
@@ -89,7 +92,10 @@ class CupyContext(Context):
         return cupy
 
     def empty(self, shape, dtype):
-        return self.xp.empty(shape, dtype=dtype)
+        out = self.xp.empty(shape, dtype=dtype)
+        if os.environ.get(POISON_ENV, "").strip() not in ("", "0"):
+            out.fill(float("nan"))   # debugging aid: an output element a kernel misses shows
+        return out
 
     def function(self, file: str, name_expression: str) -> Kernel:
         device = self.xp.cuda.Device().id

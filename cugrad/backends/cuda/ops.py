@@ -63,11 +63,11 @@ def _gemm(a, b, trans_a, trans_b, bias, activation, kernel: str):
     xp = ctx.xp
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     n = b.shape[0] if trans_b else b.shape[1]
+    for what, size in (("M", m), ("N", n), ("K", k)):
+        _check_int32(f"matmul size {what}", size)
     out = ctx.empty((m, n), a.dtype)
     if m == 0 or n == 0:
         return out
-    for what, size in (("M", m), ("N", n), ("K", k)):
-        _check_int32(f"matmul size {what}", size)
     A, ta = _gemm_operand(xp, a, trans_a)
     B, tb = _gemm_operand(xp, b, trans_b)
     dtype = a.dtype.name

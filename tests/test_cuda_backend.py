@@ -1,0 +1,358 @@
+"""The CUDA backend: launchers and loader on the CPU, kernels on a GPU.
+
+CPU tests (always run): every op is registered; every kernel a launcher asks for is in
+``config.instantiations()`` with legal launch dimensions and typed arguments (checked
+through a recording context, no kernel runs); the loader reads sources from a checkout
+and from an installed package.
+
+GPU tests (``@pytest.mark.gpu``, skipped with the reason where no CUDA device works):
+gemm_tiled against gemm_reference against float64 NumPy in every layout, epilogue and
+dtype at shapes 1...1000; every op against float64 references; determinism of the
+reductions; the NVRTC error message; the PyTorch DLPack round trip; kernels loaded from an
+installed package. Outputs are poisoned with NaN (CUGRAD_POISON_OUTPUTS=1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cugrad
+from cugrad._backend import OPS, missing_ops
+from cugrad.backends import numpy_backend as npb
+from cugrad.backends.cuda import config, ops
+from cugrad.backends.cuda.context import Context, Kernel, check_kernel_args, use_context
+from cugrad.backends.cuda.loader import read_source, source_dir
+
+REPO = Path(__file__).resolve().parents[1]
+LAYOUTS = list(itertools.product([False, True], repeat=2))
+ACTS = [None, "sigmoid", "tanh", "relu"]
+
+
+# ------------------------------------------------------------------- CPU: launchers, loader
+
+def test_every_op_registered_without_cupy_import():
+    assert missing_ops("cuda") == []
+    code = ("import sys, cugrad.backends.cuda as c; from cugrad._backend import missing_ops; "
+            "assert missing_ops('cuda') == []; print('cupy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", "importing the CUDA backend must not import CuPy"
+
+
+class _RecordingKernel(Kernel):
+    def __init__(self, ctx, file, name):
+        self.ctx, self.file, self.name = ctx, file, name
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        check_kernel_args(args, np)
+        assert len(grid) == 3 and len(block) == 3 and all(int(v) >= 1 for v in (*grid, *block))
+        assert grid[0] <= config.INT32_MAX and grid[1] <= 65535 and grid[2] <= 65535
+        assert block[0] * block[1] * block[2] <= 1024
+        self.ctx.launches.append((self.file, self.name, grid, block, args))
+
+
+class RecordingContext(Context):
+    """Runs no kernel: checks each launch against the instantiation table and records it."""
+    xp = np
+
+    def __init__(self):
+        self.launches = []
+
+    def empty(self, shape, dtype):
+        return np.full(shape, np.nan, dtype=dtype)
+
+    def function(self, file, name_expression):
+        config.module_of(file, name_expression)    # KeyError if not compiled
+        return _RecordingKernel(self, file, name_expression)
+
+
+def _every_op_call(dt):
+    """Calls covering every kernel variant the launchers can choose."""
+    rng = np.random.default_rng(0)
+    r = lambda *s: rng.standard_normal(s).astype(dt)  # noqa: E731
+    calls = []
+    for ta, tb, bias, act, k in itertools.product([False, True], [False, True], [False, True], ACTS, [8, 7]):
+        a = r(k, 9) if ta else r(9, k)
+        b = r(12, k) if tb else r(k, 12)
+        calls.append(("gemm", (a, b, ta, tb, r(12) if bias else None, act)))
+    calls.append(("gemm", (np.asfortranarray(r(9, 8)), r(8, 12)[:, ::2], False, False, None, None)))
+    calls += [("bias_grad", (r(5, 3),)), ("bias_grad", (r(3000, 40),)),
+              ("bias_grad", (r(200, 10)[::2],))]
+    for name in ("sigmoid", "tanh", "relu"):
+        calls += [("activation", (name, r(3, 4))), ("activation_backward", (name, r(3, 4), r(3, 4)))]
+    calls += [("softmax", (r(5, 3),)), ("log_softmax", (r(5, 3),))]
+    for red in ("mean", "sum", "half_sum"):
+        calls += [("mse_loss", (r(4, 3), r(4, 3), red)), ("mse_loss", (r(300, 200), r(300, 200), red)),
+                  ("mse_loss_backward", (r(4, 3), r(4, 3), red))]
+    for op, red, target in itertools.product(
+            ("cross_entropy", "cross_entropy_backward", "cross_entropy_fwd_bwd"), ("mean", "sum"),
+            (np.array([0, 2, 1], np.int64), np.full((3, 3), 1 / 3, dt))):
+        calls.append((op, (r(3, 3), target, red)))
+    calls += [("sgd_step", (r(4), r(4), None, 0.1, 0.0, 0.0)),
+              ("sgd_step", (r(4), r(4), r(4), 0.1, 0.9, 0.01)),
+              ("adam_step", (r(4), r(4), r(4), r(4), 3, 1e-3, 0.9, 0.999, 1e-8, 0.0))]
+    return calls
+
+
+def test_launchers_use_only_compiled_kernels_with_typed_arguments():
+    ctx = RecordingContext()
+    with use_context(ctx):
+        for dt in (np.float32, np.float64):
+            for op, args in _every_op_call(dt):
+                getattr(ops, op)(*args)
+    launched = {name for _, name, *_ in ctx.launches}
+    assert {op for op, _ in _every_op_call(np.float32)} == set(OPS)
+    # Both gemm_tiled variants (scalar and 16-byte vector loads) and both colsum passes occur.
+    assert any(n.startswith("gemm_tiled") and n.endswith(", 1>") for n in launched)
+    assert any(n.startswith("gemm_tiled") and n.endswith(", 0>") for n in launched)
+    colsum_grids = [g for _, n, g, *_ in ctx.launches if n.startswith("bias_grad")]
+    assert any(g[1] > 1 for g in colsum_grids)
+
+
+def test_launchers_reject_sizes_past_32_bit_dims():
+    class Shape:   # shape and dtype only: the launcher must refuse before touching data
+        dtype = np.dtype(np.float32)
+
+        def __init__(self, *shape):
+            self.shape = shape
+    with use_context(RecordingContext()), pytest.raises(ValueError, match="2\\^31"):
+        ops.gemm(Shape(4, 2**31), Shape(2**31, 1), False, False, None, None)
+
+
+def test_loader_inlines_the_common_header():
+    src = read_source("gemm.cu")
+    assert not [line for line in src.splitlines() if line.strip().startswith("#include")]
+    assert "sigmoid_of" in src
+    assert source_dir() == REPO / "kernels"
+
+
+def _install_copy(tmp_path: Path) -> Path:
+    """pip-install a copy of the package (non-editable) into a target directory."""
+    copy = tmp_path / "src"
+    copy.mkdir()
+    for item in ("pyproject.toml", "README.md", "cugrad", "kernels"):
+        src = REPO / item
+        if src.is_dir():
+            shutil.copytree(src, copy / item, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy(src, copy / item)
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                           str(target), str(copy)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"pip could not build the package here: {proc.stderr[-500:]}")
+    return target
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    return _install_copy(tmp_path_factory.mktemp("install"))
+
+
+def test_installed_package_ships_and_reads_kernels(installed):
+    code = textwrap.dedent("""
+        from cugrad.backends.cuda import loader, config
+        assert loader.source_dir() is None, loader.source_dir()
+        for file, _, _ in config.instantiations():
+            assert "begin common.cuh" in loader.read_source(file) or "common" not in file
+        print("ok")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=installed, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ---------------------------------------------------------------------------- GPU tests
+
+def _require_gpu():
+    if not cugrad.cuda_available():
+        pytest.skip(f"CUDA backend not tested: {cugrad.cuda_unavailable_reason()}")
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    _require_gpu()
+    monkeypatch.setenv("CUGRAD_POISON_OUTPUTS", "1")
+    import cupy
+    return cupy
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(out.get() if hasattr(out, "get") else out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert out.shape == ref.shape
+    assert np.isfinite(out).all(), "NaN or inf in the output (an unwritten element?)"
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0))
+
+
+def tol(dtype, kind="product"):
+    if np.dtype(dtype) == np.float64:
+        return 1e-12
+    return 1e-4 if kind == "product" else 1e-5
+
+
+def _gemm64(a, b, ta, tb, bias, act):
+    return npb.gemm(np.asarray(a, np.float64), np.asarray(b, np.float64), ta, tb,
+                    None if bias is None else np.asarray(bias, np.float64), act)
+
+
+GEMM_SHAPES = [(1, 1, 1), (2, 3, 5), (7, 13, 1), (33, 127, 61), (128, 128, 8), (129, 257, 31),
+               (1000, 17, 999), (997, 1000, 5), (64, 1000, 1000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=["NN", "NT", "TN", "TT"])
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+def test_gemm_tiled_vs_reference_vs_float64(gpu, dt, ta, tb, m, n, k):
+    cp = gpu
+    rng = np.random.default_rng(m * 7919 + n * 31 + k)
+    a = rng.standard_normal((k, m) if ta else (m, k)).astype(dt)
+    b = rng.standard_normal((n, k) if tb else (k, n)).astype(dt)
+    bias = rng.standard_normal(n).astype(dt)
+    for has_bias, act in itertools.product([False, True], ACTS):
+        bb = bias if has_bias else None
+        ref = _gemm64(a, b, ta, tb, bb, act)
+        args = (cp.asarray(a), cp.asarray(b), ta, tb, None if bb is None else cp.asarray(bb), act)
+        tiled = ops.gemm(*args)
+        refk = ops.gemm_reference(*args)
+        assert rel_err(tiled, ref) < tol(dt), ("tiled", has_bias, act)
+        assert rel_err(refk, ref) < tol(dt), ("reference", has_bias, act)
+        assert rel_err(tiled, refk.get()) < tol(dt)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["f32", "f64"])
+def test_gemm_unaligned_fortran_and_strided_operands(gpu, dt):
+    cp = gpu
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((65, 64)).astype(dt)
+    b = rng.standard_normal((64, 36)).astype(dt)
+    ref = _gemm64(a, b, False, False, None, None)
+    ga = cp.empty(a.size + 1, dt)[1:].reshape(a.shape)       # misaligned: scalar loads
+    ga[...] = cp.asarray(a)
+    assert rel_err(ops.gemm(ga, cp.asarray(b), False, False, None, None), ref) < tol(dt)
+    fa, fb = cp.asfortranarray(cp.asarray(a)), cp.asfortranarray(cp.asarray(b))   # read in place
+    assert rel_err(ops.gemm(fa, fb, False, False, None, None), ref) < tol(dt)
+    wide = cp.asarray(np.concatenate([b, b], axis=1))[:, ::2]  # non-contiguous: copied
+    assert rel_err(ops.gemm(cp.asarray(a), wide, False, False, None, None), ref) < tol(dt)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("m,n", [(1, 1), (7, 33), (1000, 1), (4096, 1000), (65536, 64)])
+def test_bias_grad_matches_and_is_deterministic(gpu, dt, m, n):
+    cp = gpu
+    g = np.random.default_rng(m + n).standard_normal((m, n)).astype(dt)
+    gg = cp.asarray(g)
+    first = ops.bias_grad(gg)
+    assert rel_err(first, g.astype(np.float64).sum(0)) < tol(dt)
+    for _ in range(3):
+        assert cp.array_equal(ops.bias_grad(gg), first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["f32", "f64"])
+def test_elementwise_rowwise_losses_optim_against_numpy(gpu, dt):
+    cp = gpu
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((127, 33)) * 4).astype(dt)
+    x[0, :2] = (1e4, -1e4)
+    for name in ("sigmoid", "tanh", "relu"):
+        z = ops.activation(name, cp.asarray(x))
+        assert rel_err(z, npb.activation(name, x.astype(np.float64))) < tol(dt, "elementwise")
+        go = rng.standard_normal(x.shape).astype(dt)
+        ref = npb.activation_backward(name, go.astype(np.float64), z.get().astype(np.float64))
+        assert rel_err(ops.activation_backward(name, cp.asarray(go), z), ref) < tol(dt, "elementwise")
+    for fn in ("softmax", "log_softmax"):
+        assert rel_err(getattr(ops, fn)(cp.asarray(x)), getattr(npb, fn)(x.astype(np.float64))) < tol(dt, "elementwise")
+    idx = rng.integers(0, 33, 127).astype(np.int64)
+    prob = rng.random((127, 33)).astype(dt)
+    prob /= prob.sum(1, keepdims=True)
+    for target, red in itertools.product((idx, prob), ("mean", "sum")):
+        ref_loss, ref_grad = npb.cross_entropy_fwd_bwd(x.astype(np.float64), target if target.ndim == 1
+                                                       else target.astype(np.float64), red)
+        loss, grad = ops.cross_entropy_fwd_bwd(cp.asarray(x), cp.asarray(target), red)
+        assert loss.shape == () and loss.dtype == dt
+        assert rel_err(loss, ref_loss) < tol(dt) and rel_err(grad, ref_grad) < tol(dt)
+        assert rel_err(ops.cross_entropy(cp.asarray(x), cp.asarray(target), red), ref_loss) < tol(dt)
+        assert rel_err(ops.cross_entropy_backward(cp.asarray(x), cp.asarray(target), red), ref_grad) < tol(dt)
+    for shape in [(1,), (127, 33), (1000, 1000)]:
+        p, t = rng.standard_normal(shape).astype(dt), rng.standard_normal(shape).astype(dt)
+        for red in ("mean", "sum", "half_sum"):
+            p64, t64 = p.astype(np.float64), t.astype(np.float64)
+            assert rel_err(ops.mse_loss(cp.asarray(p), cp.asarray(t), red), npb.mse_loss(p64, t64, red)) < tol(dt)
+            assert rel_err(ops.mse_loss_backward(cp.asarray(p), cp.asarray(t), red),
+                           npb.mse_loss_backward(p64, t64, red)) < tol(dt, "elementwise")
+    p0 = rng.standard_normal((33, 7)).astype(dt)
+    p, m_, v_ = cp.asarray(p0), cp.zeros_like(cp.asarray(p0)), cp.zeros_like(cp.asarray(p0))
+    pr, mr, vr = p0.astype(np.float64), np.zeros(p0.shape), np.zeros(p0.shape)
+    buf, bufr = cp.zeros_like(p), np.zeros(p0.shape)
+    q, qr = cp.asarray(p0), p0.astype(np.float64)
+    for step in range(1, 4):
+        g = rng.standard_normal(p0.shape).astype(dt)
+        ops.adam_step(p, cp.asarray(g), m_, v_, step, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        npb.adam_step(pr, g.astype(np.float64), mr, vr, step, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        ops.sgd_step(q, cp.asarray(g), buf, 0.1, 0.9, 0.01)
+        npb.sgd_step(qr, g.astype(np.float64), bufr, 0.1, 0.9, 0.01)
+    assert rel_err(p, pr) < tol(dt, "elementwise") and rel_err(q, qr) < tol(dt, "elementwise")
+
+
+@pytest.mark.gpu
+def test_reductions_are_bitwise_deterministic(gpu):
+    cp = gpu
+    p = cp.asarray(np.random.default_rng(3).standard_normal((4096, 3000)).astype(np.float32))
+    t = cp.zeros_like(p)
+    first = ops.mse_loss(p, t, "mean")
+    assert all(cp.array_equal(ops.mse_loss(p, t, "mean"), first) for _ in range(3))
+
+
+@pytest.mark.gpu
+def test_compile_error_shows_file_options_and_log(gpu):
+    from cugrad.backends.cuda.context import CupyContext, KernelCompileError
+    broken = "template <typename T> __global__ void k(T* x) { x[0] = undefined_symbol; }"
+    with pytest.raises(KernelCompileError) as info:
+        CupyContext().module("broken.cu", broken, ["-std=c++17", "-DMARK=1"], ["k<float>"])
+    msg = str(info.value)
+    assert "broken.cu" in msg and "-DMARK=1" in msg and "undefined_symbol" in msg
+
+
+@pytest.mark.gpu
+def test_torch_dlpack_round_trip(gpu):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA device")
+    from cugrad.backends.cuda.interop import to_cupy, to_torch
+    t = torch.randn(33, 7, device="cuda", dtype=torch.float32)
+    c = to_cupy(t)
+    assert c.data.ptr == t.data_ptr(), "to_cupy copied"
+    out = ops.activation("relu", c)
+    back = to_torch(out)
+    assert back.is_cuda and torch.equal(back, torch.relu(t))
+
+
+@pytest.mark.gpu
+def test_kernels_compile_and_run_from_installed_package(gpu, installed):
+    code = textwrap.dedent("""
+        import numpy as np, cupy as cp
+        from cugrad.backends.cuda import ops, loader
+        assert loader.source_dir() is None
+        a = cp.asarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+        out = ops.gemm(a, a, False, True, None, None).get()
+        ref = np.arange(6, dtype=np.float64).reshape(2, 3)
+        assert np.allclose(out, ref @ ref.T), out
+        print("ok")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=installed, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
