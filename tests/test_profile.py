@@ -244,3 +244,50 @@ def test_cuda_ops_are_timed_on_the_device():
     assert all(r.total_ns > 0 and r.self_ns <= r.total_ns for r in rows)
     assert sum(r.self_pct for r in rows) == pytest.approx(100.0)
     assert "device time (CUDA events)" in str(prof)
+
+
+class _FakeEvent:
+    """Stands in for cupy.cuda.Event: 'records' the host clock, so device-clock
+    bookkeeping (self time, clock separation) can be checked without a GPU."""
+
+    def record(self, stream=None):
+        self.t = time.perf_counter_ns()
+
+    def synchronize(self):
+        pass
+
+
+def _fake_cupy(monkeypatch):
+    import types
+    cuda = types.SimpleNamespace(Event=_FakeEvent,
+                                 get_elapsed_time=lambda a, b: (b.t - a.t) / 1e6)
+    fake = types.SimpleNamespace(cuda=cuda)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(_trace, "_cupy", None)
+
+
+def test_device_clock_rows_are_kept_apart_from_host_rows(monkeypatch):
+    _fake_cupy(monkeypatch)
+    with profile() as prof:
+        with op_range("Linear.forward", "cuda"):
+            with op_range("linear.forward", "cuda"):
+                time.sleep(0.002)
+            with op_range("relu", None):          # inherits the device clock
+                time.sleep(0.001)
+        with op_range("host", "cpu"):
+            with op_range("kernel", "cuda"):      # other clock: not subtracted
+                time.sleep(0.001)
+    rows = {(s.name, s.device): s for s in prof.stats()}
+    assert set(rows) == {("Linear.forward", "cuda"), ("linear.forward", "cuda"),
+                         ("relu", "cuda"), ("host", "cpu"), ("kernel", "cuda")}
+    lin, inner, relu = (rows[(n, "cuda")] for n in ("Linear.forward", "linear.forward", "relu"))
+    assert lin.self_ns == lin.total_ns - inner.total_ns - relu.total_ns
+    assert inner.total_ns >= 2_000_000 and relu.total_ns >= 1_000_000
+    host = rows[("host", "cpu")]
+    assert host.self_ns == host.total_ns >= 1_000_000
+    assert prof.profiled_ns("cuda") == lin.total_ns + rows[("kernel", "cuda")].total_ns
+    assert prof.profiled_ns("cpu") == host.total_ns
+    assert sum(s.self_pct for s in prof.stats("cuda")) == pytest.approx(100.0)
+    text = str(prof)
+    assert "device" in text.splitlines()[0]            # a device column with two clocks
+    assert "device time (CUDA events)" in text and "profiled host time" in text
