@@ -76,10 +76,10 @@ def _resolve_nvtx() -> None:
         else:
             try:
                 import nvtx
-            except Exception as exc:  # ImportError, or a broken install
-                reason = f"the nvtx package is not importable ({type(exc).__name__}: {exc})"
+                candidate = nvtx.get_domain(NVTX_DOMAIN)   # initialises NVTX: loads a tool
+            except Exception as exc:  # ImportError, or a broken install or tool
+                reason = f"the nvtx package is unusable ({type(exc).__name__}: {exc})"
             else:
-                candidate = nvtx.get_domain(NVTX_DOMAIN)
                 if isinstance(candidate, nvtx.Domain):
                     domain = candidate
                 else:  # nvtx's DummyDomain: no NVTX tool is attached to this process
