@@ -10,9 +10,10 @@ from . import functional, nn, optim
 from ._arrays import asarray, to_numpy
 from ._backend import BackendUnavailableError, cuda_available, cuda_unavailable_reason
 from .gradcheck import GradcheckError, gradcheck, jacobian
+from .profiler import profile
 
 __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "optim", "asarray", "to_numpy", "cuda_available",
            "cuda_unavailable_reason", "BackendUnavailableError", "gradcheck", "jacobian",
-           "GradcheckError"]
+           "GradcheckError", "profile"]

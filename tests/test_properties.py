@@ -1,0 +1,125 @@
+"""Property tests (hypothesis): random shapes, layouts, activations, reductions and dtypes
+against float64 references, on every backend that works.
+
+Profiles: "ci" (default; the whole module in about a minute or two on 2 cores) and
+"thorough" (CUGRAD_HYPOTHESIS_PROFILE=thorough, for a GPU session: thousands of examples).
+"""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cugrad.functional as F
+from conftest import rel_err, tol
+from test_functional import ACT64, MSE_REF, op64, xent_ref
+
+settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.register_profile("thorough", max_examples=1500, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                 HealthCheck.too_slow])
+settings.load_profile(os.environ.get("CUGRAD_HYPOTHESIS_PROFILE", "ci"))
+
+# Primes and sizes on either side of every power-of-two tile are favoured.
+FAVOURED = [1, 2, 3, 5, 7, 13, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257]
+dims = st.one_of(st.sampled_from(FAVOURED), st.integers(1, 300))
+dtypes = st.sampled_from([np.float32, np.float64])
+seeds = st.integers(0, 2 ** 32 - 1)
+
+
+def data(seed, *shape, dtype):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+@given(m=dims, k=dims, n=dims, ta=st.booleans(), tb=st.booleans(), dtype=dtypes, seed=seeds)
+def test_matmul_property(backend, m, k, n, ta, tb, dtype, seed):
+    a = data(seed, *((k, m) if ta else (m, k)), dtype=dtype)
+    b = data(seed + 1, *((n, k) if tb else (k, n)), dtype=dtype)
+    out = F.matmul(backend.put(a), backend.put(b), trans_a=ta, trans_b=tb)
+    assert rel_err(out, op64(a, ta) @ op64(b, tb)) < tol(dtype)
+
+
+@given(n=dims, d_in=dims, d_out=dims, act=st.sampled_from([None, "sigmoid", "tanh", "relu"]),
+       with_bias=st.booleans(), dtype=dtypes, seed=seeds)
+def test_linear_forward_backward_property(backend, n, d_in, d_out, act, with_bias, dtype, seed):
+    x, w = data(seed, n, d_in, dtype=dtype), data(seed + 1, d_out, d_in, dtype=dtype)
+    b = data(seed + 2, d_out, dtype=dtype)
+    gy = data(seed + 3, n, d_out, dtype=dtype)
+    y = F.linear(backend.put(x), backend.put(w), backend.put(b) if with_bias else None,
+                 activation=act)
+    pre = x.astype(np.float64) @ w.astype(np.float64).T + (b if with_bias else 0.0)
+    z = ACT64[act](pre)
+    assert rel_err(y, z) < tol(dtype)
+    gx, gw, gb = F.linear_backward(backend.put(gy), backend.put(x), backend.put(w),
+                                   bias=with_bias, activation=act, out=y)
+    # The backward's contract is f' from the SAVED output (MATH.md §3): near saturation
+    # 1 − z² cancels, so the reference takes f' from the output the op returned.
+    zs = backend.get(y).astype(np.float64)
+    dpre = gy * {None: 1.0, "sigmoid": zs * (1 - zs), "tanh": 1 - zs * zs,
+                 "relu": (zs > 0).astype(np.float64)}[act]
+    assert rel_err(gx, dpre @ w.astype(np.float64)) < 10 * tol(dtype)
+    assert rel_err(gw, dpre.T @ x.astype(np.float64)) < 10 * tol(dtype)
+    if with_bias:
+        assert rel_err(gb, dpre.sum(axis=0)) < 10 * tol(dtype)
+
+
+@given(m=dims, n=dims, dtype=dtypes, seed=seeds)
+def test_bias_grad_property(backend, m, n, dtype, seed):
+    g = data(seed, m, n, dtype=dtype)
+    assert rel_err(F.bias_grad(backend.put(g)), g.astype(np.float64).sum(axis=0)) < tol(dtype)
+
+
+@given(m=dims, n=dims, dtype=dtypes, seed=seeds, scale=st.sampled_from([1.0, 30.0, 1e4]))
+def test_softmax_property(backend, m, n, dtype, seed, scale):
+    x = data(seed, m, n, dtype=dtype) * dtype(scale)
+    x64 = x.astype(np.float64)
+    mx = x64.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(x64 - mx).sum(axis=1, keepdims=True)) + mx
+    assert rel_err(F.softmax(backend.put(x)), np.exp(x64 - lse)) < tol(dtype, "elementwise")
+    assert rel_err(F.log_softmax(backend.put(x)), x64 - lse) < tol(dtype, "elementwise")
+
+
+@given(m=dims, n=dims, reduction=st.sampled_from(list(MSE_REF)), dtype=dtypes, seed=seeds)
+def test_mse_property(backend, m, n, reduction, dtype, seed):
+    p, t = data(seed, m, n, dtype=dtype), data(seed + 1, m, n, dtype=dtype)
+    ref_loss, ref_grad = MSE_REF[reduction](p.astype(np.float64) - t)
+    assert rel_err(F.mse_loss(backend.put(p), backend.put(t), reduction=reduction),
+                   ref_loss) < tol(dtype)
+    assert rel_err(F.mse_loss_backward(backend.put(p), backend.put(t), reduction=reduction),
+                   ref_grad) < tol(dtype, "elementwise")
+
+
+@given(n=dims, c=st.one_of(st.sampled_from([1, 2, 10, 1000]), dims),
+       reduction=st.sampled_from(["mean", "sum"]), kind=st.sampled_from(["index", "prob"]),
+       dtype=dtypes, seed=seeds)
+def test_cross_entropy_property(backend, n, c, reduction, kind, dtype, seed):
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((n, c)) * 3).astype(dtype)
+    if kind == "index":
+        t = rng.integers(0, c, size=n)
+    else:
+        t = rng.random((n, c)).astype(dtype) + dtype(0.01)
+        t /= t.sum(axis=1, keepdims=True)
+    ref_loss, ref_grad = xent_ref(z, t, reduction)
+    loss, grad = F.cross_entropy_with_grad(backend.put(z), backend.put(t), reduction=reduction)
+    assert abs(float(loss) - ref_loss) <= tol(dtype) * max(1.0, abs(ref_loss))
+    assert np.abs(backend.get(grad) - ref_grad).max() <= 10 * tol(dtype, "elementwise") * \
+        max(1.0, np.abs(ref_grad).max())
+
+
+@given(shape=st.tuples(dims, dims), name=st.sampled_from(["sigmoid", "tanh", "relu"]),
+       dtype=dtypes, seed=seeds)
+def test_activation_property(backend, shape, name, dtype, seed):
+    x = data(seed, *shape, dtype=dtype) * dtype(4)
+    g = data(seed + 1, *shape, dtype=dtype)
+    fwd = getattr(F, name)
+    bwd = getattr(F, f"{name}_backward")
+    z = fwd(backend.put(x))
+    z64 = ACT64[name](x)
+    assert rel_err(z, z64) < tol(dtype, "elementwise")
+    deriv = {"sigmoid": z64 * (1 - z64), "tanh": 1 - z64 * z64,
+             "relu": (x > 0).astype(np.float64)}[name]
+    assert rel_err(bwd(backend.put(g), z), g * deriv) < 10 * tol(dtype, "elementwise")
