@@ -120,3 +120,25 @@ extern "C" __global__ void bad_mask(float* out) {
     float v = __shfl_sync(threadIdx.x == 3 ? 0x3u : 0xffffffffu, (float)threadIdx.x, 0);
     out[threadIdx.x] = v;
 }
+
+extern "C" __global__ void uninit_shared(float* out) {
+    // grid (blocks,), block (32,): every block reads its scratch before writing it, so it
+    // must see garbage (the harness fills shared memory with NaN at every block start),
+    // not the value the previous block left there.
+    __shared__ float scratch[32];
+    float seen = scratch[threadIdx.x];
+    __syncthreads();
+    scratch[threadIdx.x] = 1.0f;
+    out[blockIdx.x * 32 + threadIdx.x] = seen;
+}
+
+extern "C" __global__ void shared_index_bug(const float* __restrict__ x, float* __restrict__ y, int n) {
+    // x, y (n,), block (64,): y = x shifted by one within the block through shared memory,
+    // but the read index is off by one (tile[t + 1] instead of tile[t]) - a wrong index
+    // must give a wrong result.
+    __shared__ float tile[65];
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    tile[threadIdx.x] = i < n ? x[i] : 0.0f;
+    __syncthreads();
+    if (i < n) y[i] = tile[threadIdx.x + 1];
+}

@@ -1,0 +1,199 @@
+"""The CPU kernel harness (tests/cuda_harness/) proves itself on its own kernels
+(tests/cuda_harness/selftest/selftest.cu) before it is trusted with kernels/*.cu: barriers,
+warp shuffles and votes, dynamic and static shared memory, atomics and aliasing work; and
+the bugs it exists to catch are caught - a removed barrier and a wrong shared-memory index
+give wrong results, out-of-bounds accesses are AddressSanitizer reports, a misaligned
+vector load is a UBSan report, a deadlock and a bad warp mask are harness faults.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cuda_harness as ch  # noqa: E402
+
+if ch.compiler() is None:
+    pytest.skip("no host C++ compiler (g++): the CPU kernel harness cannot build", allow_module_level=True)
+
+SELFTEST = ch.harness.HARNESS_DIR / "selftest"
+NAMES = ["block_sum<1>", "block_sum<0>", "warp_sum", "reverse_dyn", "votes", "scale_inplace",
+         "oob_write", "dyn_smem_overrun", "misaligned_float4", "warp_deadlock", "atomic_hist",
+         "bad_mask", "uninit_shared", "shared_index_bug"]
+needs_asan = pytest.mark.skipif(not ch.sanitize(), reason="built without sanitizers (CUGRAD_HARNESS_SANITIZE=0)")
+
+
+def context(schedule="random", seed=None):
+    return ch.CpuContext([("selftest.cu", [], NAMES)], kernels_dir=SELFTEST, schedule=schedule, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    c = context()
+    c.prebuild()
+    return c
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+def block_sums(ctx, sync, x):
+    rows, n = x.shape
+    out = ctx.empty((rows,), np.float32)
+    ctx.function("selftest.cu", f"block_sum<{sync}>")((rows, 1, 1), (256, 1, 1), (x, out, np.int32(n)))
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["random", "forward", "reverse"])
+def test_block_reduction_with_barriers_is_right_in_every_order(schedule, rng):
+    x = rng.standard_normal((5, 1000)).astype(np.float32)
+    out = block_sums(context(schedule), 1, x)
+    np.testing.assert_allclose(out, x.astype(np.float64).sum(1), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_removed_barrier_gives_a_wrong_result(seed, rng):
+    """block_sum<0> lacks the __syncthreads() inside its tree loop."""
+    x = rng.standard_normal((5, 1000)).astype(np.float32)
+    out = block_sums(context("random", seed), 0, x)
+    assert not np.allclose(out, x.astype(np.float64).sum(1), rtol=1e-3, atol=1e-3)
+
+
+def test_the_schedule_is_deterministic(rng):
+    x = rng.standard_normal((5, 1000)).astype(np.float32)
+    first, again = block_sums(context("random", 5), 0, x), block_sums(context("random", 5), 0, x)
+    np.testing.assert_array_equal(first, again)
+
+
+def test_a_wrong_shared_memory_index_gives_a_wrong_result(ctx, rng):
+    x = rng.standard_normal(100).astype(np.float32)
+    y = ctx.empty((100,), np.float32)
+    ctx.function("selftest.cu", "shared_index_bug")((2, 1, 1), (64, 1, 1), (x, y, np.int32(100)))
+    assert not np.allclose(y, x)
+
+
+def test_shared_memory_starts_as_garbage_in_every_block(ctx):
+    out = np.zeros(3 * 32, np.float32)
+    ctx.function("selftest.cu", "uninit_shared")((3, 1, 1), (32, 1, 1), (out,))
+    assert np.isnan(out).all()
+
+
+def test_warp_shuffles(ctx, rng):
+    x = rng.standard_normal((7, 77))
+    out = ctx.empty((7,), np.float64)
+    ctx.function("selftest.cu", "warp_sum")((2, 1, 1), (32, 4, 1), (x, out, np.int32(7), np.int32(77)))
+    np.testing.assert_allclose(out, x.sum(1), rtol=1e-12)
+
+
+def test_dynamic_shared_memory(ctx, rng):
+    x = rng.standard_normal(96).astype(np.float32)
+    y = ctx.empty((96,), np.float32)
+    ctx.function("selftest.cu", "reverse_dyn")((3, 1, 1), (32, 1, 1), (x, y, np.int32(96)), shared_mem=32 * 4)
+    np.testing.assert_array_equal(y, x.reshape(3, 32)[:, ::-1].ravel())
+
+
+def test_votes_and_syncthreads_count(ctx, rng):
+    flags = (rng.random(64) < 0.5).astype(np.int32)
+    flags[32:] = 1
+    out = ctx.empty((7,), np.uint32)
+    ctx.function("selftest.cu", "votes")((1, 1, 1), (64, 1, 1), (flags, out))
+    ballot = sum(int(f) << i for i, f in enumerate(flags[:32]))
+    assert out.tolist() == [ballot, int(flags[:32].all()), int(flags[:32].any()),
+                            0xFFFFFFFF, 1, 1, int(flags.sum())]
+
+
+def test_atomics(ctx, rng):
+    bins = rng.integers(0, 7, 1000).astype(np.int32)
+    hist = np.zeros(7, np.int32)
+    ctx.function("selftest.cu", "atomic_hist")((8, 1, 1), (128, 1, 1), (bins, np.int32(1000), hist))
+    np.testing.assert_array_equal(hist, np.bincount(bins, minlength=7))
+
+
+def test_aliased_arguments_and_a_double_scalar(ctx):
+    x = np.arange(10, dtype=np.float32)
+    ctx.function("selftest.cu", "scale_inplace")((1, 1, 1), (32, 1, 1), (x, x, np.float64(2.5), np.int64(10)))
+    np.testing.assert_array_equal(x, np.arange(10, dtype=np.float32) * 2.5)
+
+
+# ----------------------------------------------------------------------------- faults
+
+@needs_asan
+def test_out_of_bounds_global_write_is_an_asan_report(ctx):
+    out = np.zeros(100, np.float32)
+    with pytest.raises(ch.KernelFault, match=r"heap-buffer-overflow(.|\n)*selftest\.cu"):
+        ctx.function("selftest.cu", "oob_write")((4, 1, 1), (32, 1, 1), (out, np.int32(100)))
+
+
+@needs_asan
+def test_reading_past_the_dynamic_shared_memory_is_an_asan_report(ctx):
+    out = np.zeros(32, np.float32)
+    with pytest.raises(ch.KernelFault, match="AddressSanitizer"):
+        ctx.function("selftest.cu", "dyn_smem_overrun")((1, 1, 1), (32, 1, 1), (out,), shared_mem=32 * 4)
+
+
+@needs_asan
+def test_misaligned_vector_load_is_a_ubsan_report(ctx):
+    x, out = np.arange(8, dtype=np.float32), np.zeros(4, np.float32)
+    with pytest.raises(ch.KernelFault, match="misaligned address"):
+        ctx.function("selftest.cu", "misaligned_float4")((1, 1, 1), (1, 1, 1), (x, out))
+
+
+def test_deadlock_is_reported(ctx):
+    out = np.zeros(32, np.float32)
+    with pytest.raises(ch.KernelFault, match="deadlock: 16 threads wait at __syncthreads"):
+        ctx.function("selftest.cu", "warp_deadlock")((1, 1, 1), (32, 1, 1), (out,))
+
+
+def test_inconsistent_warp_masks_are_reported(ctx):
+    out = np.zeros(32, np.float32)
+    with pytest.raises(ch.KernelFault, match="mask 0x00000003"):
+        ctx.function("selftest.cu", "bad_mask")((1, 1, 1), (32, 1, 1), (out,))
+
+
+def test_the_runner_recovers_after_a_fault(ctx, rng):
+    with pytest.raises(ch.KernelFault):
+        ctx.function("selftest.cu", "warp_deadlock")((1, 1, 1), (32, 1, 1), (np.zeros(32, np.float32),))
+    x = rng.standard_normal((2, 300)).astype(np.float32)
+    np.testing.assert_allclose(block_sums(ctx, 1, x), x.sum(1), rtol=1e-5, atol=1e-4)
+
+
+def test_bad_launches_and_arguments_are_refused(ctx):
+    out = np.zeros(32, np.float32)
+    kern = ctx.function("selftest.cu", "oob_write")
+    with pytest.raises(ch.LaunchError, match="block dimension too large"):
+        kern((1, 1, 1), (2048, 1, 1), (out, np.int32(1)))
+    with pytest.raises(TypeError, match="explicit numpy scalars"):
+        kern((1, 1, 1), (32, 1, 1), (out, 5))
+    with pytest.raises(TypeError, match="dtype int64 for a parameter of type i4"):
+        kern((1, 1, 1), (32, 1, 1), (out, np.int64(5)))
+    with pytest.raises(TypeError, match="float64 for a pointer to f4"):
+        kern((1, 1, 1), (32, 1, 1), (out.astype(np.float64), np.int32(5)))
+    with pytest.raises(TypeError, match="not C-contiguous"):
+        kern((1, 1, 1), (32, 1, 1), (np.zeros(64, np.float32)[::2], np.int32(5)))
+    with pytest.raises(TypeError, match="takes 2 arguments"):
+        kern((1, 1, 1), (32, 1, 1), (out,))
+
+
+def test_inline_ptx_kernels_are_listed_as_gpu_only_and_the_rest_runs(tmp_path):
+    (tmp_path / "mixed.cu").write_text(textwrap.dedent("""
+        __device__ __forceinline__ unsigned lane_id() {
+            unsigned r; asm volatile("mov.u32 %0, %%laneid;" : "=r"(r)); return r;
+        }
+        template <typename T> __global__ void with_ptx(T* out) { out[threadIdx.x] = (T)lane_id(); }
+        template <typename T> __global__ void plain(T* out) { out[threadIdx.x] = (T)(threadIdx.x % 32); }
+    """))
+    c = ch.CpuContext([("mixed.cu", [], ["with_ptx<float>", "plain<float>"])], kernels_dir=tmp_path)
+    assert c.gpu_only() == [("mixed.cu", "with_ptx<float>",
+                             "calls lane_id(), which uses inline PTX (asm)")]
+    with pytest.raises(ch.GpuOnly, match="with_ptx"):
+        c.function("mixed.cu", "with_ptx<float>")
+    out = np.zeros(64, np.float32)
+    c.function("mixed.cu", "plain<float>")((1, 1, 1), (64, 1, 1), (out,))
+    np.testing.assert_array_equal(out, np.arange(64) % 32)

@@ -1,0 +1,420 @@
+"""The real kernels/*.cu on the CPU: every kernel the CUDA backend launches, compiled by g++
+through the harness in tests/cuda_harness/ (README there), run through the backend's own
+launchers (cugrad/backends/cuda/ops.py) and compared with the NumPy backend and with
+float64 references, ‖out − ref‖/‖ref‖ (MATH.md §7), at small odd shapes. Outputs are
+poisoned (NaN) by the harness context; AddressSanitizer turns an out-of-bounds global read
+or write into a failure; the threads of a block run in a seeded adversarial order, so a
+missing barrier or a wrong shared-memory index gives a wrong result.
+
+The run ends with a "CUDA kernels on the CPU harness" section: build time, how many
+instantiations ran, and the GPU-only list (inline PTX), each of which is also a skipped
+test here with its reason. No GPU and no CuPy needed; skipped where there is no g++.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cuda_harness as ch  # noqa: E402
+
+if ch.compiler() is None:
+    pytest.skip("no host C++ compiler (g++): the CPU kernel harness (tests/cuda_harness) cannot "
+                "build kernels/*.cu here", allow_module_level=True)
+
+from conftest import rel_err, tol  # noqa: E402
+
+from cugrad._backend import _IMPLS, numpy_backend  # noqa: E402
+from cugrad.backends.cuda import config, gemm_reference  # noqa: E402
+from cugrad.backends.cuda.context import use_context  # noqa: E402
+
+numpy_backend()   # registers the NumPy ops
+NP = _IMPLS["numpy"]
+CU = _IMPLS["cuda"]
+
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+DTYPES = [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")]
+ACTS = ["sigmoid", "tanh", "relu"]
+
+
+# ----------------------------------------------------------------------------- harness
+
+class _Summary:
+    """Prints what the harness built, ran and could not run, at the end of the session."""
+
+    def __init__(self, ctx: ch.CpuContext):
+        self.ctx = ctx
+
+    def pytest_terminal_summary(self, terminalreporter):
+        ctx, tr = self.ctx, terminalreporter
+        tr.section("CUDA kernels on the CPU harness (tests/cuda_harness)")
+        all_names = {(f, n) for f, _, names in ctx.instantiations for n in names}
+        gpu_only = ctx.gpu_only()
+        skipped = {(f, n) for f, n, _ in gpu_only}
+        launched = ctx.launched & all_names
+        tr.write_line(f"g++ {ch.harness.opt_level()}, sanitizers: "
+                      f"{'ASan + UBSan(alignment)' if ch.sanitize() else 'off'}; "
+                      f"schedule {ctx.schedule}, seed {ctx.seed}; "
+                      f"modules built or found in the cache in {ctx.build_seconds:.1f} s")
+        tr.write_line(f"instantiations run: {len(launched)} of {len(all_names - skipped)} CPU-runnable "
+                      f"({len(all_names)} in config.instantiations())")
+        if ctx.build_failures:
+            tr.write_line(f"modules that failed to build: {len(ctx.build_failures)}", red=True)
+        if gpu_only:
+            tr.write_line("GPU-only (not run by the harness):")
+            for f, n, why in gpu_only:
+                tr.write_line(f"  {f}: {n}: {why}")
+        else:
+            tr.write_line("GPU-only (not run by the harness): none - no kernel uses inline PTX")
+        missed = sorted(all_names - skipped - launched)
+        if missed and len(launched):
+            tr.write_line(f"not run by this session ({len(missed)}): "
+                          + ", ".join(f"{f}:{n}" for f, n in missed[:8]) + (" ..." if len(missed) > 8 else ""))
+
+
+@pytest.fixture(scope="module")
+def cpu(request) -> ch.CpuContext:
+    ctx = ch.CpuContext()
+    ctx.prebuild()
+    request.config.pluginmanager.register(_Summary(ctx), "cugrad-cuda-harness-summary")
+    return ctx
+
+
+def on_cpu(ctx, op: str, *args):
+    """Run the CUDA backend's op with its kernels on the CPU."""
+    with use_context(ctx):
+        return CU[op](*args)
+
+
+def data(rng, *shape, dtype=F32, scale=1.0):
+    """Random non-zero data in a 16-byte-aligned buffer (the launchers' vector path checks
+    the address; the harness itself copies every argument into exact-size buffers)."""
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(n * dtype.itemsize + 16, dtype=np.uint8)
+    off = (-raw.__array_interface__["data"][0]) % 16
+    out = raw[off:off + n * dtype.itemsize].view(dtype).reshape(shape)
+    out[...] = rng.standard_normal(shape) * scale
+    return out
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20240611)
+
+
+def check(out, ref64, ref_np, dtype, kind="product"):
+    """out against the float64 reference and the NumPy backend (same dtype)."""
+    assert out.dtype == dtype, f"dtype {out.dtype}, expected {dtype}"
+    assert not np.isnan(out).any(), "NaN in the output: an element was not written (outputs are poisoned)"
+    e64 = rel_err(out, ref64)
+    assert e64 <= tol(dtype, kind), f"relative error vs float64 reference {e64:.3g} > {tol(dtype, kind):g}"
+    enp = rel_err(out, np.asarray(ref_np, dtype=np.float64))
+    assert enp <= 2 * tol(dtype, kind), f"relative error vs the NumPy backend {enp:.3g}"
+
+
+# ----------------------------------------------------------------------------- references
+
+def act64(name, y):
+    y = np.asarray(y, np.float64)
+    if name is None:
+        return y
+    if name == "sigmoid":
+        return np.where(y >= 0, 1 / (1 + np.exp(-np.abs(y))), np.exp(-np.abs(y)) / (1 + np.exp(-np.abs(y))))
+    if name == "tanh":
+        return np.tanh(y)
+    return np.maximum(y, 0)
+
+
+def act_bwd64(name, g, z):
+    g, z = np.asarray(g, np.float64), np.asarray(z, np.float64)
+    if name == "sigmoid":
+        return g * z * (1 - z)
+    if name == "tanh":
+        return g * (1 - z * z)
+    return g * (z > 0)
+
+
+def softmax64(x):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def log_softmax64(x):
+    x = np.asarray(x, np.float64)
+    s = x - x.max(axis=1, keepdims=True)
+    return s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+
+
+def xent64(z, t, reduction):
+    """(loss, grad) in float64: L_row = lse Σt − Σ t z; dL/dz = (ŷ Σt − t) · scale."""
+    z = np.asarray(z, np.float64)
+    n, c = z.shape
+    tt = np.zeros((n, c)) if t.ndim == 1 else np.asarray(t, np.float64)
+    if t.ndim == 1:
+        tt[np.arange(n), t] = 1.0
+    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    tsum = tt.sum(1)
+    rows = lse * tsum - (tt * z).sum(1)
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    return rows.sum() * scale, (softmax64(z) * tsum[:, None] - tt) * scale
+
+
+def mse64(p, t, reduction):
+    d = np.asarray(p, np.float64) - np.asarray(t, np.float64)
+    scale = {"mean": 1.0 / d.size, "sum": 1.0, "half_sum": 0.5}[reduction]
+    return (d * d).sum() * scale, 2 * scale * d
+
+
+# ----------------------------------------------------------------------------- GEMM
+
+LAYOUTS = {"NN": (False, False), "NT": (False, True), "TN": (True, False), "TT": (True, True)}
+EPILOGUES = {"none": (False, None), "bias": (True, None),
+             **{f"bias+{a}": (True, a) for a in ACTS}, **{a: (False, a) for a in ACTS}}
+ODD_MNK = [(1, 1, 1), (7, 33, 5), (65, 17, 129)]
+VEC_MNK = [(4, 4, 4), (68, 20, 36)]   # every stored row a whole number of 16-byte vectors
+
+
+def _gemm_cases():
+    for kernel in ("tiled", "reference"):
+        for mnk in ODD_MNK + (VEC_MNK if kernel == "tiled" else []):
+            yield pytest.param(kernel, mnk, id=f"{kernel}-{'x'.join(map(str, mnk))}")
+
+
+@pytest.mark.parametrize("epi", list(EPILOGUES))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel,mnk", list(_gemm_cases()))
+def test_gemm(cpu, rng, kernel, mnk, dtype, layout, epi):
+    m, n, k = mnk
+    ta, tb = LAYOUTS[layout]
+    has_bias, act = EPILOGUES[epi]
+    a = data(rng, *((k, m) if ta else (m, k)), dtype=dtype)
+    b = data(rng, *((n, k) if tb else (k, n)), dtype=dtype)
+    bias = data(rng, n, dtype=dtype) if has_bias else None
+    first = len(cpu.calls)
+    if kernel == "tiled":
+        out = on_cpu(cpu, "gemm", a, b, ta, tb, bias, act)
+    else:
+        with use_context(cpu):
+            out = gemm_reference(a, b, ta, tb, bias, act)
+    names = [nm for _, nm in cpu.calls[first:]]
+    assert names and all(nm.startswith(f"gemm_{kernel}<") for nm in names), names
+    if (m, n, k) in VEC_MNK:
+        assert names[-1].endswith(", 1>"), f"expected the 16-byte vector path, got {names[-1]}"
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    ref = (a64.T if ta else a64) @ (b64.T if tb else b64)
+    if has_bias:
+        ref = ref + bias.astype(np.float64)
+    check(out, act64(act, ref), NP["gemm"](a, b, ta, tb, bias, act), dtype)
+    assert out.shape == (m, n)
+
+
+# ----------------------------------------------------------------------------- bias_grad
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mn", [(1, 1), (300, 7), (1000, 33)], ids=lambda s: "x".join(map(str, s)))
+def test_bias_grad(cpu, rng, mn, dtype):
+    g = data(rng, *mn, dtype=dtype)
+    out = on_cpu(cpu, "bias_grad", g)
+    check(out, g.astype(np.float64).sum(axis=0), NP["bias_grad"](g), dtype, "product")
+
+
+# ----------------------------------------------------------------------------- activations
+
+SHAPES_2D = [(1, 1), (7, 33), (300, 7)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_2D, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", ACTS)
+def test_activation_forward_backward(cpu, rng, name, shape, dtype):
+    x = data(rng, *shape, dtype=dtype, scale=3.0)
+    x.flat[::5] *= 40.0   # far into the saturated range: sigmoid must not overflow
+    z = on_cpu(cpu, "activation", name, x)
+    check(z, act64(name, x), NP["activation"](name, x), dtype, "elementwise")
+    g = data(rng, *shape, dtype=dtype)
+    saved = NP["activation"](name, x)
+    dx = on_cpu(cpu, "activation_backward", name, g, saved)
+    check(dx, act_bwd64(name, g, saved), NP["activation_backward"](name, g, saved), dtype, "elementwise")
+
+
+# ----------------------------------------------------------------------------- softmax, losses
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_2D + [(3, 1000)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_softmax(cpu, rng, op, shape, dtype):
+    x = data(rng, *shape, dtype=dtype, scale=4.0)
+    out = on_cpu(cpu, op, x)
+    ref = softmax64(x) if op == "softmax" else log_softmax64(x)
+    check(out, ref, NP[op](x), dtype, "elementwise")
+
+
+def _targets(rng, kind, n, c, dtype):
+    if kind == "index":
+        return rng.integers(0, c, size=n).astype(np.int64)
+    return softmax64(rng.standard_normal((n, c)) * 2).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("target", ["index", "probs"])
+@pytest.mark.parametrize("nc", [(1, 1), (7, 1), (33, 5), (5, 1000), (300, 1000)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cross_entropy(cpu, rng, nc, target, reduction, dtype):
+    n, c = nc
+    z = data(rng, n, c, dtype=dtype, scale=3.0)
+    t = _targets(rng, target, n, c, dtype)
+    loss_ref, grad_ref = xent64(z, t, reduction)
+    loss = on_cpu(cpu, "cross_entropy", z, t, reduction)
+    check(np.asarray(loss), loss_ref, NP["cross_entropy"](z, t, reduction), dtype, "product")
+    assert np.asarray(loss).shape == ()
+    grad = on_cpu(cpu, "cross_entropy_backward", z, t, reduction)
+    check(grad, grad_ref, NP["cross_entropy_backward"](z, t, reduction), dtype, "elementwise")
+    loss2, grad2 = on_cpu(cpu, "cross_entropy_fwd_bwd", z, t, reduction)
+    check(np.asarray(loss2), loss_ref, loss_ref, dtype, "product")
+    check(grad2, grad_ref, grad_ref, dtype, "elementwise")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "half_sum"])
+@pytest.mark.parametrize("shape", [(1,), (7, 33), (300, 70)], ids=lambda s: "x".join(map(str, s)))
+def test_mse(cpu, rng, shape, reduction, dtype):
+    # (300, 70) has 21000 elements: past 2 * REDUCE_MIN_PER_BLOCK, so the two-pass sum runs.
+    p = data(rng, *shape, dtype=dtype)
+    t = data(rng, *shape, dtype=dtype)
+    loss_ref, grad_ref = mse64(p, t, reduction)
+    loss = on_cpu(cpu, "mse_loss", p, t, reduction)
+    check(np.asarray(loss), loss_ref, NP["mse_loss"](p, t, reduction), dtype, "product")
+    grad = on_cpu(cpu, "mse_loss_backward", p, t, reduction)
+    check(grad, grad_ref, NP["mse_loss_backward"](p, t, reduction), dtype, "elementwise")
+
+
+# ----------------------------------------------------------------------------- optimisers
+
+def _f64(*arrays):
+    return [None if a is None else a.astype(np.float64) for a in arrays]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("shape", [(1,), (7, 33), (300, 7)], ids=lambda s: "x".join(map(str, s)))
+def test_sgd_step(cpu, rng, shape, momentum, weight_decay, dtype):
+    p = data(rng, *shape, dtype=dtype)
+    buf = np.zeros(shape, dtype) if momentum else None
+    p_np, buf_np = p.copy(), None if buf is None else buf.copy()
+    p64, buf64 = _f64(p, buf)
+    for _ in range(3):
+        g = data(rng, *shape, dtype=dtype)
+        on_cpu(cpu, "sgd_step", p, g, buf, 0.1, momentum, weight_decay)
+        NP["sgd_step"](p_np, g, buf_np, 0.1, momentum, weight_decay)
+        NP["sgd_step"](p64, g.astype(np.float64), buf64, 0.1, momentum, weight_decay)
+    check(p, p64, p_np, dtype, "elementwise")
+    if buf is not None:
+        check(buf, buf64, buf_np, dtype, "elementwise")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("shape", [(1,), (7, 33), (300, 7)], ids=lambda s: "x".join(map(str, s)))
+def test_adam_step(cpu, rng, shape, weight_decay, dtype):
+    p = data(rng, *shape, dtype=dtype)
+    m, v = np.zeros(shape, dtype), np.zeros(shape, dtype)
+    p_np, m_np, v_np = p.copy(), m.copy(), v.copy()
+    p64, m64, v64 = _f64(p, m, v)
+    for step in (1, 2, 3):
+        g = data(rng, *shape, dtype=dtype)
+        args = (step, 1e-2, 0.9, 0.999, 1e-8, weight_decay)
+        on_cpu(cpu, "adam_step", p, g, m, v, *args)
+        NP["adam_step"](p_np, g, m_np, v_np, *args)
+        NP["adam_step"](p64, g.astype(np.float64), m64, v64, *args)
+    for out, ref64, ref_np in ((p, p64, p_np), (m, m64, m_np), (v, v64, v_np)):
+        check(out, ref64, ref_np, dtype, "elementwise")
+
+
+# ----------------------------------------------------------------------------- launch shapes
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grid_stride_loops_with_small_grids(cpu, rng, dtype):
+    """The grid-stride kernels must cover n (and rows) with any grid; the launchers only use
+    small grids for small inputs, so launch them directly with one that is too small."""
+    ct = config.CTYPES[dtype.name]
+    n = 1000
+    x = data(rng, n, dtype=dtype)
+    y = cpu.empty((n,), dtype)
+    cpu.function("activations.cu", f"activation_fwd<{ct}, {config.ACTIVATIONS['tanh']}>")(
+        (3, 1, 1), (64, 1, 1), (x, y, np.int64(n)))
+    assert rel_err(y, np.tanh(x.astype(np.float64))) <= tol(dtype, "elementwise")
+    t = data(rng, n, dtype=dtype)
+    grad = cpu.empty((n,), dtype)
+    cpu.function("losses.cu", config.mse_grad_name(dtype.name))(
+        (2, 1, 1), (96, 1, 1), (x, t, grad, np.int64(n), config.scalar(dtype, 3.0)))
+    assert rel_err(grad, 3.0 * (x.astype(np.float64) - t)) <= tol(dtype, "elementwise")
+    rows, cols = 37, 45   # 37 rows for 2 blocks of ROW_WARPS warps: several rows per warp
+    z = data(rng, rows, cols, dtype=dtype)
+    out = cpu.empty((rows, cols), dtype)
+    cpu.function("losses.cu", config.softmax_name(dtype.name, False))(
+        (2, 1, 1), (32 * config.ROW_WARPS, 1, 1), (z, out, np.int64(rows), np.int32(cols)))
+    assert rel_err(out, softmax64(z)) <= tol(dtype, "elementwise")
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse", "random-7", "random-99"])
+def test_results_do_not_depend_on_thread_order(cpu, rng, schedule):
+    """The kernels promise results that depend only on the shapes, never on timing: every
+    reduction gives the same bits whatever order the harness runs the threads in."""
+    x = data(rng, 1000, 33)
+    z = data(rng, 300, 37)
+    t = rng.integers(0, 37, size=300).astype(np.int64)
+    a, b = data(rng, 65, 129), data(rng, 17, 129)
+
+    def outputs(ctx):
+        return [on_cpu(ctx, "bias_grad", x), on_cpu(ctx, "mse_loss", x, x[::-1].copy(), "mean"),
+                *on_cpu(ctx, "cross_entropy_fwd_bwd", z, t, "mean"), on_cpu(ctx, "softmax", z),
+                on_cpu(ctx, "gemm", a, b, False, True, None, "tanh")]
+
+    kind, _, seed = schedule.partition("-")
+    other = ch.CpuContext(cpu.instantiations, schedule=kind, seed=int(seed or 0))
+    other.build_failures = cpu.build_failures
+    for mine, theirs in zip(outputs(cpu), outputs(other)):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+
+
+# ----------------------------------------------------------------------------- coverage
+
+def _gpu_only_params():
+    try:
+        listed = ch.CpuContext().gpu_only()
+    except Exception as exc:   # noqa: BLE001 - reported by the test below
+        return [pytest.param(None, None, f"{type(exc).__name__}: {exc}", id="table-error")]
+    return [pytest.param(f, n, why, id=f"{f}:{n}") for f, n, why in listed] or \
+        [pytest.param(None, None, None, id="none")]
+
+
+@pytest.mark.parametrize("file,name,why", _gpu_only_params())
+def test_gpu_only_kernels_are_listed(file, name, why):
+    """One skipped test per kernel (or code path) the harness cannot run, with the reason."""
+    if file is None and why is not None:
+        pytest.fail(f"cannot read the instantiation table: {why}")
+    if file is not None:
+        pytest.skip(f"GPU-only, not run on the CPU harness: {file}: {name}: {why}")
+
+
+def test_every_runnable_instantiation_ran(cpu, request):
+    """Every instantiation the backend can launch (less GPU-only ones) ran in this module.
+    Meaningful only when the whole module ran: skipped under -k / deselection."""
+    here = [i for i in request.session.items if i.module is request.module]
+    functions = {name for name in dir(request.module) if name.startswith("test_")}
+    opt = request.config.option
+    if {i.originalname for i in here} != functions or opt.keyword or opt.markexpr or getattr(opt, "lf", False):
+        pytest.skip("part of the module was deselected")
+    wanted = {(f, n) for f, _, names in cpu.instantiations for n in names}
+    wanted -= {(f, n) for f, n, _ in cpu.gpu_only()}
+    missing = sorted(wanted - cpu.launched)
+    assert not missing, f"{len(missing)} instantiations never ran: {missing[:10]}"
