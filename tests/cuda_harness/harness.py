@@ -39,7 +39,8 @@ HARNESS_DIR = Path(__file__).resolve().parent
 INCLUDE_DIR = HARNESS_DIR / "include"
 SRC_DIR = HARNESS_DIR / "src"
 REPO_ROOT = HARNESS_DIR.parent.parent
-KERNELS_DIR = REPO_ROOT / "kernels"
+# CUGRAD_HARNESS_KERNELS_DIR runs the tests against a copy of kernels/ (e.g. a planted bug).
+KERNELS_DIR = Path(os.environ.get("CUGRAD_HARNESS_KERNELS_DIR", REPO_ROOT / "kernels")).resolve()
 BUILD_DIR = Path(os.environ.get("CUGRAD_HARNESS_BUILD_DIR", HARNESS_DIR / "build"))
 
 SCHEDULES = {"random": 0, "forward": 1, "reverse": 2}
