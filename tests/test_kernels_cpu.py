@@ -13,7 +13,6 @@ test here with its reason. No GPU and no CuPy needed; skipped where there is no 
 
 from __future__ import annotations
 
-import itertools
 import sys
 from pathlib import Path
 

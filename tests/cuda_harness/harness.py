@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -532,8 +532,8 @@ class CpuKernel:
     module: Path
     name: str
     signature: str
-    schedule: str = field(default_factory=lambda: os.environ.get("CUGRAD_HARNESS_SCHEDULE", "random"))
-    seed: int = field(default_factory=lambda: int(os.environ.get("CUGRAD_HARNESS_SEED", "12345")))
+    schedule: str = "random"   # CpuContext passes its own (CUGRAD_HARNESS_SCHEDULE / _SEED)
+    seed: int = 12345
     launches: int = 0
 
     @property

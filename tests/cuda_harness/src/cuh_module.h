@@ -150,7 +150,6 @@ struct Scheduler {
     void (*body)(void**) = nullptr;
     void** args = nullptr;
     unsigned schedule = SCHEDULE_RANDOM;
-    unsigned long long rng = 0;
     unsigned long long warned_poison = 0;
     // shared memory of this module: its whole TLS block (static __shared__ arrays and the
     // dynamic buffer), found once.
