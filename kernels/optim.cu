@@ -37,14 +37,16 @@ __global__ void sgd_step(T* __restrict__ p, const T* __restrict__ grad, T* __res
 
 template <typename T>
 __global__ void adam_step(T* __restrict__ p, const T* __restrict__ grad, T* __restrict__ m, T* __restrict__ v,
-                          long long n, T step_size, T beta1, T beta2, T eps, T weight_decay, T bc2_sqrt) {
-    // p, grad, m, v (n); p, m, v updated in place; any 1-D grid.
+                          long long n, T step_size, T beta1, T one_minus_beta1, T beta2,
+                          T one_minus_beta2, T eps, T weight_decay, T bc2_sqrt) {
+    // p, grad, m, v (n); p, m, v updated in place; any 1-D grid. 1 - beta comes from the
+    // host in float64: float32(0.999) is 0.99900001, so T(1) - beta2 would be 1.3e-5 off.
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         T g = grad[i];
         if (weight_decay != T(0)) g += weight_decay * p[i];
-        const T mi = beta1 * m[i] + (T(1) - beta1) * g;
-        const T vi = beta2 * v[i] + (T(1) - beta2) * (g * g);
+        const T mi = beta1 * m[i] + one_minus_beta1 * g;
+        const T vi = beta2 * v[i] + one_minus_beta2 * (g * g);
         m[i] = mi;
         v[i] = vi;
         p[i] -= step_size * (mi / (dsqrt(vi) / bc2_sqrt + eps));

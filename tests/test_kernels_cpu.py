@@ -322,14 +322,7 @@ def test_sgd_step(cpu, rng, shape, momentum, weight_decay, dtype):
         check(buf, buf64, buf_np, dtype, "elementwise")
 
 
-ADAM_F32_PRECISION = pytest.mark.xfail(strict=True, reason=(
-    "known kernel finding: adam_step<float> forms 1 - beta2 in float32 (float32(0.999) makes it "
-    "0.00099998713, 1.3e-5 off), so exp_avg_sq is off by 1.3e-5 relative, past MATH.md's 1e-5; "
-    "fix: pass 1 - beta1 and 1 - beta2 computed on the host in float64, then drop this marker"))
-
-
-@pytest.mark.parametrize("dtype", [pytest.param(F32, id="f32", marks=ADAM_F32_PRECISION),
-                                   pytest.param(F64, id="f64")])
+@pytest.mark.parametrize("dtype", [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("shape", [(1,), (7, 33), (300, 7)], ids=lambda s: "x".join(map(str, s)))
 def test_adam_step(cpu, rng, shape, weight_decay, dtype):

@@ -295,5 +295,6 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wei
     bc2_sqrt = math.sqrt(1.0 - float(beta2) ** int(step))
     _launch_elementwise(ctx, "optim.cu", config.adam_name(dt.name), param.size,
                         (param, g, exp_avg, exp_avg_sq, np.int64(param.size), scalar(dt, step_size),
-                         scalar(dt, beta1), scalar(dt, beta2), scalar(dt, eps), scalar(dt, weight_decay),
+                         scalar(dt, beta1), scalar(dt, 1.0 - float(beta1)), scalar(dt, beta2),
+                         scalar(dt, 1.0 - float(beta2)), scalar(dt, eps), scalar(dt, weight_decay),
                          scalar(dt, bc2_sqrt)))
