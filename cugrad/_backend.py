@@ -70,9 +70,6 @@ class Backend:
     xp: ModuleType                 # numpy or cupy
     ops: Any = field(default=None)  # namespace with one attribute per op in OPS
 
-    def asarray(self, x, dtype=None):
-        return self.xp.asarray(x, dtype=dtype)
-
 
 class _OpTable:
     """Attribute access to a backend's registered ops, with a clear error if one is missing."""
@@ -203,7 +200,7 @@ def device_of(x) -> str:
 
 
 def backend_for_device(device: str) -> Backend:
-    device = normalize_device(device)
+    """The backend of a normalised device name, "cpu" or "cuda" (see ``normalize_device``)."""
     return cuda_backend() if device == "cuda" else numpy_backend()
 
 

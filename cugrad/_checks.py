@@ -84,8 +84,7 @@ def prepare(op: str, arrays: dict, *, ints: tuple[str, ...] = ()) -> tuple[Backe
                 f"{op}: argument {name!r} has dtype {arr.dtype} ({describe(arr)}) but "
                 f"{dtype_name!r} has dtype {dtype}; all float arguments of one call must share a dtype (convert with "
                 ".astype)")
-    backend = _backend.cuda_backend() if device == "cuda" else _backend.numpy_backend()
-    return backend, out
+    return _backend.backend_for_device(device), out
 
 
 def check_ndim(op: str, name: str, x, ndim: int, meaning: str = "") -> None:
@@ -122,7 +121,7 @@ def check_no_nan(op: str, name: str, x, xp) -> None:
 
 def check_scalar(op: str, name: str, value, *, low: float = 0.0, high: float = math.inf,
                  low_open: bool = False, high_open: bool = False) -> float:
-    """A finite (or +inf where high is inf) real scalar in [low, high] (bounds open when asked)."""
+    """A finite real scalar in [low, high] (either bound open when asked), as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} "
                         f"{value!r}")

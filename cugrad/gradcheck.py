@@ -28,19 +28,22 @@ def _float64_copies(inputs):
     return out
 
 
-def _numeric_grad(scalar_fn, x, eps):
-    """d scalar_fn() / d x by central differences, perturbing x in place."""
+def _central_differences(values, x, eps):
+    """(values() at x + eps·e_j − values() at x − eps·e_j) / 2eps for every element j of x,
+    perturbing x in place (a fresh float64 copy): an array of shape values().shape + x.shape."""
     flat = x.reshape(-1)                    # a view: x is a fresh C-contiguous copy
-    grad = np.empty(flat.size)
+    columns = []
     for j in range(flat.size):
         orig = float(flat[j])
         flat[j] = orig + eps
-        f_plus = scalar_fn()
+        plus = values()
         flat[j] = orig - eps
-        f_minus = scalar_fn()
+        minus = values()
         flat[j] = orig
-        grad[j] = (f_plus - f_minus) / (2.0 * eps)
-    return grad.reshape(x.shape)
+        columns.append((plus - minus) / (2.0 * eps))
+    if not columns:                         # an empty x
+        return np.empty(np.shape(values()) + tuple(x.shape))
+    return np.stack(columns, axis=-1).reshape(np.shape(columns[0]) + tuple(x.shape))
 
 
 def gradcheck(fn, *inputs, backward, grad_output=None, eps=1e-6, atol=1e-5, rtol=1e-4,
@@ -68,7 +71,7 @@ def gradcheck(fn, *inputs, backward, grad_output=None, eps=1e-6, atol=1e-5, rtol
                          f"{len(xs)} inputs")
 
     def scalar():
-        return float(np.sum(go_host * to_numpy(fn(*xs))))
+        return np.float64(np.sum(go_host * to_numpy(fn(*xs))))
 
     for i, (x, a) in enumerate(zip(xs, analytic)):
         if a is None:
@@ -77,7 +80,7 @@ def gradcheck(fn, *inputs, backward, grad_output=None, eps=1e-6, atol=1e-5, rtol
         if a.shape != tuple(x.shape):
             raise GradcheckError(f"gradcheck: gradient {i} has shape {a.shape}, expected "
                                  f"{tuple(x.shape)} (the input's shape)")
-        numeric = _numeric_grad(scalar, x, eps)
+        numeric = _central_differences(scalar, x, eps)
         err = np.abs(a - numeric)
         excess = err - (atol + rtol * np.abs(numeric))
         if not np.all(np.isfinite(a)) or np.any(excess > 0):
@@ -102,15 +105,4 @@ def jacobian(fn, x, *, eps=1e-6):
     """The explicit Jacobian of ``fn`` at ``x`` by central differences in float64: a NumPy
     array of shape ``fn(x).shape + x.shape``, J[i..., j...] = d fn(x)[i...] / d x[j...]."""
     x = _float64_copies([x])[0]
-    y0 = to_numpy(fn(x))
-    flat = x.reshape(-1)
-    jac = np.empty((y0.size, flat.size))
-    for j in range(flat.size):
-        orig = float(flat[j])
-        flat[j] = orig + eps
-        plus = np.asarray(to_numpy(fn(x)), dtype=np.float64).reshape(-1)
-        flat[j] = orig - eps
-        minus = np.asarray(to_numpy(fn(x)), dtype=np.float64).reshape(-1)
-        flat[j] = orig
-        jac[:, j] = (plus - minus) / (2.0 * eps)
-    return jac.reshape(tuple(y0.shape) + tuple(x.shape))
+    return _central_differences(lambda: np.asarray(to_numpy(fn(x)), dtype=np.float64), x, eps)
