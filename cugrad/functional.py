@@ -371,7 +371,8 @@ def _inplace_args(op, arrays):
         if a is None:
             continue
         check_shape(op, name, a, param.shape, "the shape of param")
-        if name != "grad" and not (a.flags.c_contiguous and a.flags.writeable):
+        # CuPy's flags have no "writeable": device arrays are always writable.
+        if name != "grad" and not (a.flags.c_contiguous and getattr(a.flags, "writeable", True)):
             raise ValueError(f"{op}: argument {name!r} is updated in place and must be a "
                              f"writable C-contiguous array, got {describe(a)}")
     return backend, arr

@@ -1,7 +1,7 @@
 /* activations.cu: z = f(y) and dL/dy = dL/dz ⊙ f'(y) from the saved output z   (MATH.md §3)
 
      sigmoid  z = 1/(1+e^{-y}) via e = exp(-|y|) (no overflow at any |y|)   f' = z (1 - z)
-     tanh     z = tanh(y)                                                  f' = 1 - z²
+     tanh     z = tanh(y)                                                  f' = 1 - z², formed as (1 - z)(1 + z)
      relu     z = max(y, 0) (NaN propagates)                               f' = [z > 0]
 
    Shapes: flat arrays of n elements (any shape, C-contiguous), n may exceed 2^31.

@@ -60,7 +60,7 @@ __device__ __forceinline__ T activate(T x) {
 template <typename T, int ACT>
 __device__ __forceinline__ T activate_backward(T grad_out, T z) {
     if (ACT == CUGRAD_ACT_SIGMOID) return grad_out * (z * (T(1) - z));
-    if (ACT == CUGRAD_ACT_TANH) return grad_out * (T(1) - z * z);
+    if (ACT == CUGRAD_ACT_TANH) return grad_out * ((T(1) - z) * (T(1) + z));  // no cancellation near |z| = 1
     if (ACT == CUGRAD_ACT_RELU) return z > T(0) ? grad_out : T(0);
     return grad_out;
 }

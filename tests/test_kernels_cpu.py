@@ -13,6 +13,7 @@ test here with its reason. No GPU and no CuPy needed; skipped where there is no 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -415,6 +416,8 @@ def test_every_runnable_instantiation_ran(cpu, request):
     opt = request.config.option
     if {i.originalname for i in here} != functions or opt.keyword or opt.markexpr or getattr(opt, "lf", False):
         pytest.skip("part of the module was deselected")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("under pytest-xdist this module's tests ran in several processes")
     wanted = {(f, n) for f, _, names in cpu.instantiations for n in names}
     wanted -= {(f, n) for f, n, _ in cpu.gpu_only()}
     missing = sorted(wanted - cpu.launched)

@@ -66,9 +66,9 @@ def activation_backward(name, grad_out, saved):
     if name == "sigmoid":          # dZ * z * (1 - z)
         out = 1.0 - saved
         out *= saved
-    elif name == "tanh":           # dZ * (1 - z^2)
-        out = saved * saved
-        np.subtract(1.0, out, out=out)
+    elif name == "tanh":           # dZ * (1 - z)(1 + z): no cancellation near |z| = 1
+        out = 1.0 - saved
+        out *= 1.0 + saved
     elif name == "relu":           # dZ * [z > 0]  (z > 0 exactly where y > 0)
         return np.where(saved > 0, grad_out, np.zeros((), grad_out.dtype))
     else:

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU test suite, the demo on the GPU and compute-sanitizer, in one go, for a lent GPU
+# machine (no package registry: the image's python3 with CuPy, PyTorch, pytest, hypothesis,
+# pytest-xdist; the nvtx package travels as a wheel in .whl/ when present).
+#
+#   OUT=/some/dir profiling/gpu_suite.sh [steps...]     steps: env suite demo memcheck racecheck
+#                                                              initcheck synccheck
+#
+# Writes one log per step under $OUT and prints a short summary last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/cugrad-gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export CUGRAD_POISON_OUTPUTS=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(env suite demo memcheck racecheck)
+SUMMARY=()
+
+# The GPU tests under compute-sanitizer: one process, no xdist (the sanitizer follows it).
+# SAN_K narrows them (pytest -k); the sanitizers run several times slower than the suite.
+sanitize() {
+    local tool=$1; shift
+    timeout "${SAN_TIMEOUT:-240}" compute-sanitizer --tool "$tool" "$@" \
+        --error-exitcode 86 --log-file "$OUT/$tool.sanitizer.log" \
+        $PY -m pytest -q -p no:cacheprovider -m gpu ${SAN_K:+-k "$SAN_K"} tests \
+        > "$OUT/$tool.pytest.log" 2>&1
+    local rc=$?
+    SUMMARY+=("$tool: rc=$rc; $(tail -1 "$OUT/$tool.pytest.log"); sanitizer: $(grep -E 'ERROR SUMMARY' "$OUT/$tool.sanitizer.log" | sort | uniq -c | tr '\n' ' ')")
+}
+
+for step in "${STEPS[@]}"; do
+    case $step in
+    env)
+        {
+            date -u +%Y-%m-%dT%H:%M:%SZ
+            nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+            nvcc --version | tail -2
+            compute-sanitizer --version | tail -1
+            ncu --version | tail -1
+            $PY -c 'import sys, numpy, cupy, torch; print("python", sys.version.split()[0], "numpy", numpy.__version__, "cupy", cupy.__version__, "torch", torch.__version__, "cuda runtime", cupy.cuda.runtime.runtimeGetVersion())'
+            $PY -c 'import nvtx; print("nvtx", nvtx.__file__)' 2>&1 | tail -1
+            $PY -m cugrad info
+        } > "$OUT/env.txt" 2>&1
+        SUMMARY+=("env: $(sed -n 3p "$OUT/env.txt")")
+        ;;
+    suite)
+        timeout "${SUITE_TIMEOUT:-300}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
+            --junitxml "$OUT/suite.xml" tests > "$OUT/suite.log" 2>&1
+        SUMMARY+=("suite: rc=$?; $(tail -1 "$OUT/suite.log")")
+        ;;
+    demo)
+        timeout 120 $PY -m cugrad demo > "$OUT/demo.log" 2>&1
+        SUMMARY+=("demo: rc=$?; $(tail -2 "$OUT/demo.log" | tr '\n' ' ')")
+        ;;
+    memcheck)  sanitize memcheck ;;
+    racecheck) sanitize racecheck --racecheck-report all ;;
+    initcheck) sanitize initcheck ;;
+    synccheck) sanitize synccheck ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+    echo "== ${SUMMARY[-1]}"
+done
+echo
+echo "== summary"
+printf '%s\n' "${SUMMARY[@]}"
