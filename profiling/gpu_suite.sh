@@ -22,15 +22,18 @@ STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(env suite demo memcheck racecheck)
 SUMMARY=()
 
-# The GPU tests under compute-sanitizer: one process, no xdist (the sanitizer follows it).
-# SAN_K narrows them (pytest -k); the sanitizers run several times slower than the suite.
+# The GPU tests under compute-sanitizer, which follows every process (SAN_WORKERS sets
+# pytest-xdist workers; one log per process, concatenated). SAN_K narrows them (pytest -k);
+# the sanitizers run several times slower than the suite.
 sanitize() {
     local tool=$1; shift
+    mkdir -p "$OUT/san"
     timeout "${SAN_TIMEOUT:-240}" compute-sanitizer --tool "$tool" "$@" \
-        --error-exitcode 86 --log-file "$OUT/$tool.sanitizer.log" \
-        $PY -m pytest -q -p no:cacheprovider -m gpu ${SAN_K:+-k "$SAN_K"} tests \
-        > "$OUT/$tool.pytest.log" 2>&1
+        --error-exitcode 86 --log-file "$OUT/san/$tool.%p.log" \
+        $PY -m pytest -q -p no:cacheprovider -m gpu ${SAN_WORKERS:+-n "$SAN_WORKERS"} \
+        ${SAN_K:+-k "$SAN_K"} tests > "$OUT/$tool.pytest.log" 2>&1
     local rc=$?
+    cat "$OUT"/san/"$tool".*.log > "$OUT/$tool.sanitizer.log" && rm -f "$OUT"/san/"$tool".*.log
     SUMMARY+=("$tool: rc=$rc; $(tail -1 "$OUT/$tool.pytest.log"); sanitizer: $(grep -E 'ERROR SUMMARY' "$OUT/$tool.sanitizer.log" | sort | uniq -c | tr '\n' ' ')")
 }
 
@@ -51,7 +54,7 @@ for step in "${STEPS[@]}"; do
         ;;
     suite)
         timeout "${SUITE_TIMEOUT:-300}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
-            --junitxml "$OUT/suite.xml" tests > "$OUT/suite.log" 2>&1
+            ${SUITE_M:+-m "$SUITE_M"} --junitxml "$OUT/suite.xml" tests > "$OUT/suite.log" 2>&1
         SUMMARY+=("suite: rc=$?; $(tail -1 "$OUT/suite.log")")
         ;;
     demo)
