@@ -29,12 +29,15 @@ EPI_BIAS = 4   # CUGRAD_EPI_BIAS in kernels/gemm.cu
 
 @dataclass(frozen=True)
 class GemmTiles:
-    """gemm_tiled's block tile BM x BN, depth BK, per-thread tile TM x TN."""
+    """gemm_tiled's block tile BM x BN, depth BK, per-thread tile TM x TN; min_blocks is the
+    resident blocks per SM its 16-byte-vector variants ask of the compiler
+    (``__launch_bounds__``), which caps their registers at 65536 / (threads * min_blocks)."""
     bm: int
     bn: int
     bk: int
     tm: int
     tn: int
+    min_blocks: int = 1
 
     @property
     def threads(self) -> int:
@@ -42,12 +45,13 @@ class GemmTiles:
 
     def options(self) -> list[str]:
         return [f"-DGEMM_BM={self.bm}", f"-DGEMM_BN={self.bn}", f"-DGEMM_BK={self.bk}",
-                f"-DGEMM_TM={self.tm}", f"-DGEMM_TN={self.tn}"]
+                f"-DGEMM_TM={self.tm}", f"-DGEMM_TN={self.tn}", f"-DGEMM_MIN_BLOCKS={self.min_blocks}"]
 
 
 # Per dtype: doubles take half the register tile (an 8x8 double tile needs ~216 registers).
 GEMM_TILES = {
-    "float32": GemmTiles(bm=128, bn=128, bk=8, tm=8, tn=8),   # 256 threads
+    # float32: 2 blocks an SM caps the vector variants at 128 registers, without spills (ptxas -v, sm_90)
+    "float32": GemmTiles(bm=128, bn=128, bk=8, tm=8, tn=8, min_blocks=2),   # 256 threads
     "float64": GemmTiles(bm=64, bn=64, bk=8, tm=4, tn=4),     # 256 threads
 }
 GEMM_REF_TILE = 16          # gemm_reference: REF_TILE x REF_TILE threads, one output each
