@@ -184,6 +184,8 @@ def cuda_backend() -> Backend:
 
 
 def is_cupy_array(x) -> bool:
+    if type(x) is np.ndarray:      # the common case, first: one type check
+        return False
     mod = type(x).__module__
     return mod.startswith("cupy") or mod.startswith("cupy_backends")
 
@@ -191,6 +193,8 @@ def is_cupy_array(x) -> bool:
 def is_gpu_array(x) -> bool:
     """A CuPy array, or any other GPU array (PyTorch CUDA tensor, ...) seen through its
     ``__cuda_array_interface__``."""
+    if type(x) is np.ndarray:
+        return False
     return is_cupy_array(x) or hasattr(x, "__cuda_array_interface__")
 
 

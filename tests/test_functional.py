@@ -179,6 +179,21 @@ def test_activation_forward_backward(backend, dtype, rng, name, shape):
         assert rel_err(bwd(backend.put(g), z), g * deriv) < tol(dtype, "elementwise")
 
 
+def test_relu_backward_is_a_select_not_a_product(backend, dtype):
+    """dZ where z > 0 else 0 (PyTorch's threshold_backward): an infinite or NaN dZ under the
+    mask gives 0, not inf·0 = NaN; a NaN z gives 0; dZ passes unchanged where z > 0. Fails if
+    a backend multiplies by the mask without care for non-finite values."""
+    inf, nan = np.inf, np.nan
+    z = np.array([[-1.0, 0.0, nan, 2.0, 3.0, 4.0, -5.0, 0.5]], dtype)
+    g = np.array([[inf, nan, 7.0, inf, nan, -2.0, -inf, 1.5]], dtype)
+    want = np.array([[0.0, 0.0, 0.0, inf, nan, -2.0, 0.0, 1.5]], dtype)
+    out = backend.get(F.relu_backward(backend.put(g), backend.put(z)))
+    assert np.array_equal(out, want, equal_nan=True), out
+    finite = np.array([[1.0, -1.0, 0.0, nan]], dtype)       # fast path: finite product
+    out = backend.get(F.relu_backward(backend.put(np.full_like(finite, 3.0)), backend.put(finite)))
+    assert np.array_equal(out, np.array([[3.0, 0.0, 0.0, 0.0]], dtype)), out
+
+
 @pytest.mark.parametrize("name", list(ACT_OPS))
 def test_activation_gradcheck(backend, rng, name):
     fwd, bwd = ACT_OPS[name]
