@@ -6,7 +6,9 @@ was expected. After ``prepare`` the arrays are arrays of one backend and one flo
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import numpy as np
 
@@ -113,10 +115,46 @@ def check_choice(op: str, name: str, value, choices) -> None:
             f"{', '.join(repr(c) for c in choices)}")
 
 
+# Checks that read array values (NaN targets, class-index ranges) copy a result to the host,
+# which waits for the device: impossible while a CUDA graph is being captured. The capture
+# (cugrad.graph) runs them eagerly on its example inputs first, then turns them off for its
+# thread with ``device_value_checks_skipped()``.
+_value_checks = threading.local()
+
+
+@contextlib.contextmanager
+def device_value_checks_skipped():
+    """In this thread, within the block, skip the checks that read array values (they
+    would synchronise the host); shape, dtype and device checks still run."""
+    previous = getattr(_value_checks, "skipped", False)
+    _value_checks.skipped = True
+    try:
+        yield
+    finally:
+        _value_checks.skipped = previous
+
+
+def _value_checks_on() -> bool:
+    return not getattr(_value_checks, "skipped", False)
+
+
 def check_no_nan(op: str, name: str, x, xp) -> None:
-    if bool(xp.isnan(x).any()):
+    if _value_checks_on() and bool(xp.isnan(x).any()):
         raise ValueError(f"{op}: argument {name!r} contains NaN ({describe(x)}); targets must "
                          "be numbers")
+
+
+def check_class_indices(op: str, name: str, target, classes: int) -> None:
+    """Every class index of ``target`` in [0, classes). Skipped under
+    ``device_value_checks_skipped()``: the kernels then give an out-of-range row a NaN loss
+    and gradient instead of reading out of bounds."""
+    if not _value_checks_on():
+        return
+    lo, hi = int(target.min()), int(target.max())
+    if lo < 0 or hi >= classes:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{op}: {name} holds class index {bad}, out of range for {classes} "
+                         f"classes; expected indices in [0, {classes - 1}]")
 
 
 def check_scalar(op: str, name: str, value, *, low: float = 0.0, high: float = math.inf,

@@ -4,6 +4,11 @@
 is 64 → 128 (ReLU, fused into the Linear) → 10 with softmax cross-entropy and Adam,
 trained on 80% of the images and tested on the rest. It runs on the GPU when one works
 (``--device auto``), else on the CPU.
+
+``--graph`` (GPU only) captures the training step as a CUDA graph once and replays it for
+every full batch (``cugrad.capture_train_step``); the last, smaller batch of each epoch
+runs eagerly. Graphs cannot replay Adam's host-side step count, so ``--graph`` trains with
+SGD (momentum 0.9) unless told otherwise; ``--optimizer sgd`` does the same without a graph.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ import numpy as np
 
 from . import _backend, nn, optim
 from ._arrays import asarray, to_numpy
+from .graph import capture_train_step
+
+OPTIMIZERS = ("adam", "sgd")
+DEFAULT_LR = {"adam": 3e-3, "sgd": 0.05}
+SGD_MOMENTUM = 0.9
 
 
 def load_digits_split(seed: int, test_fraction: float = 0.2):
@@ -61,10 +71,35 @@ def accuracy(model, x, y) -> float:
     return float((logits.argmax(axis=1) == to_numpy(y)).mean())
 
 
-def train(epochs=30, batch_size=64, lr=3e-3, hidden=128, seed=0, device="auto",
-          progress=True, log=print):
-    """Train the demo network; returns a dict with the losses, accuracy and timings."""
+def make_optimizer(name: str, params, lr: float):
+    """(optimiser, its description for the log) for ``name`` "adam" or "sgd"."""
+    if name == "adam":
+        return optim.Adam(params, lr=lr), f"Adam lr={lr}"
+    return (optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM),
+            f"SGD lr={lr} momentum={SGD_MOMENTUM}")
+
+
+def train(epochs=30, batch_size=64, lr=None, hidden=128, seed=0, device="auto",
+          progress=True, log=print, optimizer=None, graph=False):
+    """Train the demo network; returns a dict with the losses, accuracy and timings.
+
+    ``optimizer`` is "adam" or "sgd" (default: "sgd" with ``graph``, else "adam"); ``lr``
+    defaults per optimiser (``DEFAULT_LR``). ``graph=True`` needs the CUDA backend and SGD:
+    full batches replay a captured CUDA graph, a smaller last batch runs eagerly."""
     device = choose_device(device)
+    optimizer = optimizer or ("sgd" if graph else "adam")
+    if optimizer not in OPTIMIZERS:
+        raise SystemExit(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+    if graph and optimizer == "adam":
+        raise SystemExit("--graph cannot train with Adam: a CUDA graph would freeze its "
+                         "bias correction, which depends on the step count. Use "
+                         "--optimizer sgd (the default with --graph).")
+    if graph and device != "cuda":
+        reason = _backend.cuda_unavailable_reason() or "--device cpu was asked for"
+        raise SystemExit(f"--graph needs the CUDA backend (CUDA graphs replay GPU work), "
+                         f"and this run is on the CPU: {reason}. Drop --graph to train "
+                         "eagerly on the CPU.")
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
     xtr, ytr, xte, yte = load_digits_split(seed)
     xtr_d, ytr_d = asarray(xtr, device=device), asarray(ytr, device=device, dtype=np.int64)
     xte_d, yte_d = asarray(xte, device=device), asarray(yte, device=device, dtype=np.int64)
@@ -72,10 +107,29 @@ def train(epochs=30, batch_size=64, lr=3e-3, hidden=128, seed=0, device="auto",
     model = nn.Sequential(nn.Linear(64, hidden, rng=rng, activation="relu"),
                           nn.Linear(hidden, 10, rng=rng)).to(device)
     criterion = nn.CrossEntropyLoss()
-    opt = optim.Adam(model.parameters(), lr=lr)
+    opt, opt_text = make_optimizer(optimizer, model.parameters(), lr)
     backend = "CUDA (cugrad kernels)" if device == "cuda" else "NumPy (CPU)"
     log(f"cugrad demo: digits, {len(xtr)} train / {len(xte)} test images, "
-        f"MLP 64-{hidden}-10, Adam lr={lr}, backend {backend}")
+        f"MLP 64-{hidden}-10, {opt_text}, backend {backend}")
+
+    def eager_step(x, y):
+        opt.zero_grad()
+        loss = criterion(model(x), y)
+        model.backward(criterion.backward())
+        opt.step()
+        return loss
+
+    graph_step, graph_batch = None, 0
+    if graph:
+        graph_batch = min(batch_size, len(xtr))
+        start = time.perf_counter()
+        graph_step = capture_train_step(model, criterion, opt, xtr_d[:graph_batch],
+                                        ytr_d[:graph_batch])
+        remainder = len(xtr) % graph_batch
+        log(f"training step captured as a CUDA graph in "
+            f"{(time.perf_counter() - start) * 1e3:.0f} ms; batches of {graph_batch} replay "
+            "it" + (f", the last batch of each epoch ({remainder} images) runs eagerly"
+                    if remainder else ""))
     n_batches = (len(xtr) + batch_size - 1) // batch_size
     losses, epoch_times = [], []
     for epoch in range(1, epochs + 1):
@@ -85,20 +139,20 @@ def train(epochs=30, batch_size=64, lr=3e-3, hidden=128, seed=0, device="auto",
         total = 0.0
         for b in range(n_batches):
             idx = perm[b * batch_size:(b + 1) * batch_size]
-            opt.zero_grad()
-            loss = criterion(model(xtr_d[idx]), ytr_d[idx])
-            model.backward(criterion.backward())
-            opt.step()
+            step = graph_step if len(idx) == graph_batch else eager_step
+            loss = step(xtr_d[idx], ytr_d[idx])
             total += float(loss)
             if bar:
                 bar.update(b + 1, f"loss {total / (b + 1):.4f}")
         epoch_times.append(time.perf_counter() - start)
         losses.append(total / n_batches)
     acc = accuracy(model, xte_d, yte_d)
-    log(f"test accuracy {acc * 100:.2f}%  |  backend {backend}  |  "
+    mode = ", CUDA graph" if graph else ""
+    log(f"test accuracy {acc * 100:.2f}%  |  backend {backend}{mode}  |  "
         f"{np.median(epoch_times) * 1e3:.1f} ms per epoch (median of {epochs})")
     return {"losses": losses, "test_accuracy": acc, "device": device,
-            "epoch_seconds": epoch_times, "model": model}
+            "epoch_seconds": epoch_times, "model": model, "optimizer": optimizer,
+            "graph": graph}
 
 
 def save_plot(losses, path: str) -> None:
@@ -125,7 +179,12 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float,
+                   help="learning rate (default: 3e-3 for Adam, 0.05 for SGD)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="default: adam, or sgd (momentum 0.9) with --graph")
+    p.add_argument("--graph", action="store_true",
+                   help="replay the training step as a CUDA graph (GPU only; SGD)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -134,7 +193,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     result = train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    hidden=args.hidden, seed=args.seed, device=args.device,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, optimizer=args.optimizer,
+                   graph=args.graph)
     if args.plot:
         save_plot(result["losses"], args.plot)
         print(f"loss curve saved to {args.plot}")

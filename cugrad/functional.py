@@ -18,8 +18,8 @@ import numbers
 import numpy as np
 
 from . import _backend
-from ._checks import (check_choice, check_min_ndim, check_ndim, check_no_nan, check_scalar,
-                      check_shape, describe, prepare)
+from ._checks import (check_choice, check_class_indices, check_min_ndim, check_ndim,
+                      check_no_nan, check_scalar, check_shape, describe, prepare)
 from ._trace import op_range
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
@@ -322,13 +322,8 @@ def _xent_args(op, logits, target, reduction):
             raise TypeError(f"{op}: class-index target must be an integer array of shape "
                             f"({n},), got {describe(target)}")
         check_shape(op, "target", target, (n,), "one class index per row of logits")
-        xp = backend.xp
-        lo, hi = int(target.min()), int(target.max())
-        if lo < 0 or hi >= c:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{op}: target holds class index {bad}, out of range for {c} "
-                             f"classes; expected indices in [0, {c - 1}]")
-        target = xp.ascontiguousarray(target, dtype=np.int64)
+        check_class_indices(op, "target", target, c)
+        target = backend.xp.ascontiguousarray(target, dtype=np.int64)
     elif target.ndim == 2:
         check_shape(op, "target", target, (n, c),
                     "probabilities of the shape of logits, or class indices of shape (N,)")

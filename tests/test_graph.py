@@ -1,0 +1,449 @@
+"""cugrad.capture_train_step: a whole training step captured as a CUDA graph and replayed.
+
+CPU tests (always run): argument validation, the clear error where the CUDA backend is
+unavailable, the value checks that capture skips, the demo's ``--graph`` and
+``--optimizer`` options.
+
+GPU tests (``@pytest.mark.gpu``, skipped with the reason where no CUDA device works):
+replays give bit for bit the parameters, momentum buffers, gradients and losses of eager
+steps (SGD with momentum and weight decay, cross-entropy and MSE, float32 and float64);
+capture leaves the model as it was; inputs of the wrong shape, dtype or device are refused;
+the default memory pool does not grow over 100 replays; Adam, CPU data, a step that
+synchronises the host, replaced parameters and changed hyperparameters are clear errors;
+the demo trains in graph mode exactly as eagerly.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+
+import cugrad
+import cugrad.functional as F
+from cugrad import _checks, nn, optim
+
+BATCH, N_IN, N_OUT = 37, 20, 7
+
+
+def build_model(device="cpu", dtype="float32", seed=0):
+    """Fused ReLU, a separate Tanh and a bias-less Linear: every kind of layer backward."""
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(
+        nn.Linear(N_IN, 48, rng=rng, dtype=dtype, activation="relu"),
+        nn.Linear(48, 33, rng=rng, dtype=dtype),
+        nn.Tanh(),
+        nn.Linear(33, N_OUT, bias=False, rng=rng, dtype=dtype),
+    ).to(device)
+
+
+def make_sgd(model):
+    return optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+
+def host_batches(n, loss, dtype="float32", seed=1):
+    """n (x, y) pairs on the host: class indices for "xent", float targets for "mse"."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.standard_normal((BATCH, N_IN)).astype(dtype)
+        y = (rng.integers(0, N_OUT, BATCH) if loss == "xent"
+             else rng.standard_normal((BATCH, N_OUT)).astype(dtype))
+        out.append((x, y))
+    return out
+
+
+def loss_module(loss):
+    return nn.CrossEntropyLoss() if loss == "xent" else nn.MSELoss()
+
+
+# ------------------------------------------------------------------------ CPU: arguments
+
+def _cpu_setup():
+    model = build_model()
+    x, y = host_batches(1, "xent")[0]
+    return model, nn.CrossEntropyLoss(), make_sgd(model), x, y
+
+
+class _CustomOptimizer(optim.Optimizer):
+    def _update(self, p, state):
+        pass
+
+
+@pytest.mark.parametrize("change,error,words", [
+    ("model", TypeError, "model must be a cugrad.nn.Module"),
+    ("loss_fn", TypeError, "loss_fn must be a cugrad.nn.Module"),
+    ("optimizer", TypeError, "optimizer must be a cugrad.optim.Optimizer"),
+    ("adam", NotImplementedError, "Adam cannot be captured"),
+    ("custom", NotImplementedError, "only optim.SGD"),
+    ("warmup=0", ValueError, "warmup must be an integer >= 1"),
+    ("warmup=True", ValueError, "warmup must be an integer >= 1"),
+    ("warmup=1.5", ValueError, "warmup must be an integer >= 1"),
+])
+def test_arguments_are_checked_before_any_device_work(change, error, words):
+    model, loss_fn, opt, x, y = _cpu_setup()
+    kwargs = {}
+    if change == "model":
+        model = lambda v: v                                    # noqa: E731
+    elif change == "loss_fn":
+        loss_fn = F.cross_entropy
+    elif change == "optimizer":
+        opt = "sgd"
+    elif change == "adam":
+        opt = optim.Adam(model.parameters())
+    elif change == "custom":
+        opt = _CustomOptimizer(model.parameters())
+    else:
+        kwargs["warmup"] = {"warmup=0": 0, "warmup=True": True, "warmup=1.5": 1.5}[change]
+    with pytest.raises(error, match=words):
+        cugrad.capture_train_step(model, loss_fn, opt, x, y, **kwargs)
+
+
+def test_adam_error_says_why():
+    model, loss_fn, _, x, y = _cpu_setup()
+    with pytest.raises(NotImplementedError) as info:
+        cugrad.capture_train_step(model, loss_fn, optim.Adam(model.parameters()), x, y)
+    assert "step count" in str(info.value) and "optim.SGD" in str(info.value)
+
+
+@pytest.mark.skipif(cugrad.cuda_available(), reason="checks the error where CUDA is "
+                    "unavailable; test_cpu_data_is_refused_on_a_gpu_machine covers a GPU")
+def test_numpy_backend_is_a_clear_error():
+    model, loss_fn, opt, x, y = _cpu_setup()
+    before = [p.data.copy() for p in model.parameters()]
+    with pytest.raises(cugrad.BackendUnavailableError,
+                       match="CUDA graphs need the CUDA backend") as info:
+        cugrad.capture_train_step(model, loss_fn, opt, x, y)
+    assert cugrad.cuda_unavailable_reason() in str(info.value)
+    assert all(np.array_equal(b, p.data) for b, p in zip(before, model.parameters()))
+
+
+def test_train_step_graph_is_built_only_by_capture():
+    with pytest.raises(TypeError, match="capture_train_step"):
+        cugrad.TrainStepGraph()
+
+
+# --------------------------------------------------------------- CPU: value checks skipped
+
+class _Unreadable:
+    """Stands for a device array whose values must not be read (that would synchronise)."""
+
+    def min(self):
+        raise AssertionError("a value was read")
+
+    max = min
+
+
+def test_value_checks_run_normally():
+    with pytest.raises(ValueError, match="class index 9, out of range for 7 classes"):
+        F.cross_entropy(np.zeros((2, 7), np.float32), np.array([0, 9]))
+    with pytest.raises(ValueError, match="contains NaN"):
+        F.mse_loss(np.zeros(3, np.float32), np.array([0, np.nan, 0], np.float32))
+
+
+def test_value_checks_skipped_inside_the_block_only_and_only_in_its_thread():
+    nan_target = np.array([0, np.nan, 0], np.float32)
+    seen_in_other_thread = []
+
+    def other_thread():
+        try:
+            _checks.check_no_nan("op", "target", nan_target, np)
+        except ValueError:
+            seen_in_other_thread.append("checked")
+
+    with _checks.device_value_checks_skipped():
+        _checks.check_class_indices("op", "target", _Unreadable(), 7)
+        _checks.check_no_nan("op", "target", nan_target, np)
+        with _checks.device_value_checks_skipped():       # nesting keeps it off
+            pass
+        _checks.check_class_indices("op", "target", _Unreadable(), 7)
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert seen_in_other_thread == ["checked"]
+    with pytest.raises(AssertionError, match="a value was read"):
+        _checks.check_class_indices("op", "target", _Unreadable(), 7)
+
+
+# -------------------------------------------------------------------------- CPU: the demo
+
+@pytest.fixture
+def demo():
+    pytest.importorskip("sklearn", reason="the demo's data set ships with scikit-learn "
+                        "(pip install 'cugrad[examples]')")
+    import cugrad.demo
+    return cugrad.demo
+
+
+def test_demo_graph_needs_a_gpu(demo):
+    with pytest.raises(SystemExit, match="--graph needs the CUDA backend"):
+        demo.train(epochs=1, graph=True, device="cpu", progress=False)
+
+
+def test_demo_graph_refuses_adam(demo):
+    with pytest.raises(SystemExit, match="--graph cannot train with Adam"):
+        demo.main(["--graph", "--optimizer", "adam", "--no-progress"])
+
+
+def test_demo_sgd_option_trains(demo, capsys):
+    result = demo.train(epochs=8, optimizer="sgd", device="cpu", progress=False)
+    assert result["test_accuracy"] > 0.95
+    assert result["losses"][-1] < 0.1 * result["losses"][0]
+    assert "SGD lr=0.05 momentum=0.9" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------- GPU
+
+@pytest.fixture
+def cp(monkeypatch):
+    if not cugrad.cuda_available():
+        pytest.skip(f"CUDA backend not tested: {cugrad.cuda_unavailable_reason()}")
+    # Kernels write every output element: poison fresh outputs so an unwritten one shows
+    # (the poisoning fills are captured into the graph as well).
+    monkeypatch.setenv("CUGRAD_POISON_OUTPUTS", "1")
+    import cupy
+    return cupy
+
+
+def on_gpu(batches, dtype="float32"):
+    return [(cugrad.asarray(x, device="cuda"),
+             cugrad.asarray(y, device="cuda", dtype=np.int64 if y.dtype.kind == "i" else dtype))
+            for x, y in batches]
+
+
+def host(a):
+    return None if a is None else cugrad.to_numpy(a).copy()
+
+
+def snapshot(model, opt):
+    """Host copies of every parameter, gradient and momentum buffer."""
+    return {"data": [host(p.data) for p in model.parameters()],
+            "grad": [host(p.grad) for p in model.parameters()],
+            "buf": [host(opt.state[id(p)].get("momentum_buf")) for p in model.parameters()]}
+
+
+def assert_bitwise_equal(a, b, what):
+    for i, (u, v) in enumerate(zip(a, b)):
+        if u is None or v is None:
+            assert u is None and v is None, f"{what}[{i}]: one is None"
+        else:
+            assert u.dtype == v.dtype and np.array_equal(u, v), \
+                f"{what}[{i}] differs: max |diff| {np.abs(u - v).max()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("loss", ["xent", "mse"])
+def test_replays_equal_eager_steps_bitwise(cp, loss, dtype):
+    batches = on_gpu(host_batches(6, loss, dtype), dtype)
+    eager_model, graph_model = build_model("cuda", dtype), build_model("cuda", dtype)
+    eager_opt, graph_opt = make_sgd(eager_model), make_sgd(graph_model)
+    eager_loss, graph_loss = loss_module(loss), loss_module(loss)
+    initial = snapshot(graph_model, graph_opt)
+
+    step = cugrad.capture_train_step(graph_model, graph_loss, graph_opt, *batches[0])
+    # Capture changed nothing: the warm-up steps were undone.
+    after_capture = snapshot(graph_model, graph_opt)
+    assert_bitwise_equal(after_capture["data"], initial["data"], "parameter after capture")
+    assert all(g is None for g in after_capture["grad"])
+    assert all(b is not None and not b.any() for b in after_capture["buf"])
+
+    for i, (x, y) in enumerate(batches):
+        eager_opt.zero_grad()
+        expected = eager_loss(eager_model(x), y)
+        eager_model.backward(eager_loss.backward())
+        eager_opt.step()
+        got = step(x, y)
+        assert got.shape == () and got.dtype == np.dtype(dtype)
+        assert host(got) == host(expected), f"loss of step {i}"
+        now_eager, now_graph = snapshot(eager_model, eager_opt), snapshot(graph_model, graph_opt)
+        for what in ("data", "grad", "buf"):
+            assert_bitwise_equal(now_graph[what], now_eager[what], f"step {i}: {what}")
+
+
+@pytest.mark.gpu
+def test_loss_is_a_static_buffer_and_outlives_the_graph(cp):
+    (x1, y1), (x2, y2) = on_gpu(host_batches(2, "xent"))
+    model = build_model("cuda")
+    step = cugrad.capture_train_step(model, nn.CrossEntropyLoss(), make_sgd(model), x1, y1)
+    first = step(x1, y1)
+    value = float(first)
+    assert np.isfinite(value)
+    second = step(x2, y2)
+    assert second is first                      # the same buffer, overwritten
+    kept = float(second.copy())
+    grads = [p.grad for p in model.parameters()]
+    del step
+    gc.collect()
+    cp.get_default_memory_pool().free_all_blocks()
+    # The loss and the gradients still read the graph's memory, kept alive by them.
+    assert float(second) == kept
+    assert all(np.isfinite(host(g)).all() for g in grads)
+
+
+@pytest.mark.gpu
+def test_replay_follows_the_current_stream(cp):
+    batches = on_gpu(host_batches(3, "xent"))
+    reference, model = build_model("cuda"), build_model("cuda")
+    ref_opt, opt = make_sgd(reference), make_sgd(model)
+    ref_step = cugrad.capture_train_step(reference, nn.CrossEntropyLoss(), ref_opt, *batches[0])
+    step = cugrad.capture_train_step(model, nn.CrossEntropyLoss(), opt, *batches[0])
+    expected = [float(ref_step(x, y)) for x, y in batches]
+    user_stream = cp.cuda.Stream(non_blocking=True)
+    got = []
+    with user_stream:
+        for x, y in batches:
+            x, y = x.copy(), y.copy()            # produced on this stream
+            got.append(step(x, y).copy())
+    user_stream.synchronize()
+    assert [float(v) for v in got] == expected
+    assert_bitwise_equal(snapshot(model, opt)["data"], snapshot(reference, ref_opt)["data"],
+                         "parameter")
+
+
+@pytest.mark.gpu
+def test_inputs_are_validated(cp):
+    (x, y), = on_gpu(host_batches(1, "xent"))
+    model = build_model("cuda")
+    step = cugrad.capture_train_step(model, nn.CrossEntropyLoss(), make_sgd(model), x, y)
+    cases = [
+        (x[:-1], y, ValueError, r"argument 'x' has shape \(36, 20\).*expected \(37, 20\)"),
+        (x, y[:-1], ValueError, r"argument 'y' has shape \(36,\).*expected \(37,\)"),
+        (x.astype(cp.float64), y, TypeError, "argument 'x' has dtype float64.*expected float32"),
+        (x, y.astype(cp.int32), TypeError, "argument 'y' has dtype int32.*expected int64"),
+        (cugrad.to_numpy(x), y, ValueError, "argument 'x' is on the CPU.*cugrad.asarray"),
+        (x, cugrad.to_numpy(y), ValueError, "argument 'y' is on the CPU"),
+        (x.tolist(), y, TypeError, "argument 'x' must be a NumPy or CuPy array"),
+    ]
+    for bad_x, bad_y, error, words in cases:
+        with pytest.raises(error, match=words):
+            step(bad_x, bad_y)
+    assert np.isfinite(float(step(x, y)))       # still usable
+    assert np.isfinite(float(step(cp.asfortranarray(x), y)))   # any layout is copied in
+
+
+@pytest.mark.gpu
+def test_default_pool_does_not_grow_over_100_replays(cp):
+    (x, y), = on_gpu(host_batches(1, "xent"))
+    model = build_model("cuda")
+    step = cugrad.capture_train_step(model, nn.CrossEntropyLoss(), make_sgd(model), x, y)
+    step(x, y)
+    cp.cuda.Device().synchronize()
+    default_pool = cp.get_default_memory_pool()
+    used, private = default_pool.used_bytes(), step._pool.used_bytes()
+    for _ in range(100):
+        step(x, y)
+    cp.cuda.Device().synchronize()
+    assert default_pool.used_bytes() == used
+    assert step._pool.used_bytes() == private
+    assert np.isfinite(float(step(x, y)))
+
+
+@pytest.mark.gpu
+def test_adam_is_refused_on_the_gpu_too(cp):
+    (x, y), = on_gpu(host_batches(1, "xent"))
+    model = build_model("cuda")
+    with pytest.raises(NotImplementedError, match="Adam cannot be captured"):
+        cugrad.capture_train_step(model, nn.CrossEntropyLoss(),
+                                  optim.Adam(model.parameters()), x, y)
+
+
+@pytest.mark.gpu
+def test_cpu_data_is_refused_on_a_gpu_machine(cp):
+    (x, y), = host_batches(1, "xent")
+    model = build_model("cuda")
+    with pytest.raises(ValueError, match="argument 'x_example' is on the CPU"):
+        cugrad.capture_train_step(model, nn.CrossEntropyLoss(), make_sgd(model), x, y)
+    cpu_model = build_model("cpu")
+    (xd, yd), = on_gpu([(x, y)])
+    with pytest.raises(ValueError, match=r"parameter '0\.weight' is on cpu.*model\.to"):
+        cugrad.capture_train_step(cpu_model, nn.CrossEntropyLoss(), make_sgd(cpu_model),
+                                  xd, yd)
+
+
+@pytest.mark.gpu
+def test_examples_are_value_checked_and_a_failed_capture_changes_nothing(cp):
+    (x, y), = host_batches(1, "xent")
+    y[3] = N_OUT                                  # out of range
+    (x, y), = on_gpu([(x, y)])
+    model = build_model("cuda")
+    opt = make_sgd(model)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match="class index 7, out of range for 7 classes"):
+        cugrad.capture_train_step(model, nn.CrossEntropyLoss(), opt, x, y)
+    assert_bitwise_equal(snapshot(model, opt)["data"], before["data"], "parameter")
+
+
+@pytest.mark.gpu
+def test_replayed_out_of_range_class_gives_nan_loss(cp):
+    (x, y), = on_gpu(host_batches(1, "xent"))
+    model = build_model("cuda")
+    step = cugrad.capture_train_step(model, nn.CrossEntropyLoss(), make_sgd(model), x, y)
+    bad = y.copy()
+    bad[0] = N_OUT + 5
+    assert np.isnan(float(step(x, bad)))          # documented: no host check, NaN instead
+
+
+class _SynchronisingLoss(nn.CrossEntropyLoss):
+    """A loss whose forward waits for the device: legal eagerly, fatal to a capture."""
+
+    def forward(self, logits, target):
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()
+        return super().forward(logits, target)
+
+
+@pytest.mark.gpu
+def test_a_step_that_synchronises_cannot_be_captured(cp):
+    (x, y), = on_gpu(host_batches(1, "xent"))
+    model = build_model("cuda")
+    opt = make_sgd(model)
+    before = snapshot(model, opt)
+    with pytest.raises(RuntimeError, match="failed during CUDA graph capture.*must not wait"):
+        cugrad.capture_train_step(model, _SynchronisingLoss(), opt, x, y)
+    assert_bitwise_equal(snapshot(model, opt)["data"], before["data"], "parameter")
+    # The device and the model are fine: a correct step captures and trains.
+    step = cugrad.capture_train_step(model, nn.CrossEntropyLoss(), opt, x, y)
+    assert np.isfinite(float(step(x, y)))
+
+
+@pytest.mark.gpu
+def test_replaced_parameters_and_changed_hyperparameters_are_errors(cp):
+    (x, y), = on_gpu(host_batches(1, "xent"))
+    model = build_model("cuda")
+    opt = make_sgd(model)
+    step = cugrad.capture_train_step(model, nn.CrossEntropyLoss(), opt, x, y)
+    opt.lr = 0.01
+    with pytest.raises(RuntimeError, match=r"\(lr, momentum, weight_decay\) changed"):
+        step(x, y)
+    opt.lr = 0.05
+    step(x, y)
+    model.load_state_dict({k: cugrad.to_numpy(v) for k, v in model.state_dict().items()})
+    with pytest.raises(RuntimeError, match="parameter '0.weight' was replaced since capture"):
+        step(x, y)
+
+
+@pytest.mark.gpu
+def test_capture_refused_while_profiling(cp):
+    (x, y), = on_gpu(host_batches(1, "xent"))
+    model = build_model("cuda")
+    with cugrad.profile():
+        with pytest.raises(RuntimeError, match="profile"):
+            cugrad.capture_train_step(model, nn.CrossEntropyLoss(), make_sgd(model), x, y)
+    step = cugrad.capture_train_step(model, nn.CrossEntropyLoss(), make_sgd(model), x, y)
+    with cugrad.profile() as prof:
+        step(x, y)
+    assert "graph.replay" in str(prof)
+
+
+@pytest.mark.gpu
+def test_demo_graph_mode_trains_as_eager_sgd(cp, demo, capsys):
+    graph = demo.train(epochs=8, graph=True, device="cuda", progress=False)
+    eager = demo.train(epochs=8, optimizer="sgd", device="cuda", progress=False)
+    out = capsys.readouterr().out
+    assert "captured as a CUDA graph" in out and "runs eagerly" in out
+    assert graph["test_accuracy"] > 0.95
+    np.testing.assert_allclose(graph["losses"], eager["losses"], rtol=1e-6)
+    assert graph["test_accuracy"] == eager["test_accuracy"]
