@@ -17,8 +17,9 @@ What a graph freezes, and so what this module checks or documents:
 * Addresses. The graph reads its inputs from static buffers (``step`` copies ``x`` and
   ``y`` in) and reads and writes the parameters, gradients, optimiser buffers and every
   intermediate where they lived during capture. Parameters must not be replaced afterwards
-  (``load_state_dict`` and ``Module.to`` replace them; copying into ``p.data`` in place is
-  fine): a step after that raises rather than train arrays that are no longer the model's.
+  (``load_state_dict`` replaces them, as does ``Module.to`` another device; copying into
+  ``p.data`` in place is fine): a step after that raises rather than train arrays that are
+  no longer the model's.
 * Host values. Shapes, the learning rate, momentum and weight decay are baked into the
   launches; a step after the optimiser's hyperparameters changed raises. Adam cannot be
   captured: its bias corrections come from a host-side step count (``NotImplementedError``
@@ -98,7 +99,8 @@ class TrainStepGraph:
     that stream; nothing waits for the device). It returns the loss as a 0-d device array
     that is a static buffer: the next call overwrites it, so copy it (``float(loss)``,
     ``loss.copy()``) to keep a value. Afterwards each parameter's ``.grad`` is the
-    gradient of this step (also a buffer the next call overwrites).
+    gradient of this step (also a buffer the next call overwrites). Every replay uses the
+    same buffers: calls on different streams must be ordered by the caller.
     """
 
     def __init__(self):
