@@ -1,4 +1,5 @@
-"""``python -m cugrad <command>``: demo (train an MLP), info (backends on this machine)."""
+"""``python -m cugrad <command>``: demo (train an MLP), info (backends on this machine),
+bench (the benchmark suite, GPU)."""
 
 from __future__ import annotations
 
@@ -21,19 +22,23 @@ def info() -> int:
 
 
 COMMANDS = {"demo": "train an MLP on handwritten digits (GPU if available)",
-            "info": "show which backends work here"}
+            "info": "show which backends work here",
+            "bench": "run the benchmark suite against cuBLAS, PyTorch and copies (GPU)"}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: python -m cugrad {demo,info} [options]\n")
+        print(f"usage: python -m cugrad {{{','.join(COMMANDS)}}} [options]\n")
         for name, text in COMMANDS.items():
             print(f"  {name:6s} {text}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     if argv[0] == "demo":
         from .demo import main as demo_main
         return demo_main(argv[1:])
+    if argv[0] == "bench":
+        from .bench import main as bench_main
+        return bench_main(argv[1:])
     return info()
 
 

@@ -1,0 +1,409 @@
+"""The benchmark suite's host side, without a GPU, CuPy or PyTorch: timing plan and
+statistics, the figure records, the JSON and the table, the figure list, the orchestration
+of one figure (stand-in device environment) and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from cugrad import bench
+from cugrad.bench import (FULL, QUICK, Case, PeerRun, PeerSpec, Spec, Unavailable,
+                          head_start_us, input_sets, make_figure, plan_reps, summarize, worst)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(peers=(PeerSpec("cuBLAS", 0.9, "cupy.matmul"),), build=None, **kw):
+    return Spec("gemm_nn", "4x4x4", "F.matmul", tuple(peers), build or (lambda env: None), **kw)
+
+
+def _stats(median, p10=None, p90=None, n=10):
+    return {"median": median, "p10": p10 or median, "p90": p90 or median, "n": n,
+            "head_start_us": 25.0}
+
+
+# ------------------------------------------------------------------- plan and statistics
+
+def test_plan_reps_targets_time_with_floor_and_caps():
+    assert plan_reps(0.001, FULL) == 100            # 0.1 s of 1 ms calls
+    assert plan_reps(0.05, FULL) == 10              # at least 10 calls ...
+    assert plan_reps(0.2, FULL) == 5                # ... but about 1 s at most
+    assert plan_reps(5.0, FULL) == 3                # never fewer than 3
+    assert plan_reps(1e-6, FULL) == FULL.max_reps   # capped
+    assert plan_reps(0.0, FULL) == FULL.max_reps
+    assert plan_reps(1e-6, QUICK) == QUICK.max_reps < FULL.max_reps
+
+
+def test_head_start_covers_host_time_within_a_cap():
+    assert head_start_us(10e-6, FULL) == pytest.approx(35.0)
+    assert head_start_us(0.0, FULL) == pytest.approx(20.0)
+    assert head_start_us(1.0, FULL) == FULL.max_head_start_us
+
+
+def test_input_sets_exceed_twice_l2_within_limits():
+    l2 = 50 * 2**20
+    assert input_sets(2**20, l2) == 100                           # 100 MiB of 1 MiB sets
+    assert input_sets(3 * 2**20, l2) * 3 * 2**20 > 2 * l2
+    assert input_sets(256 * 2**20, l2) == 1                      # one set is already > 2x L2
+    assert input_sets(1000, l2) == bench.MAX_INPUT_SETS
+    assert input_sets(2**30, l2, budget_bytes=2**29) == 1         # never zero
+    assert input_sets(40 * 2**20, l2, budget_bytes=80 * 2**20) == 2
+
+
+def test_summarize_gives_median_and_p10_p90():
+    st = summarize([float(v) for v in range(1, 12)])       # 1 .. 11
+    assert st == {"median": 6.0, "p10": 2.0, "p90": 10.0, "n": 11}
+    assert summarize([3.0])["median"] == 3.0
+
+
+def test_worst_is_nan_if_any_is_nan():
+    assert worst([1e-7, 3e-6, 0.0]) == 3e-6
+    assert math.isnan(worst([math.nan, 1.0]))
+    assert math.isnan(worst([1.0, math.nan]))
+
+
+# --------------------------------------------------------------------------- figures
+
+def test_make_figure_timed_with_rates_and_ceilings():
+    spec = _spec(flops=2.0 * 4096 ** 3)
+    peer = spec.peers[0]
+    ceilings = {"sgemm": {"tflops": 50.0}, "copy": {"gbps": 3000.0}}
+    fig = make_figure(spec, peer, sets=3, check_err=1e-7, ours=_stats(4.0, 3.9, 4.2),
+                      theirs=_stats(3.0, 2.9, 3.1), setup_s=0.5, ceilings=ceilings)
+    for key in ("name", "shape", "ours_ms", "peer", "peer_ms", "speedup", "target", "spread"):
+        assert key in fig
+    assert fig["ours_ms"] == 4.0 and fig["peer_ms"] == 3.0
+    assert fig["speedup"] == pytest.approx(0.75)
+    assert fig["met"] is False and fig["target"] == 0.9
+    assert fig["spread"] == {"ours": [3.9, 4.2], "peer": [2.9, 3.1]}
+    assert fig["tflops"]["ours"] == pytest.approx(2.0 * 4096 ** 3 / 4e-3 / 1e12)
+    assert fig["ours_fraction_of_sgemm_ceiling"] == pytest.approx(fig["tflops"]["ours"] / 50)
+    assert "gbps" not in fig and "error" not in fig
+    assert fig["check_rel_err"] == 1e-7 and fig["input_sets"] == 3
+    assert bench.figure_status(fig) == "missed"
+
+    fast = make_figure(spec, peer, ours=_stats(2.0), theirs=_stats(3.0))
+    assert fast["met"] is True and bench.figure_status(fast) == "met"
+
+
+def test_make_figure_bandwidth_report_only_error_and_skip():
+    copy = PeerSpec("copy", 0.85, "memcpy")
+    spec = _spec(peers=(copy,), nbytes=10**9)
+    fig = make_figure(spec, copy, ours=_stats(0.5), theirs=_stats(0.4),
+                      ceilings={"copy": {"gbps": 2500.0}})
+    assert fig["gbps"] == {"ours": pytest.approx(2000.0), "peer": pytest.approx(2500.0)}
+    assert fig["ours_fraction_of_copy_ceiling"] == pytest.approx(0.8)
+    assert fig["bytes"] == 10**9 and "tflops" not in fig
+
+    report = PeerSpec("PyTorch", None, "torch")
+    fig = make_figure(_spec(peers=(report,)), report, ours=_stats(1.0), theirs=_stats(2.0))
+    assert fig["met"] is None and bench.figure_status(fig) == "report"
+
+    failed = make_figure(spec, copy, check_err=0.3, error="check failed")
+    assert failed["ours_ms"] is None and failed["speedup"] is None and failed["met"] is False
+    assert bench.figure_status(failed) == "failed"
+    skipped = make_figure(spec, copy, error="the time budget ran out", skipped=True)
+    assert bench.figure_status(skipped) == "skipped"
+
+
+def test_table_row_check_column():
+    spec = _spec()
+    peer = spec.peers[0]
+    ok = bench.table_row(make_figure(spec, peer, check_err=2e-7, ours=_stats(1.0),
+                                     theirs=_stats(1.0)))
+    assert len(ok) == len(bench.TABLE_COLUMNS)
+    assert ok[0] == "gemm_nn" and ok[3] == "cuBLAS" and ok[7] == "yes"
+    assert ok[-1] == "ok 2.0e-07"
+    bad = bench.table_row(make_figure(spec, peer, check_err=0.5, error="check failed"))
+    assert bad[-1] == "FAILED 5.0e-01" and bad[2] == "—" and bad[7] == "NO"
+    nan = bench.table_row(make_figure(spec, peer, check_err=math.nan, error="check failed"))
+    assert nan[-1] == "FAILED nan"
+    crash = bench.table_row(make_figure(spec, peer, error="RuntimeError: boom"))
+    assert crash[-1] == "error"
+    skip = bench.table_row(make_figure(spec, peer, error="budget", skipped=True))
+    assert skip[-1] == "skipped"
+
+
+def _result(figures):
+    return {"device": "NVIDIA H100 80GB HBM3", "driver": "580.1", "cuda": "13.0",
+            "cupy": "14.2.0", "torch": "2.11.0", "date": "2026-11-24T00:00:00+00:00",
+            "python": "3.12.0", "numpy": "2.5.0",
+            "timing": {"summary": "per-call CUDA events"},
+            "ceilings": {"copy": {"gbps": 2900.0}, "sgemm": {"error": "RuntimeError: x"}},
+            "figures": figures, "skipped": ["mlp_step_graph 784-256-256-10: not importable"]}
+
+
+def test_markdown_report_has_every_figure_and_the_errors():
+    spec = _spec()
+    peer = spec.peers[0]
+    figures = [make_figure(spec, peer, check_err=1e-7, ours=_stats(1.0), theirs=_stats(0.85)),
+               make_figure(spec, peer, error="ValueError: " + "x" * 1000),
+               make_figure(spec, peer, error="budget ran out", skipped=True),
+               make_figure(spec, peer, error="budget ran out", skipped=True)]
+    text = bench.markdown_report(_result(figures))
+    lines = text.splitlines()
+    header = "| " + " | ".join(bench.TABLE_COLUMNS) + " |"
+    assert header in lines
+    rows = [ln for ln in lines if ln.startswith("| gemm_nn ")]
+    assert len(rows) == 4
+    assert "copy 2900 GB/s" in text and "sgemm RuntimeError: x" in text
+    assert "4 figures: 0 met, 1 missed, 0 reported only, 1 failed, 2 skipped." in text
+    assert "- 2 figures skipped: budget ran out" in text
+    assert "- not run: mlp_step_graph" in text
+    error_line = next(ln for ln in lines if ln.startswith("- gemm_nn 4x4x4 vs cuBLAS: ValueError"))
+    assert len(error_line) < 400 and error_line.endswith("…")
+
+
+def test_write_outputs_strict_json_and_markdown_beside(tmp_path):
+    spec = _spec()
+    fig = make_figure(spec, spec.peers[0], check_err=math.nan, error="check failed")
+    out = tmp_path / "results" / "bench-h100-20261124.json"
+    md = bench.write_outputs(_result([fig]), out)
+    assert md == out.with_suffix(".md") and md.read_text().startswith("# cugrad benchmarks")
+
+    def no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+    data = json.loads(out.read_text(), parse_constant=no_constants)
+    for key in ("device", "driver", "cuda", "cupy", "torch", "date", "ceilings", "figures"):
+        assert key in data
+    assert data["figures"][0]["check_rel_err"] == "nan"
+    assert not list(out.parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("name, short", [
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+    ("NVIDIA A100-SXM4-80GB", "a100"), ("Tesla V100-SXM2-16GB", "v100"),
+    ("NVIDIA GeForce RTX 4090", "4090"), ("Some Accelerator", "gpu")])
+def test_gpu_short_name(name, short):
+    assert bench.gpu_short_name(name) == short
+
+
+def test_default_out_path():
+    import datetime
+    path = bench.default_out_path("NVIDIA H100 80GB HBM3", datetime.date(2026, 11, 24))
+    assert path == Path("profiling/results/bench-h100-20261124.json")
+
+
+# ---------------------------------------------------------------------- the figure list
+
+def test_specs_cover_the_issue_with_its_targets():
+    specs = bench.specs()
+    figures = [(s, p) for s in specs for p in s.peers]
+    keys = [(s.name, s.shape, p.name) for s, p in figures]
+    assert len(keys) == len(set(keys)), "a figure appears twice"
+
+    def targets(name):
+        return {(s.shape, p.name): p.target for s, p in figures if s.name == name}
+    for layout in ("nn", "nt", "tn"):
+        assert targets(f"gemm_{layout}") == {("4096x4096x4096", "cuBLAS"): 0.9,
+                                             ("8192x8192x8192", "cuBLAS"): 0.9}
+    mlp = {"256x1024x1024", "4096x4096x512", "8192x1024x1024", "128x784x256"}
+    assert targets("gemm_mlp_nn") == {(s, "cuBLAS"): 0.8 for s in mlp}
+    assert set(targets("linear_bias_sigmoid").values()) == {1.0}
+    assert {s for s, _ in targets("linear_bias_sigmoid")} == mlp
+    assert targets("bias_grad") == {("8192x8192", "cupy.sum"): 1.3, ("8192x8192", "copy"): 0.85,
+                                    ("65536x1024", "cupy.sum"): 1.3, ("65536x1024", "copy"): 0.85}
+    for name in ("cross_entropy_fwd_bwd", "mse_fwd_bwd", "sigmoid_fwd", "sigmoid_bwd",
+                 "tanh_fwd", "tanh_bwd", "relu_fwd", "relu_bwd"):
+        assert targets(name) == {(s, "copy"): 0.85 for s, _ in targets(name)} | \
+            {(s, "PyTorch"): None for s, _ in targets(name)}, name
+    assert targets("linear_fwd_bwd") == {("4096x4096x4096", "PyTorch"): 1.0,
+                                         ("256x1024x1024", "PyTorch"): 1.0}
+    assert list(targets("mlp_step").values()) == [None]
+    assert list(targets("mlp_step_graph").values()) == [2.0]
+    for s, p in figures:
+        if p.name == "copy":
+            assert s.nbytes > 0, s.label
+        if s.name.startswith(("gemm", "linear")):
+            assert s.flops > 0, s.label
+    assert all(s.host_clock == s.name.startswith("mlp_step") for s in specs)
+
+
+def test_selected_filters_on_name_and_shape():
+    specs = bench.specs()
+    assert bench.selected(specs, None) == specs
+    gemm = bench.selected(specs, ["GEMM_NN"])
+    assert {s.name for s in gemm} == {"gemm_nn"}
+    both = bench.selected(specs, ["bias_grad", "8192x8192x8192"])
+    assert {s.label for s in both} == {"bias_grad 8192x8192", "bias_grad 65536x1024",
+                                       "gemm_nn 8192x8192x8192", "gemm_nt 8192x8192x8192",
+                                       "gemm_tn 8192x8192x8192"}
+    assert bench.selected(specs, ["no such figure"]) == []
+
+
+# --------------------------------------------------- one figure, stand-in device environment
+
+class StubEnv:
+    """What run_spec needs of bench.Env: relative errors on NumPy, canned timings."""
+
+    def __init__(self):
+        self.timed = []
+        self.freed = 0
+
+    def rel_err(self, out, ref):
+        import numpy as np
+        out, ref = np.asarray(out, dtype=float), np.asarray(ref, dtype=float)
+        return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+    def time_interleaved(self, calls, sets, *, host_clock=False):
+        self.timed.append((sorted(calls), sets, host_clock))
+        return {label: _stats(2.0 if label == "ours" else 1.0) for label in calls}
+
+    def free(self):
+        self.freed += 1
+
+
+def test_run_spec_checks_then_times_only_the_peers_that_agree():
+    good, bad = PeerSpec("cupy.sum", 1.3, "sum"), PeerSpec("copy", 0.85, "memcpy")
+
+    def build(env):
+        return Case(lambda i: [1.0, 2.0], {"cupy.sum": PeerRun(lambda i: [1.0, 2.0]),
+                                           "copy": PeerRun(lambda i: None,
+                                                           reference=lambda: [1.0, 3.0])}, 4)
+    env = StubEnv()
+    figs = bench.run_spec(env, _spec(peers=(good, bad), build=build), {})
+    assert env.timed == [(["cupy.sum", "ours"], 4, False)]
+    assert env.freed == 1
+    assert figs[0]["peer"] == "cupy.sum" and figs[0]["speedup"] == 0.5
+    assert figs[0]["check_rel_err"] == 0.0 and figs[0]["setup_s"] >= 0
+    assert figs[1]["peer"] == "copy" and figs[1]["ours_ms"] is None
+    assert figs[1]["error"].startswith("check failed: relative error 0.316 > tolerance 0.0001")
+    assert figs[1]["met"] is False
+
+
+def test_run_spec_custom_check_and_host_clock():
+    peer = PeerSpec("PyTorch", None, "eager")
+    build = lambda env: Case(lambda i: None, {"PyTorch": PeerRun(lambda i: None)}, 16,  # noqa: E731
+                             check=lambda: {"PyTorch": 1e-7})
+    env = StubEnv()
+    figs = bench.run_spec(env, _spec(peers=(peer,), build=build, host_clock=True), {})
+    assert env.timed == [(["PyTorch", "ours"], 16, True)]
+    assert figs[0]["clock"] == "host, batches of steps" and figs[0]["met"] is None
+
+
+def test_run_spec_records_an_exception_per_peer_and_goes_on():
+    peers = (PeerSpec("cupy.sum", 1.3, "sum"), PeerSpec("copy", 0.85, "memcpy"))
+
+    def build(env):
+        raise RuntimeError("no kernel today")
+    env = StubEnv()
+    figs = bench.run_spec(env, _spec(peers=peers, build=build), {})
+    assert [f["peer"] for f in figs] == ["cupy.sum", "copy"]
+    assert all(f["error"].startswith("RuntimeError: no kernel today (at test_bench.py:")
+               for f in figs)
+    assert env.timed == [] and env.freed == 1
+
+
+def test_run_spec_lets_unavailable_through():
+    def build(env):
+        raise Unavailable("cugrad.graph is absent")
+    env = StubEnv()
+    with pytest.raises(Unavailable):
+        bench.run_spec(env, _spec(build=build), {})
+    assert env.freed == 1
+
+
+# ------------------------------------------------------------- the timer, stand-in CuPy
+
+class _Clock:
+    now = 0.0
+
+
+class _Event:
+    def record(self, stream=None):
+        self.t = _Clock.now
+
+
+def _timer_env(settings):
+    """A bench.Env whose CuPy is a stand-in: events read a fake clock that the timed
+    callables advance; the spin kernel is recorded."""
+    env = bench.Env.__new__(bench.Env)
+    env.settings = settings
+    env.spins = []
+    env.device = types.SimpleNamespace(synchronize=lambda: None)
+    env.cp = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Event=_Event, get_current_stream=lambda: None,
+        get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3))
+    env._spin = lambda grid, block, args: env.spins.append(int(args[0]))
+    return env
+
+
+def test_time_interleaved_rotates_sets_and_gives_a_head_start():
+    env = _timer_env(QUICK)
+    seen = {"ours": [], "peer": []}
+
+    def make(label, seconds):
+        def fn(i):
+            seen[label].append(i)
+            _Clock.now += seconds
+        return fn
+    stats = env.time_interleaved({"ours": make("ours", 2e-3), "peer": make("peer", 1e-3)}, 3)
+    assert stats["ours"]["median"] == pytest.approx(2.0)
+    assert stats["peer"]["median"] == pytest.approx(1.0)
+    for label in ("ours", "peer"):
+        assert seen[label][:7] == [0, 1, 2, 0, 1, 2, 0]       # warm-up, then timed calls
+        assert stats[label]["n"] >= QUICK.min_reps
+        assert stats[label]["head_start_us"] >= 20.0
+    timed_calls = stats["ours"]["n"] + stats["peer"]["n"]
+    assert len(env.spins) == timed_calls and all(ns >= 20_000 for ns in env.spins)
+
+
+def test_time_interleaved_host_clock_batches_steps_without_spin():
+    env = _timer_env(QUICK)
+    env._warm_up = lambda fn, next_set: (1e-5, 1e-3)      # 1 ms a step, warm-up done
+    calls = []
+    stats = env.time_interleaved({"ours": lambda i: calls.append(i)}, 16, host_clock=True)
+    assert env.spins == [] and stats["ours"]["head_start_us"] == 0.0
+    reps = plan_reps(1e-3 * bench.STEPS_PER_SAMPLE, QUICK)
+    rounds = min(QUICK.rounds, reps)
+    samples = math.ceil(reps / rounds) * rounds
+    assert stats["ours"]["n"] == samples
+    assert calls == [i % 16 for i in range(samples * bench.STEPS_PER_SAMPLE)]
+
+
+# ------------------------------------------------------------------------- command line
+
+def _run(*args, **env):
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "CUGRAD_FORCE_CPU": "1", **env}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_import_needs_neither_cupy_nor_torch():
+    code = ("import sys; sys.modules['cupy'] = None; sys.modules['torch'] = None\n"
+            "import cugrad.bench as b; assert len(b.specs()) > 30\n"
+            "assert b.main(['--list']) == 0\n"
+            "assert 'cupy' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n")
+    proc = _run("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert "gemm_nn" in proc.stdout and "report only" in proc.stdout
+
+
+def test_command_without_a_device_exits_nonzero_with_a_message(tmp_path):
+    out = tmp_path / "r.json"
+    for args in (["-m", "cugrad", "bench", "--quick", "--out", str(out)],
+                 ["profiling/bench.py", "--out", str(out)]):
+        proc = _run(*args)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "cugrad bench: needs a working CUDA device" in proc.stderr
+        assert "CUGRAD_FORCE_CPU" in proc.stderr
+    assert not out.exists()
+
+
+def test_list_and_only_from_both_entry_points():
+    a = _run("-m", "cugrad", "bench", "--list", "--only", "bias_grad")
+    b = _run("profiling/bench.py", "--list", "--only", "bias_grad")
+    assert a.returncode == b.returncode == 0
+    assert a.stdout == b.stdout and len(a.stdout.splitlines()) == 4
+    none = _run("-m", "cugrad", "bench", "--only", "no such figure")
+    assert none.returncode == 2 and "no figure matches" in none.stderr
+    usage = _run("-m", "cugrad", "--help")
+    assert "bench" in usage.stdout
