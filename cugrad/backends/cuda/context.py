@@ -12,6 +12,7 @@ Importing this module does not import CuPy.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import threading
@@ -79,12 +80,17 @@ class _CupyKernel(Kernel):
 
 
 class CupyContext(Context):
-    """The GPU: modules compiled once per (file, options, device), cached, thread-safe."""
+    """The GPU: modules compiled once per (file, options, device), cached, thread-safe.
+
+    ``compile_count`` counts the compilations per (file, options, device) key, for tests
+    and diagnostics: each key is compiled once however many threads ask at the same time.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._modules: dict[tuple, Any] = {}
         self._kernels: dict[tuple, _CupyKernel] = {}
+        self.compile_count: collections.Counter = collections.Counter()
 
     @property
     def xp(self):
@@ -120,6 +126,7 @@ class CupyContext(Context):
             if module is None:
                 module = cupy.RawModule(code=code, options=tuple(options),
                                         name_expressions=list(name_expressions))
+                self.compile_count[key] += 1
                 try:
                     module.compile()
                 except Exception as exc:
