@@ -404,7 +404,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.
     lr = check_scalar(op, "lr", lr)
     beta1 = check_scalar(op, "beta1", beta1, high=1.0, high_open=True)
     beta2 = check_scalar(op, "beta2", beta2, high=1.0, high_open=True)
-    eps = check_scalar(op, "eps", eps)
+    eps = check_scalar(op, "eps", eps, low_open=True)   # eps = 0: 0/0 at a zero gradient
     weight_decay = check_scalar(op, "weight_decay", weight_decay)
     backend, arr = _inplace_args(op, {"param": param, "grad": grad, "exp_avg": exp_avg,
                                       "exp_avg_sq": exp_avg_sq})

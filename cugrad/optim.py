@@ -82,7 +82,7 @@ class Adam(Optimizer):
             raise ValueError(f"Adam: betas must be a pair (beta1, beta2), got {betas!r}")
         self.betas = tuple(check_scalar("Adam", f"betas[{i}]", b, high=1.0, high_open=True)
                            for i, b in enumerate(betas))
-        self.eps = check_scalar("Adam", "eps", eps)
+        self.eps = check_scalar("Adam", "eps", eps, low_open=True)   # eps = 0: 0/0 at a zero gradient
         self.weight_decay = check_scalar("Adam", "weight_decay", weight_decay)
 
     def _update(self, p, state):

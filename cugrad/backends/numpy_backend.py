@@ -145,7 +145,10 @@ def _xent_loss(shifted, sumexp, target, scale, dtype):
         picked = np.take_along_axis(shifted, target[:, None], axis=1)[:, 0]
         rows = lse - picked
     else:
-        rows = lse * target.sum(axis=1) - np.einsum("ij,ij->i", target, shifted)
+        # A class of probability 0 contributes nothing, even at a logit of -inf (0·log 0 = 0,
+        # as the kernel's skip of t = 0 terms gives): mask it before the product.
+        picked = np.einsum("ij,ij->i", target, np.where(target != 0, shifted, 0))
+        rows = lse * target.sum(axis=1) - picked
     return np.asarray(rows.sum() * scale, dtype=dtype)
 
 
