@@ -84,7 +84,8 @@ def _relu_backward(grad_out, saved):
     0); a non-finite product, rare, falls back to the select itself."""
     out = np.empty_like(grad_out)
     np.greater(saved, 0, out=out)
-    out *= grad_out
+    with np.errstate(invalid="ignore"):      # inf * 0: replaced by the select below
+        out *= grad_out
     if not np.isfinite(out).all():
         return np.where(saved > 0, grad_out, np.zeros((), grad_out.dtype))
     return out
