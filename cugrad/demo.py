@@ -7,8 +7,8 @@ trained on 80% of the images and tested on the rest. It runs on the GPU when one
 
 ``--graph`` (GPU only) captures the training step as a CUDA graph once and replays it for
 every full batch (``cugrad.capture_train_step``); the last, smaller batch of each epoch
-runs eagerly. Graphs cannot replay Adam's host-side step count, so ``--graph`` trains with
-SGD (momentum 0.9) unless told otherwise; ``--optimizer sgd`` does the same without a graph.
+runs eagerly. With ``--graph`` Adam is built with ``capturable=True`` (its step count lives
+on the device, so the replays advance it); ``--optimizer sgd`` trains with SGD (momentum 0.9).
 """
 
 from __future__ import annotations
@@ -71,10 +71,12 @@ def accuracy(model, x, y) -> float:
     return float((logits.argmax(axis=1) == to_numpy(y)).mean())
 
 
-def make_optimizer(name: str, params, lr: float):
-    """(optimiser, its description for the log) for ``name`` "adam" or "sgd"."""
+def make_optimizer(name: str, params, lr: float, graph: bool = False):
+    """(optimiser, its description for the log) for ``name`` "adam" or "sgd"; for a graph,
+    Adam counts its steps on the device (``capturable=True``)."""
     if name == "adam":
-        return optim.Adam(params, lr=lr), f"Adam lr={lr}"
+        return (optim.Adam(params, lr=lr, capturable=graph),
+                f"Adam lr={lr}" + (" capturable" if graph else ""))
     return (optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM),
             f"SGD lr={lr} momentum={SGD_MOMENTUM}")
 
@@ -83,17 +85,13 @@ def train(epochs=30, batch_size=64, lr=None, hidden=128, seed=0, device="auto",
           progress=True, log=print, optimizer=None, graph=False):
     """Train the demo network; returns a dict with the losses, accuracy and timings.
 
-    ``optimizer`` is "adam" or "sgd" (default: "sgd" with ``graph``, else "adam"); ``lr``
-    defaults per optimiser (``DEFAULT_LR``). ``graph=True`` needs the CUDA backend and SGD:
-    full batches replay a captured CUDA graph, a smaller last batch runs eagerly."""
+    ``optimizer`` is "adam" (default) or "sgd"; ``lr`` defaults per optimiser
+    (``DEFAULT_LR``). ``graph=True`` needs the CUDA backend: full batches replay a captured
+    CUDA graph, a smaller last batch runs eagerly."""
     device = choose_device(device)
-    optimizer = optimizer or ("sgd" if graph else "adam")
+    optimizer = optimizer or "adam"
     if optimizer not in OPTIMIZERS:
         raise SystemExit(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
-    if graph and optimizer == "adam":
-        raise SystemExit("--graph cannot train with Adam: a CUDA graph would freeze its "
-                         "bias correction, which depends on the step count. Use "
-                         "--optimizer sgd (the default with --graph).")
     if graph and device != "cuda":
         reason = _backend.cuda_unavailable_reason() or "--device cpu was asked for"
         raise SystemExit(f"--graph needs the CUDA backend (CUDA graphs replay GPU work), "
@@ -107,7 +105,7 @@ def train(epochs=30, batch_size=64, lr=None, hidden=128, seed=0, device="auto",
     model = nn.Sequential(nn.Linear(64, hidden, rng=rng, activation="relu"),
                           nn.Linear(hidden, 10, rng=rng)).to(device)
     criterion = nn.CrossEntropyLoss()
-    opt, opt_text = make_optimizer(optimizer, model.parameters(), lr)
+    opt, opt_text = make_optimizer(optimizer, model.parameters(), lr, graph)
     backend = "CUDA (cugrad kernels)" if device == "cuda" else "NumPy (CPU)"
     log(f"cugrad demo: digits, {len(xtr)} train / {len(xte)} test images, "
         f"MLP 64-{hidden}-10, {opt_text}, backend {backend}")
@@ -182,9 +180,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float,
                    help="learning rate (default: 3e-3 for Adam, 0.05 for SGD)")
     p.add_argument("--optimizer", choices=OPTIMIZERS,
-                   help="default: adam, or sgd (momentum 0.9) with --graph")
+                   help="adam (default) or sgd (momentum 0.9)")
     p.add_argument("--graph", action="store_true",
-                   help="replay the training step as a CUDA graph (GPU only; SGD)")
+                   help="replay the training step as a CUDA graph (GPU only)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

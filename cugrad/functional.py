@@ -396,11 +396,18 @@ def sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, weight_decay=0
 @_op("adam_step")
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999,
               eps=1e-8, weight_decay=0.0):
-    """In place, PyTorch's Adam (L2 weight decay added to the gradient); ``step`` counts
-    from 1 and sets the bias corrections 1 − β^step."""
+    """In place, PyTorch's Adam (L2 weight decay added to the gradient). ``step`` is the
+    step number t (an integer, counting from 1) that sets the bias corrections 1 − β^t, or a
+    step counter: a 0-d int64 array on the parameters' device holding the steps taken so
+    far, which the op increments in place and then uses as t. A counter is read on the
+    device, so a CUDA graph's replays advance it (``optim.Adam(capturable=True)``); its value
+    is not checked on the GPU (that would wait for the device): it must be >= 0."""
     op = "adam_step"
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
-        raise ValueError(f"{op}: step must be an integer >= 1, got {step!r}")
+    counter = not isinstance(step, (numbers.Integral, bool)) and hasattr(step, "dtype")
+    if not counter and (isinstance(step, bool) or not isinstance(step, numbers.Integral)
+                        or step < 1):
+        raise ValueError(f"{op}: step must be an integer >= 1 or a 0-d int64 step counter "
+                         f"array, got {step!r}")
     lr = check_scalar(op, "lr", lr)
     beta1 = check_scalar(op, "beta1", beta1, high=1.0, high_open=True)
     beta2 = check_scalar(op, "beta2", beta2, high=1.0, high_open=True)
@@ -408,6 +415,26 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.
     weight_decay = check_scalar(op, "weight_decay", weight_decay)
     backend, arr = _inplace_args(op, {"param": param, "grad": grad, "exp_avg": exp_avg,
                                       "exp_avg_sq": exp_avg_sq})
-    if arr["param"].size:
+    if counter:
+        step = _step_counter(op, step, arr["param"], backend)
+    if arr["param"].size or counter:   # an empty parameter's counter still counts the step
         backend.ops.adam_step(arr["param"], arr["grad"], arr["exp_avg"], arr["exp_avg_sq"],
-                              int(step), lr, beta1, beta2, eps, weight_decay)
+                              step if counter else int(step), lr, beta1, beta2, eps, weight_decay)
+
+
+def _step_counter(op, step, param, backend):
+    """``step`` as a step counter of ``param``'s backend: a 0-d int64 array on its device
+    (writable; NumPy counters are also checked to hold a count >= 0)."""
+    device = _backend.device_of(param)
+    if (_backend.device_of(step) != device or getattr(step, "shape", None) != ()
+            or step.dtype != np.int64):
+        raise ValueError(f"{op}: a step counter must be a 0-d int64 array on {device}, like "
+                         f"param ({describe(param)}); got {describe(step)}")
+    if device == "cpu":
+        if not isinstance(step, np.ndarray) or not step.flags.writeable:
+            raise ValueError(f"{op}: the step counter is incremented in place and must be a "
+                             f"writable NumPy array, got {describe(step)}")
+        if int(step) < 0:
+            raise ValueError(f"{op}: the step counter holds {int(step)}, expected the number "
+                             "of steps taken so far (>= 0)")
+    return step

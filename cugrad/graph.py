@@ -20,10 +20,12 @@ What a graph freezes, and so what this module checks or documents:
   (``load_state_dict`` replaces them, as does ``Module.to`` another device; copying into
   ``p.data`` in place is fine): a step after that raises rather than train arrays that are
   no longer the model's.
-* Host values. Shapes, the learning rate, momentum and weight decay are baked into the
-  launches; a step after the optimiser's hyperparameters changed raises. Adam cannot be
-  captured: its bias corrections come from a host-side step count (``NotImplementedError``
-  says so). Only ``optim.SGD`` (with any momentum and weight decay) is supported.
+* Host values. Shapes and the optimiser's hyperparameters (learning rate, momentum, betas,
+  eps, weight decay) are baked into the launches; a step after they changed raises.
+  ``optim.SGD`` (any momentum and weight decay) and ``optim.Adam(..., capturable=True)``
+  can be captured; a default Adam cannot (``NotImplementedError`` says why): its bias
+  corrections come from a host-side step count, which a capturable Adam keeps on the
+  device instead.
 * Python. Replays run no Python code: a module's Python side effects happen at capture only.
 * Host synchronisation. Nothing in the captured step may wait for the device. cugrad's
   checks that read array values (NaN targets, class-index ranges) are run on the example
@@ -64,7 +66,8 @@ def capture_train_step(model, loss_fn, optimizer, x_example, y_example, *, warmu
 
     Raises ``BackendUnavailableError`` where the CUDA backend is unavailable (graphs need
     it; on the CPU run the step eagerly), ``ValueError`` for data or parameters on the CPU,
-    ``NotImplementedError`` for Adam or any optimiser other than ``optim.SGD``, and
+    ``NotImplementedError`` for an Adam without ``capturable=True`` or an optimiser other
+    than SGD and Adam, and
     ``RuntimeError`` if the step cannot be captured (it synchronised the host) or a
     ``cugrad.profile()`` is recording.
     """
@@ -210,8 +213,9 @@ class TrainStepGraph:
                                    "graph would update the old ones: capture again")
         now = _hyperparameters(self._optimizer)
         if now != self._hyper:
-            raise RuntimeError(f"TrainStepGraph: the optimiser's (lr, momentum, "
-                               f"weight_decay) changed from {self._hyper} to {now} since "
+            raise RuntimeError(f"TrainStepGraph: the optimiser's hyperparameters "
+                               f"{_HYPER_NAMES[type(self._optimizer) is not SGD]} changed "
+                               f"from {self._hyper} to {now} since "
                                "capture; the graph replays the values it captured: "
                                "capture again")
 
@@ -230,16 +234,17 @@ def _check_arguments(model, loss_fn, optimizer, warmup) -> None:
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"{_OP}: optimizer must be a cugrad.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
-    if isinstance(optimizer, Adam):
+    if isinstance(optimizer, Adam) and not optimizer.capturable:
         raise NotImplementedError(
-            f"{_OP}: Adam cannot be captured: its bias corrections 1 - beta^t come from the "
-            "step count t on the host and are passed to the kernel as values, so a graph "
-            "would replay step t's correction forever. Use optim.SGD (momentum and weight "
-            "decay are supported), or train with Adam eagerly")
-    if not isinstance(optimizer, SGD):
+            f"{_OP}: this Adam cannot be captured: its bias corrections 1 - beta^t come from "
+            "the step count t on the host and are passed to the kernel as values, so a graph "
+            "would replay step t's correction forever. Build it with "
+            "optim.Adam(..., capturable=True), which counts steps on the device")
+    if not isinstance(optimizer, (SGD, Adam)):
         raise NotImplementedError(
-            f"{_OP}: only optim.SGD is known to be capture-safe (no host-side state that "
-            f"changes from step to step), got {type(optimizer).__name__}")
+            f"{_OP}: only optim.SGD and optim.Adam(capturable=True) are known to be "
+            "capture-safe (no host-side state that changes from step to step), got "
+            f"{type(optimizer).__name__}")
     if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 1:
         raise ValueError(f"{_OP}: warmup must be an integer >= 1 (the eager warm-up steps "
                          "compile the kernels and create the optimiser's buffers before "
@@ -263,7 +268,14 @@ def _labelled_parameters(model, optimizer):
     return labelled
 
 
+_HYPER_NAMES = ("(lr, momentum, weight_decay)", "(lr, betas, eps, weight_decay)")
+
+
 def _hyperparameters(optimizer) -> tuple:
+    """The host values a captured step baked in: (lr, momentum, weight_decay) for SGD,
+    (lr, betas, eps, weight_decay) for Adam."""
+    if isinstance(optimizer, Adam):
+        return (optimizer.lr, optimizer.betas, optimizer.eps, optimizer.weight_decay)
     return (optimizer.lr, optimizer.momentum, optimizer.weight_decay)
 
 

@@ -71,12 +71,22 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """PyTorch's Adam (L2 weight decay added to the gradient, bias-corrected moments)."""
+    """PyTorch's Adam (L2 weight decay added to the gradient, bias-corrected moments).
+
+    ``capturable=True`` keeps each parameter's step count in device memory (a 0-d int64
+    counter beside its moments, ``state["step"]``) and forms the bias corrections there, as
+    PyTorch's option of that name does: the same updates, one more small launch per
+    parameter, and a step that a CUDA graph can replay (``cugrad.capture_train_step``).
+    With the default, the count is a Python int and the corrections come from the host."""
 
     _range = "adam.step"
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 capturable=False):
         super().__init__(params)
+        if not isinstance(capturable, bool):
+            raise TypeError(f"Adam: capturable must be a bool, got {capturable!r}")
+        self.capturable = capturable
         self.lr = check_scalar("Adam", "lr", lr)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Adam: betas must be a pair (beta1, beta2), got {betas!r}")
@@ -86,8 +96,23 @@ class Adam(Optimizer):
         self.weight_decay = check_scalar("Adam", "weight_decay", weight_decay)
 
     def _update(self, p, state):
-        state["step"] = state.get("step", 0) + 1
+        if self.capturable:            # the op counts the step on the device
+            step = self._counter(p, state)
+        else:
+            step = state["step"] = state.get("step", 0) + 1
         F.adam_step(p.data, p.grad, self._buffer(p, state, "exp_avg"),
-                    self._buffer(p, state, "exp_avg_sq"), step=state["step"], lr=self.lr,
+                    self._buffer(p, state, "exp_avg_sq"), step=step, lr=self.lr,
                     beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
                     weight_decay=self.weight_decay)
+
+    @staticmethod
+    def _counter(p, state):
+        """The parameter's step counter, a 0-d int64 array on its device (0 steps at first);
+        it follows p to another device."""
+        count = state.get("step")
+        xp = backend_for_device(p.device).xp
+        if count is None:
+            count = state["step"] = xp.zeros((), dtype="int64")
+        elif device_of(count) != p.device:
+            count = state["step"] = asarray(count, device=p.device, dtype="int64")
+        return count

@@ -6,16 +6,21 @@
    Adam (L2 weight decay added to the gradient, as torch.optim.Adam), step t >= 1:
        g = grad + wd p;   m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g²
        p -= step_size · m / (sqrt(v) / bc2_sqrt + eps)
-   with step_size = lr / (1 - b1^t) and bc2_sqrt = sqrt(1 - b2^t), computed on the host in
-   float64 and passed in the parameter dtype.
+   with step_size = lr / (1 - b1^t) and bc2_sqrt = sqrt(1 - b2^t), computed in float64 and
+   converted to the parameter dtype: on the host from a step number (adam_step), or on the
+   device from a step counter in device memory (adam_step_counted), so that a CUDA graph
+   replays a step whose t advances (counter_increment, launched before it, counts the step).
 
-   Shapes: every array is a C-contiguous parameter-sized array of n elements.
+   Shapes: every array is a C-contiguous parameter-sized array of n elements; the counter is
+   one int64.
 
    Kernels (grid-stride loops, 64-bit indices):
-     sgd_step<T, MOMENTUM>   p, grad, buf (read and written only when MOMENTUM = 1)
-     adam_step<T>            p, grad, m, v
+     sgd_step<T, MOMENTUM>        p, grad, buf (read and written only when MOMENTUM = 1)
+     adam_step<T>                 p, grad, m, v; step_size and bc2_sqrt from the host
+     adam_step_counted<T>         p, grad, m, v; t read from the counter
+     counter_increment<I>         *counter += 1 (one thread)
 
-   CUDA features used: __global__, templates, sqrtf/sqrt (through common.cuh).
+   CUDA features used: __global__, templates, sqrtf/sqrt (through common.cuh), pow (double).
 */
 #include "common.cuh"
 
@@ -35,12 +40,12 @@ __global__ void sgd_step(T* __restrict__ p, const T* __restrict__ grad, T* __res
     }
 }
 
+// One Adam update of elements [first, n) by stride: the loop of both Adam kernels.
 template <typename T>
-__global__ void adam_step(T* __restrict__ p, const T* __restrict__ grad, T* __restrict__ m, T* __restrict__ v,
-                          long long n, T step_size, T beta1, T one_minus_beta1, T beta2,
-                          T one_minus_beta2, T eps, T weight_decay, T bc2_sqrt) {
-    // p, grad, m, v (n); p, m, v updated in place; any 1-D grid. 1 - beta comes from the
-    // host in float64: float32(0.999) is 0.99900001, so T(1) - beta2 would be 1.3e-5 off.
+__device__ __forceinline__ void adam_update(T* __restrict__ p, const T* __restrict__ grad, T* __restrict__ m,
+                                            T* __restrict__ v, long long n, T step_size, T beta1,
+                                            T one_minus_beta1, T beta2, T one_minus_beta2, T eps,
+                                            T weight_decay, T bc2_sqrt) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         T g = grad[i];
@@ -51,4 +56,35 @@ __global__ void adam_step(T* __restrict__ p, const T* __restrict__ grad, T* __re
         v[i] = vi;
         p[i] -= step_size * (mi / (dsqrt(vi) / bc2_sqrt + eps));
     }
+}
+
+template <typename T>
+__global__ void adam_step(T* __restrict__ p, const T* __restrict__ grad, T* __restrict__ m, T* __restrict__ v,
+                          long long n, T step_size, T beta1, T one_minus_beta1, T beta2,
+                          T one_minus_beta2, T eps, T weight_decay, T bc2_sqrt) {
+    // p, grad, m, v (n); p, m, v updated in place; any 1-D grid. 1 - beta comes from the
+    // host in float64: float32(0.999) is 0.99900001, so T(1) - beta2 would be 1.3e-5 off.
+    adam_update(p, grad, m, v, n, step_size, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                weight_decay, bc2_sqrt);
+}
+
+template <typename T>
+__global__ void adam_step_counted(T* __restrict__ p, const T* __restrict__ grad, T* __restrict__ m,
+                                  T* __restrict__ v, long long n, const long long* __restrict__ step,
+                                  double lr, double beta1_f64, double beta2_f64, T beta1,
+                                  T one_minus_beta1, T beta2, T one_minus_beta2, T eps, T weight_decay) {
+    // As adam_step, with t = *step (already counted by counter_increment) and the bias
+    // corrections formed here in float64 from the float64 lr and betas, as the host does.
+    const double t = (double)*step;
+    const T step_size = T(lr / (1.0 - pow(beta1_f64, t)));
+    const T bc2_sqrt = T(sqrt(1.0 - pow(beta2_f64, t)));
+    adam_update(p, grad, m, v, n, step_size, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                weight_decay, bc2_sqrt);
+}
+
+template <typename I>
+__global__ void counter_increment(I* counter) {
+    // One thread adds 1; a launch of its own, so that every block of the kernel after it
+    // reads the new count.
+    if (blockIdx.x == 0 && threadIdx.x == 0) *counter += I(1);
 }

@@ -326,17 +326,24 @@ def test_sgd_step(cpu, rng, shape, momentum, weight_decay, dtype):
 @pytest.mark.parametrize("dtype", [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("shape", [(1,), (7, 33), (300, 7)], ids=lambda s: "x".join(map(str, s)))
-def test_adam_step(cpu, rng, shape, weight_decay, dtype):
+@pytest.mark.parametrize("count", ["host", "counter"])
+def test_adam_step(cpu, rng, shape, weight_decay, dtype, count):
+    """count="counter": the step is a 0-d int64 counter in device memory (counter_increment,
+    then adam_step_counted forming the bias corrections on the device); it must count 1, 2,
+    3 and give what the host-counted step gives."""
     p = data(rng, *shape, dtype=dtype)
     m, v = np.zeros(shape, dtype), np.zeros(shape, dtype)
     p_np, m_np, v_np = p.copy(), m.copy(), v.copy()
     p64, m64, v64 = _f64(p, m, v)
+    counter = np.zeros((), np.int64)
     for step in (1, 2, 3):
         g = data(rng, *shape, dtype=dtype)
         args = (step, 1e-2, 0.9, 0.999, 1e-8, weight_decay)
-        on_cpu(cpu, "adam_step", p, g, m, v, *args)
+        on_cpu(cpu, "adam_step", p, g, m, v, *((counter,) if count == "counter" else args[:1]), *args[1:])
         NP["adam_step"](p_np, g, m_np, v_np, *args)
         NP["adam_step"](p64, g.astype(np.float64), m64, v64, *args)
+        if count == "counter":
+            assert int(counter) == step
     for out, ref64, ref_np in ((p, p64, p_np), (m, m64, m_np), (v, v64, v_np)):
         check(out, ref64, ref_np, dtype, "elementwise")
 

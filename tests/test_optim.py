@@ -65,6 +65,59 @@ def test_adam_matches_pytorch_rule(backend, dtype, rng, lr, betas, eps, wd):
     assert rel_err(out, ref) < (1e-6 if dtype == np.float32 else 1e-13)
 
 
+def test_capturable_adam_matches_the_host_count(backend, dtype, rng):
+    """Adam(capturable=True) counts steps in a 0-d int64 array on the parameter's device and
+    forms the bias corrections from it: fails if its parameters drift from the default
+    Adam's beyond rounding (the device's pow may differ from the host's in the last bit;
+    the NumPy backend computes the same floats exactly), if a parameter without a gradient
+    is counted, or if the counter does not hold the number of steps taken."""
+    p0 = randn(rng, 127, dtype=dtype)
+    grads = [randn(rng, 127, dtype=dtype) for _ in range(6)]
+    kwargs = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)
+    host_count = run(backend, optim.Adam, kwargs, p0, grads)
+    param, idle = nn.Parameter(backend.put(p0.copy())), nn.Parameter(backend.put(p0.copy()))
+    opt = optim.Adam([param, idle], capturable=True, **kwargs)
+    for g in grads:
+        param.grad = backend.put(g)
+        opt.step()
+    counter = opt.state[id(param)]["step"]
+    assert counter.shape == () and counter.dtype == np.int64 and int(counter) == len(grads)
+    assert "step" not in opt.state[id(idle)]
+    if backend.name == "numpy":
+        assert np.array_equal(backend.get(param.data), backend.get(host_count))
+    else:
+        rel = rel_err(param.data, backend.get(host_count).astype(np.float64))
+        assert rel < (1e-6 if dtype == np.float32 else 1e-14)
+    with pytest.raises(TypeError, match="capturable"):
+        optim.Adam([param], capturable=1)
+
+
+def test_adam_step_counter_argument(backend):
+    """F.adam_step(step=<0-d int64 array>) increments the counter in place and uses the new
+    value as t (equal to step=t); a counter of another dtype, shape or device, or (on the
+    CPU) a negative one, is a ValueError naming the step counter."""
+    p = backend.put(np.linspace(-1, 1, 10).astype(np.float32))
+    g = backend.put(np.linspace(2, -3, 10).astype(np.float32))
+    out = {}
+    for kind in ("int", "counter"):
+        q, m, v = p.copy(), p * 0, p * 0
+        counter = backend.put(np.array(2, np.int64)) if kind == "counter" else None
+        F.adam_step(q, g, m, v, step=counter if kind == "counter" else 3, lr=0.1)
+        out[kind] = backend.get(q)
+        if counter is not None:
+            assert int(backend.get(counter)) == 3
+    np.testing.assert_allclose(out["counter"], out["int"], rtol=1e-6, atol=0)
+    for bad in (np.array(2, np.int32), np.array([2], np.int64), np.array(2.0)):
+        with pytest.raises(ValueError, match="step counter"):
+            F.adam_step(p, g, p * 0, p * 0, step=backend.put(bad, dtype=bad.dtype), lr=0.1)
+    if backend.name == "numpy":
+        with pytest.raises(ValueError, match="step counter holds -1"):
+            F.adam_step(p, g, p * 0, p * 0, step=np.array(-1, np.int64), lr=0.1)
+    else:
+        with pytest.raises(ValueError, match="step counter"):
+            F.adam_step(p, g, p * 0, p * 0, step=np.array(2, np.int64), lr=0.1)
+
+
 def test_parameters_without_grad_are_skipped(backend):
     a = nn.Parameter(backend.put(np.ones(3, np.float32)))
     b = nn.Parameter(backend.put(np.ones(3, np.float32)))

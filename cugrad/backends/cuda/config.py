@@ -137,6 +137,13 @@ def adam_name(dtype: str) -> str:
     return f"adam_step<{CTYPES[dtype]}>"
 
 
+def adam_counted_name(dtype: str) -> str:
+    return f"adam_step_counted<{CTYPES[dtype]}>"
+
+
+COUNTER_INCREMENT = "counter_increment<long long>"
+
+
 _EPILOGUES = [gemm_epilogue(bias, act) for bias in (False, True) for act in ACTIVATIONS]
 _BOOLS = (False, True)
 
@@ -163,7 +170,9 @@ def instantiations() -> list[tuple[str, list[str], list[str]]]:
         *(mse_grad_name(dt) for dt in DTYPES)]))
     table.append(("optim.cu", module_options("optim.cu"), [
         *(sgd_name(dt, mom) for dt, mom in itertools.product(DTYPES, _BOOLS)),
-        *(adam_name(dt) for dt in DTYPES)]))
+        *(adam_name(dt) for dt in DTYPES),
+        *(adam_counted_name(dt) for dt in DTYPES),
+        COUNTER_INCREMENT]))
     return table
 
 
