@@ -35,11 +35,26 @@ class BackendCase:
         return None if x is None else to_numpy(x)
 
 
+def require_gpu() -> None:
+    """Skip the test, with the reason, where no CUDA device works."""
+    if not cugrad.cuda_available():
+        pytest.skip(f"CUDA backend not tested: {cugrad.cuda_unavailable_reason()}")
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """CuPy, with fresh outputs poisoned (NaN) so an element a kernel misses shows; the
+    test is skipped where no CUDA device works."""
+    require_gpu()
+    monkeypatch.setenv("CUGRAD_POISON_OUTPUTS", "1")
+    import cupy
+    return cupy
+
+
 @pytest.fixture(params=["numpy", pytest.param("cuda", marks=pytest.mark.gpu)])
 def backend(request) -> BackendCase:
     if request.param == "cuda":
-        if not cugrad.cuda_available():
-            pytest.skip(f"CUDA backend not tested: {cugrad.cuda_unavailable_reason()}")
+        require_gpu()
         # Kernels write every output element: poison fresh outputs so an unwritten one shows.
         os.environ.setdefault("CUGRAD_POISON_OUTPUTS", "1")
         return BackendCase("cuda", "cuda")

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cugrad
 from cugrad._backend import OPS, missing_ops
 from cugrad.backends import numpy_backend as npb
 from cugrad.backends.cuda import config, ops
@@ -174,19 +173,6 @@ def test_installed_package_ships_and_reads_kernels(installed):
 
 
 # ---------------------------------------------------------------------------- GPU tests
-
-def _require_gpu():
-    if not cugrad.cuda_available():
-        pytest.skip(f"CUDA backend not tested: {cugrad.cuda_unavailable_reason()}")
-
-
-@pytest.fixture
-def gpu(monkeypatch):
-    _require_gpu()
-    monkeypatch.setenv("CUGRAD_POISON_OUTPUTS", "1")
-    import cupy
-    return cupy
-
 
 def rel_err(out, ref) -> float:
     out = np.asarray(out.get() if hasattr(out, "get") else out, dtype=np.float64)

@@ -199,14 +199,10 @@ def test_demo_sgd_option_trains(demo, capsys):
 # --------------------------------------------------------------------------------- GPU
 
 @pytest.fixture
-def cp(monkeypatch):
-    if not cugrad.cuda_available():
-        pytest.skip(f"CUDA backend not tested: {cugrad.cuda_unavailable_reason()}")
-    # Kernels write every output element: poison fresh outputs so an unwritten one shows
-    # (the poisoning fills are captured into the graph as well).
-    monkeypatch.setenv("CUGRAD_POISON_OUTPUTS", "1")
-    import cupy
-    return cupy
+def cp(gpu):
+    """CuPy with poisoned outputs (conftest's ``gpu``); the poisoning fills are captured into
+    the graph as well."""
+    return gpu
 
 
 def on_gpu(batches, dtype="float32"):

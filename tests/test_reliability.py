@@ -51,7 +51,7 @@ from cugrad._backend import _IMPLS, numpy_backend
 from cugrad.backends.cuda import config  # (importing the package registers the CUDA ops; no CuPy)
 from cugrad.backends.cuda.context import POISON_ENV, CupyContext, use_context
 
-from conftest import randn, rel_err
+from conftest import randn, rel_err, require_gpu
 
 numpy_backend()                  # registers the NumPy ops
 NP = _IMPLS["numpy"]
@@ -65,20 +65,6 @@ REPEATS = 100
 
 
 # ------------------------------------------------------------------------------ helpers
-
-def _require_gpu():
-    if not cugrad.cuda_available():
-        pytest.skip(f"CUDA backend not tested: {cugrad.cuda_unavailable_reason()}")
-
-
-@pytest.fixture
-def gpu(monkeypatch):
-    """CuPy, with fresh outputs poisoned (NaN) so an element a kernel misses shows."""
-    _require_gpu()
-    monkeypatch.setenv(POISON_ENV, "1")
-    import cupy
-    return cupy
-
 
 def _seed(name: str) -> int:
     return zlib.crc32(name.encode())
@@ -173,7 +159,8 @@ def _c_bias_grad(m, n):
     return build
 
 
-def _c_activation(name):
+def _c_unary(name):
+    """F.<name>(x) on one matrix: the activations, softmax and log_softmax."""
     def build(put, state, rng):
         x = put(randn(rng, M, K, scale=3.0))
         fn = getattr(F, name)
@@ -187,14 +174,6 @@ def _c_activation_backward(name):
         z = put(_activation_output(name, randn(rng, M, K, scale=3.0)))
         fn = getattr(F, f"{name}_backward")
         return lambda: (fn(g, z),)
-    return build
-
-
-def _c_softmax(name):
-    def build(put, state, rng):
-        x = put(randn(rng, M, K, scale=3.0))
-        fn = getattr(F, name)
-        return lambda: (fn(x),)
     return build
 
 
@@ -258,10 +237,10 @@ CASES = {
     "bias_grad_257x129": _c_bias_grad(M, K),
     "bias_grad_4099x33": _c_bias_grad(4099, 33),        # split-M: two passes
     "bias_grad_70001x33": _c_bias_grad(70001, 33),
-    **{name: _c_activation(name) for name in ("sigmoid", "tanh", "relu")},
+    **{name: _c_unary(name) for name in ("sigmoid", "tanh", "relu")},
     **{f"{name}_backward": _c_activation_backward(name) for name in ("sigmoid", "tanh", "relu")},
-    "softmax": _c_softmax("softmax"),
-    "log_softmax": _c_softmax("log_softmax"),
+    "softmax": _c_unary("softmax"),
+    "log_softmax": _c_unary("log_softmax"),
     **{f"mse_{red}": _c_mse(red) for red in ("mean", "sum", "half_sum")},
     "mse_sum_1001x999": _c_mse("sum", (1001, 999)),      # 123 partial sums
     **{f"cross_entropy_{kind}_{red}": _c_xent(kind, red)
@@ -567,7 +546,7 @@ class _Engine:
 @pytest.fixture(params=["harness", pytest.param("gpu", marks=pytest.mark.gpu)])
 def engine(request, monkeypatch):
     if request.param == "gpu":
-        _require_gpu()
+        require_gpu()
         monkeypatch.setenv(POISON_ENV, "1")
         import cupy
         return _Engine("gpu", cupy.asarray, lambda a: np.asarray(a.get()), contextlib.nullcontext)
@@ -682,7 +661,7 @@ def test_cross_entropy_zero_probability_on_a_minus_inf_logit_is_finite(engine_ki
         run = lambda op, args: [np.asarray(o) for o in NP[op](*args)]  # noqa: E731
     else:
         if engine_kind == "gpu":
-            _require_gpu()
+            require_gpu()
             monkeypatch.setenv(POISON_ENV, "1")
             import cupy
             eng = _Engine("gpu", cupy.asarray, lambda a: np.asarray(a.get()), contextlib.nullcontext)
