@@ -667,7 +667,7 @@ def _xent_reference(cp, z, t):
     return loss, grad / n
 
 
-def _build_xent(n: int, c: int, *, kernels: bool, torch_peer: bool):
+def _build_xent(n: int, c: int, nbytes: int, *, kernels: bool, torch_peer: bool):
     def build(env: Env) -> Case:
         from . import functional as F
         from .backends.cuda import ops
@@ -691,14 +691,13 @@ def _build_xent(n: int, c: int, *, kernels: bool, torch_peer: bool):
                 (grad,) = torch.autograd.grad(loss, Zt[i])
                 return loss, grad
             return Case(ours, {"PyTorch": PeerRun(pytorch)}, sets)
-        nbytes = 2 * 4 * n * c + 8 * n + 4
         return Case(ours, {"copy": PeerRun(env.copy_peer(nbytes, sets),
                                            reference=lambda: _xent_reference(env.cp, Z[0], T[0]))},
                     sets)
     return build
 
 
-def _build_mse(n: int, c: int, *, kernels: bool, torch_peer: bool):
+def _build_mse(n: int, c: int, nbytes: int, *, kernels: bool, torch_peer: bool):
     def build(env: Env) -> Case:
         from . import functional as F
         from .backends.cuda import ops
@@ -725,7 +724,7 @@ def _build_mse(n: int, c: int, *, kernels: bool, torch_peer: bool):
         def reference():
             d = P[0].astype(env.cp.float64) - T[0]
             return (d * d).mean(), 2.0 * d / d.size
-        return Case(ours, {"copy": PeerRun(env.copy_peer(3 * 4 * n * c + 4, sets),
+        return Case(ours, {"copy": PeerRun(env.copy_peer(nbytes, sets),
                                            reference=reference)}, sets)
     return build
 
@@ -904,6 +903,20 @@ def _build_mlp_step(graph: bool):
 
 # ------------------------------------------------------------- the figures: the list
 
+def _loss_specs(name, shape, build, n, c, nbytes, copy_detail, public, kernels, torch_detail):
+    """A loss's three figures: the public op against a copy of its bytes and against
+    PyTorch, and the backend kernels alone (no host-syncing validation) against the copy."""
+    copy = (PeerSpec("copy", 0.85, copy_detail),)
+    return [
+        Spec(name, shape, public, copy,
+             build(n, c, nbytes, kernels=False, torch_peer=False), nbytes=nbytes),
+        Spec(name, shape, public, (PeerSpec("PyTorch", None, torch_detail),),
+             build(n, c, nbytes, kernels=False, torch_peer=True), nbytes=nbytes),
+        Spec(f"{name}_kernels", shape, kernels, copy,
+             build(n, c, nbytes, kernels=True, torch_peer=False), nbytes=nbytes),
+    ]
+
+
 def specs() -> list[Spec]:
     """Every figure of the suite, in the order they run (nothing is built here)."""
     out: list[Spec] = []
@@ -931,36 +944,15 @@ def specs() -> list[Spec]:
                          PeerSpec("copy", 0.85, copy_detail)),
                         _build_bias_grad(m, n), nbytes=4 * (m * n + n)))
     n, c = LOSS_SHAPE
-    xent_bytes = 2 * 4 * n * c + 8 * n + 4
-    out += [
-        Spec("cross_entropy_fwd_bwd", f"{n}x{c}",
-             "F.cross_entropy_with_grad (public API: its index check syncs the host)",
-             (PeerSpec("copy", 0.85, copy_detail),),
-             _build_xent(n, c, kernels=False, torch_peer=False), nbytes=xent_bytes),
-        Spec("cross_entropy_fwd_bwd", f"{n}x{c}",
-             "F.cross_entropy_with_grad (public API: its index check syncs the host)",
-             (PeerSpec("PyTorch", None, "F.cross_entropy + autograd.grad"),),
-             _build_xent(n, c, kernels=False, torch_peer=True), nbytes=xent_bytes),
-        Spec("cross_entropy_fwd_bwd_kernels", f"{n}x{c}",
-             "backends.cuda.ops.cross_entropy_fwd_bwd (the kernels, no validation)",
-             (PeerSpec("copy", 0.85, copy_detail),),
-             _build_xent(n, c, kernels=True, torch_peer=False), nbytes=xent_bytes),
-    ]
-    mse_bytes = 3 * 4 * n * c + 4
-    out += [
-        Spec("mse_fwd_bwd", f"{n}x{c}",
-             "F.mse_loss + F.mse_loss_backward (public API: NaN checks sync the host)",
-             (PeerSpec("copy", 0.85, copy_detail),),
-             _build_mse(n, c, kernels=False, torch_peer=False), nbytes=mse_bytes),
-        Spec("mse_fwd_bwd", f"{n}x{c}",
-             "F.mse_loss + F.mse_loss_backward (public API: NaN checks sync the host)",
-             (PeerSpec("PyTorch", None, "F.mse_loss + autograd.grad"),),
-             _build_mse(n, c, kernels=False, torch_peer=True), nbytes=mse_bytes),
-        Spec("mse_fwd_bwd_kernels", f"{n}x{c}",
-             "backends.cuda.ops.mse_loss + mse_loss_backward (the kernels, no validation)",
-             (PeerSpec("copy", 0.85, copy_detail),),
-             _build_mse(n, c, kernels=True, torch_peer=False), nbytes=mse_bytes),
-    ]
+    out += _loss_specs("cross_entropy_fwd_bwd", f"{n}x{c}", _build_xent, n, c,
+                       2 * 4 * n * c + 8 * n + 4, copy_detail,
+                       "F.cross_entropy_with_grad (public API: its index check syncs the host)",
+                       "backends.cuda.ops.cross_entropy_fwd_bwd (the kernels, no validation)",
+                       "F.cross_entropy + autograd.grad")
+    out += _loss_specs("mse_fwd_bwd", f"{n}x{c}", _build_mse, n, c, 3 * 4 * n * c + 4, copy_detail,
+                       "F.mse_loss + F.mse_loss_backward (public API: NaN checks sync the host)",
+                       "backends.cuda.ops.mse_loss + mse_loss_backward (the kernels, no validation)",
+                       "F.mse_loss + autograd.grad")
     rows, cols = ACTIVATION_SHAPE
     for act in ("sigmoid", "tanh", "relu"):
         for backward in (False, True):
