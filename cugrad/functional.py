@@ -403,7 +403,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.
     device, so a CUDA graph's replays advance it (``optim.Adam(capturable=True)``); its value
     is not checked on the GPU (that would wait for the device): it must be >= 0."""
     op = "adam_step"
-    counter = not isinstance(step, (numbers.Integral, bool)) and hasattr(step, "dtype")
+    counter = not isinstance(step, numbers.Integral) and hasattr(step, "dtype")
     if not counter and (isinstance(step, bool) or not isinstance(step, numbers.Integral)
                         or step < 1):
         raise ValueError(f"{op}: step must be an integer >= 1 or a 0-d int64 step counter "

@@ -214,8 +214,8 @@ class TrainStepGraph:
         now = _hyperparameters(self._optimizer)
         if now != self._hyper:
             raise RuntimeError(f"TrainStepGraph: the optimiser's hyperparameters "
-                               f"{_HYPER_NAMES[type(self._optimizer) is not SGD]} changed "
-                               f"from {self._hyper} to {now} since "
+                               f"({', '.join(now)}) changed from {tuple(self._hyper.values())} "
+                               f"to {tuple(now.values())} since "
                                "capture; the graph replays the values it captured: "
                                "capture again")
 
@@ -268,15 +268,12 @@ def _labelled_parameters(model, optimizer):
     return labelled
 
 
-_HYPER_NAMES = ("(lr, momentum, weight_decay)", "(lr, betas, eps, weight_decay)")
-
-
-def _hyperparameters(optimizer) -> tuple:
-    """The host values a captured step baked in: (lr, momentum, weight_decay) for SGD,
-    (lr, betas, eps, weight_decay) for Adam."""
-    if isinstance(optimizer, Adam):
-        return (optimizer.lr, optimizer.betas, optimizer.eps, optimizer.weight_decay)
-    return (optimizer.lr, optimizer.momentum, optimizer.weight_decay)
+def _hyperparameters(optimizer) -> dict:
+    """The host values a captured step baked in, by name: lr, momentum and weight_decay for
+    SGD; lr, betas, eps and weight_decay for Adam."""
+    names = (("lr", "betas", "eps", "weight_decay") if isinstance(optimizer, Adam)
+             else ("lr", "momentum", "weight_decay"))
+    return {name: getattr(optimizer, name) for name in names}
 
 
 @contextlib.contextmanager

@@ -291,21 +291,19 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wei
     _check_in_place(param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     g = ctx.xp.ascontiguousarray(grad)
     dt = param.dtype
+    arrays = (param, g, exp_avg, exp_avg_sq, np.int64(param.size))
+    moments = (scalar(dt, beta1), scalar(dt, 1.0 - float(beta1)), scalar(dt, beta2),
+               scalar(dt, 1.0 - float(beta2)), scalar(dt, eps), scalar(dt, weight_decay))
     if not isinstance(step, numbers.Integral):
         # A step counter in device memory (0-d int64): counted and read on the device, so a
         # CUDA graph's replays advance t. Two launches, in stream order.
         ctx.function("optim.cu", config.COUNTER_INCREMENT)((1, 1, 1), (1, 1, 1), (step,))
         _launch_elementwise(ctx, "optim.cu", config.adam_counted_name(dt.name), param.size,
-                            (param, g, exp_avg, exp_avg_sq, np.int64(param.size), step,
-                             np.float64(lr), np.float64(beta1), np.float64(beta2),
-                             scalar(dt, beta1), scalar(dt, 1.0 - float(beta1)), scalar(dt, beta2),
-                             scalar(dt, 1.0 - float(beta2)), scalar(dt, eps), scalar(dt, weight_decay)))
+                            (*arrays, step, np.float64(lr), np.float64(beta1), np.float64(beta2),
+                             *moments))
         return
     # Bias corrections on the host, in float64 (PyTorch's formulation).
     step_size = float(lr) / (1.0 - float(beta1) ** int(step))
     bc2_sqrt = math.sqrt(1.0 - float(beta2) ** int(step))
     _launch_elementwise(ctx, "optim.cu", config.adam_name(dt.name), param.size,
-                        (param, g, exp_avg, exp_avg_sq, np.int64(param.size), scalar(dt, step_size),
-                         scalar(dt, beta1), scalar(dt, 1.0 - float(beta1)), scalar(dt, beta2),
-                         scalar(dt, 1.0 - float(beta2)), scalar(dt, eps), scalar(dt, weight_decay),
-                         scalar(dt, bc2_sqrt)))
+                        (*arrays, scalar(dt, step_size), *moments, scalar(dt, bc2_sqrt)))
