@@ -339,7 +339,7 @@ def test_adam_step(cpu, rng, shape, weight_decay, dtype, count):
     for step in (1, 2, 3):
         g = data(rng, *shape, dtype=dtype)
         args = (step, 1e-2, 0.9, 0.999, 1e-8, weight_decay)
-        on_cpu(cpu, "adam_step", p, g, m, v, *((counter,) if count == "counter" else args[:1]), *args[1:])
+        on_cpu(cpu, "adam_step", p, g, m, v, counter if count == "counter" else step, *args[1:])
         NP["adam_step"](p_np, g, m_np, v_np, *args)
         NP["adam_step"](p64, g.astype(np.float64), m64, v64, *args)
         if count == "counter":
