@@ -877,7 +877,7 @@ def _build_mlp_step(graph: bool):
             def step(i):
                 opt.zero_grad()
                 loss = crit(model(X[i]), Y[i])
-                model.backward(crit.backward())
+                model.backward(crit.backward(), input_grad=False)
                 opt.step()
                 return loss
 

@@ -137,14 +137,18 @@ def linear(x, weight, bias=None, *, activation=None):
 
 
 @_op("linear.backward")
-def linear_backward(grad_y, x, weight, *, bias=True, activation=None, out=None):
+def linear_backward(grad_y, x, weight, *, bias=True, activation=None, out=None,
+                    input_grad=True):
     """Gradients of ``y = act(x @ weight.T + b)``: returns ``(grad_x, grad_weight,
-    grad_bias)`` (``grad_bias`` None when ``bias`` is False). With ``activation``,
-    ``grad_y`` is the gradient of the activated output and ``out`` the saved forward
-    output. dX = G W (NN), dW = Gᵀ X (TN), db = column sum of G (MATH.md §2)."""
+    grad_bias)`` (``grad_bias`` None when ``bias`` is False, ``grad_x`` None when
+    ``input_grad`` is False: the first layer of a network needs no gradient for its input,
+    and skipping it saves the largest product of that layer's backward). With
+    ``activation``, ``grad_y`` is the gradient of the activated output and ``out`` the saved
+    forward output. dX = G W (NN), dW = Gᵀ X (TN), db = column sum of G (MATH.md §2)."""
     op = "linear_backward"
     _check_activation(op, activation)
     bias = _check_flag(op, "bias", bias)
+    input_grad = _check_flag(op, "input_grad", input_grad)
     if activation is not None and out is None:
         raise ValueError(f"{op}: activation={activation!r} needs out=, the saved forward "
                          "output of linear(..., activation=...)")
@@ -160,8 +164,10 @@ def linear_backward(grad_y, x, weight, *, bias=True, activation=None, out=None):
         check_shape(op, "out", arr["out"], expected, "the forward output's shape")
         with op_range("linear.backward.act", device):
             g = _activation_backward_2d(backend, activation, g, arr["out"])
-    with op_range("linear.backward.dX", device):
-        grad_x = _gemm(backend, g, weight, False, False)
+    grad_x = None
+    if input_grad:
+        with op_range("linear.backward.dX", device):
+            grad_x = _gemm(backend, g, weight, False, False)
     with op_range("linear.backward.dW", device):
         grad_w = _gemm(backend, g, x, True, False)
     grad_b = None

@@ -47,7 +47,7 @@ import numbers
 from . import _backend, _trace
 from ._backend import BackendUnavailableError
 from ._checks import _to_backend_array, describe, device_value_checks_skipped
-from .nn import Module
+from .nn import Module, run_backward
 from .optim import SGD, Adam, Optimizer
 
 __all__ = ["capture_train_step", "TrainStepGraph"]
@@ -59,9 +59,10 @@ def capture_train_step(model, loss_fn, optimizer, x_example, y_example, *, warmu
     """Capture one training step of ``model`` as a CUDA graph; returns a ``TrainStepGraph``.
 
     The step is ``optimizer.zero_grad(); loss = loss_fn(model(x), y);
-    model.backward(loss_fn.backward()); optimizer.step()``. ``x_example`` and
-    ``y_example`` (CUDA arrays) fix the shapes and dtypes every replay takes; they are
-    validated by ``warmup`` (>= 1) eager steps run on a side stream before capture. Those
+    model.backward(loss_fn.backward(), input_grad=False); optimizer.step()`` (no gradient
+    for the input batch; a model whose ``backward`` has no ``input_grad`` computes it and
+    it is dropped). ``x_example`` and ``y_example`` (CUDA arrays) fix the shapes and dtypes
+    every replay takes; they are validated by ``warmup`` (>= 1) eager steps run on a side stream before capture. Those
     steps do not count: parameters, gradients and optimiser state are restored afterwards.
 
     Raises ``BackendUnavailableError`` where the CUDA backend is unavailable (graphs need
@@ -139,7 +140,7 @@ class TrainStepGraph:
                 def train_step():
                     optimizer.zero_grad()
                     loss = loss_fn(model(self._x), self._y)
-                    model.backward(loss_fn.backward())
+                    run_backward(model, loss_fn.backward(), input_grad=False)
                     optimizer.step()
                     return loss
 

@@ -2,10 +2,14 @@
 
 A ``Module`` computes ``forward(x)`` (through ``__call__``) and, afterwards,
 ``backward(grad_out) -> grad_in``, which also accumulates the gradients of its
-parameters into ``Parameter.grad`` until ``zero_grad()``. Each forward saves what its
-backward needs; a second ``backward`` without a new forward is an error (as PyTorch's
-without ``retain_graph``). A module instance appears once in a model: calling it twice in
-one forward would overwrite what the first call saved.
+parameters into ``Parameter.grad`` until ``zero_grad()``. ``backward(grad_out,
+input_grad=False)`` accumulates the same parameter gradients but returns None without
+computing ``grad_in`` (a training loop has no use for the gradient of its input batch;
+for a ``Linear`` it is a whole product); ``Sequential`` passes it to its first layer.
+
+Each forward saves what its backward needs; a second ``backward`` without a new forward is
+an error (as PyTorch's without ``retain_graph``). A module instance appears once in a model:
+calling it twice in one forward would overwrite what the first call saved.
 
 Every forward and backward runs inside an NVTX range named ``"{name}.forward"`` /
 ``"{name}.backward"``, where name is the class name or, inside a ``Sequential``,
@@ -15,6 +19,7 @@ Every forward and backward runs inside an NVTX range named ``"{name}.forward"`` 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import zipfile
 from typing import Iterator
@@ -63,6 +68,26 @@ def _ranged_backward(backward):
     return wrapper
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_input_grad(cls) -> bool:
+    try:
+        return "input_grad" in inspect.signature(cls.backward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def run_backward(module, grad_out, input_grad: bool):
+    """``module.backward(grad_out, input_grad=input_grad)``, also for a user's module whose
+    ``backward`` has no ``input_grad`` (it then computes its input gradient, and the result
+    is dropped when not asked for)."""
+    if input_grad:
+        return module.backward(grad_out)
+    if _takes_input_grad(type(module)):
+        return module.backward(grad_out, input_grad=False)
+    module.backward(grad_out)
+    return None
+
+
 class Module:
     """Base class: subclasses define ``forward`` and ``backward`` and hold ``Parameter``
     and ``Module`` attributes, found in attribute order by ``parameters()``."""
@@ -86,7 +111,7 @@ class Module:
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} does not define forward")
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, *, input_grad=True):
         raise NotImplementedError(f"{type(self).__name__} does not define backward")
 
     def _save(self, *tensors) -> None:
@@ -228,11 +253,12 @@ class Linear(Module):
         self._save(x, y if self.activation else None)
         return y
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, *, input_grad=True):
         x, y = self._take_saved()
         gx, gw, gb = F.linear_backward(grad_out, x, self.weight.data,
                                        bias=self.bias is not None,
-                                       activation=self.activation, out=y)
+                                       activation=self.activation, out=y,
+                                       input_grad=input_grad)
         self.weight.accumulate(gw)
         if self.bias is not None:
             self.bias.accumulate(gb)
@@ -255,9 +281,9 @@ class _Activation(Module):
         self._save(y)
         return y
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, *, input_grad=True):
         (y,) = self._take_saved()
-        return self._backward(grad_out, y)
+        return self._backward(grad_out, y) if input_grad else None
 
 
 class Sigmoid(_Activation):
@@ -309,10 +335,12 @@ class Sequential(Module):
             x = m(x)
         return x
 
-    def backward(self, grad_out):
-        for m in reversed(self.layers):
-            grad_out = m.backward(grad_out)
-        return grad_out
+    def backward(self, grad_out, *, input_grad=True):
+        for i in range(len(self.layers) - 1, 0, -1):
+            grad_out = self.layers[i].backward(grad_out)
+        if not self.layers:
+            return grad_out if input_grad else None
+        return run_backward(self.layers[0], grad_out, input_grad)
 
     def __repr__(self):
         inner = "".join(f"\n  ({i}): {m!r}" for i, m in enumerate(self.layers))

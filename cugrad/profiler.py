@@ -1,7 +1,8 @@
 """``cugrad.profile()``: where does my step's time go, without Nsight.
 
     with cugrad.profile() as prof:
-        loss = loss_fn(model(x), y); model.backward(loss_fn.backward()); opt.step()
+        loss = loss_fn(model(x), y)
+        model.backward(loss_fn.backward(), input_grad=False); opt.step()
     print(prof)
 
 records every op and layer range (``cugrad._trace.op_range``) entered in the block, in

@@ -24,7 +24,7 @@ from cugrad import nn, optim
 def cugrad_step(model, crit, opt, x, y):
     opt.zero_grad()
     crit(model(x), y)
-    model.backward(crit.backward())
+    model.backward(crit.backward(), input_grad=False)
     opt.step()
 
 
@@ -34,7 +34,7 @@ def numpy_model(model):
 
 def numpy_step(params, x, y, lr):
     """The same network (Linear+ReLU ..., Linear), mean cross-entropy and SGD, by hand,
-    computing what cugrad's step computes (including the gradient of the input)."""
+    computing what cugrad's step computes (no gradient for the input batch)."""
     acts = [x]
     h = x
     for i, (w, b) in enumerate(params):
@@ -55,7 +55,8 @@ def numpy_step(params, x, y, lr):
             g *= acts[i + 1] > 0
         gw = g.T @ acts[i]
         gb = g.sum(axis=0)
-        g = g @ w        # the input gradient too: Module.backward returns it
+        if i > 0:        # the first layer's input needs no gradient (input_grad=False)
+            g = g @ w
         w -= lr * gw
         b -= lr * gb
 

@@ -90,7 +90,7 @@ def worker(mode: str, scale: float) -> dict:
     def step(n):
         for _ in range(n):
             loss_fn(model(x), y)
-            model.backward(loss_fn.backward())
+            model.backward(loss_fn.backward(), input_grad=False)
             opt.step()
 
     prof = profile()

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         with step_range():
             loss = loss_fn(model(x), y)
             opt.zero_grad()
-            model.backward(loss_fn.backward())
+            model.backward(loss_fn.backward(), input_grad=False)
             opt.step()
         return loss
 

@@ -212,3 +212,59 @@ def test_training_reduces_the_loss(backend, rng):
         model.backward(crit.backward())
         opt.step()
     assert losses[-1] < 0.2 * losses[0]
+
+
+@pytest.mark.parametrize("first", ["linear", "linear_fused", "activation"])
+def test_backward_without_input_grad_gives_the_same_parameter_gradients(backend, rng, first):
+    """input_grad=False: the same parameter gradients (bitwise), None for the input, and the
+    first layer's dX product is not computed (its range does not appear)."""
+    def make():
+        head = {"linear": [nn.Linear(6, 8, rng=0), nn.ReLU()],
+                "linear_fused": [nn.Linear(6, 8, rng=0, activation="tanh")],
+                "activation": [nn.Sigmoid(), nn.Linear(6, 8, rng=0)]}[first]
+        return nn.Sequential(*head, nn.Linear(8, 3, rng=1)).to(backend.device)
+    x, y = backend.put(randn(rng, 11, 6)), backend.put(rng.integers(0, 3, 11))
+    grads = []
+    for input_grad in (True, False):
+        model, crit = make(), nn.CrossEntropyLoss()
+        crit(model(x), y)
+        with cugrad.profile() as prof:
+            gx = model.backward(crit.backward(), input_grad=input_grad)
+        if input_grad:
+            assert gx is not None and gx.shape == (11, 6)
+        else:
+            assert gx is None
+        n_linear = sum(isinstance(m, nn.Linear) for m in model.layers)
+        dx_calls = prof["linear.backward.dX"].calls if "linear.backward.dX" in prof else 0
+        skipped = not input_grad and isinstance(model[0], nn.Linear)
+        assert dx_calls == n_linear - skipped
+        grads.append([backend.get(p.grad) for p in model.parameters()])
+    for with_dx, without_dx in zip(*grads):
+        assert np.array_equal(with_dx, without_dx)
+
+
+def test_linear_backward_input_grad_flag(backend, rng):
+    x, w, gy = (backend.put(randn(rng, *s)) for s in ((5, 4), (3, 4), (5, 3)))
+    full = F.linear_backward(gy, x, w)
+    gx, gw, gb = F.linear_backward(gy, x, w, input_grad=False)
+    assert gx is None
+    assert np.array_equal(backend.get(gw), backend.get(full[1]))
+    assert np.array_equal(backend.get(gb), backend.get(full[2]))
+    with pytest.raises(TypeError, match="input_grad must be a bool"):
+        F.linear_backward(gy, x, w, input_grad="no")
+
+
+def test_sequential_input_grad_false_with_a_user_module_first(rng):
+    """A user module whose backward has no input_grad still works first in a Sequential:
+    its input gradient is computed and dropped."""
+    class Double(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+        def backward(self, grad_out):
+            return 2 * grad_out
+
+    model = nn.Sequential(Double(), nn.Linear(4, 2, rng=0))
+    model(randn(rng, 3, 4))
+    assert model.backward(randn(rng, 3, 2), input_grad=False) is None
+    assert model[1].weight.grad is not None
