@@ -2,6 +2,7 @@
 
     python -m cugrad bench [--quick] [--only SUBSTR ...] [--out PATH] [--max-seconds S]
     python -m cugrad bench --list            # the figures, without running anything
+    python -m cugrad bench --gemm-plans --only gemm_plan   # GEMM tile / split-K sweep
     python profiling/bench.py ...            # the same, from a source checkout
 
 It first measures the device's two ceilings (device-to-device copy bandwidth, counting
@@ -49,6 +50,7 @@ This module imports neither CuPy nor PyTorch at import time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import gc
@@ -594,7 +596,23 @@ class Env:
 
 # ----------------------------------------------------------- the figures: builders
 
-def _build_gemm(layout: str, m: int, n: int, k: int):
+@contextlib.contextmanager
+def _forced_gemm_plan(plan):
+    """Launch every gemm_tiled with ``plan`` (a config.GemmPlan) instead of the launcher's
+    choice; None leaves the choice alone."""
+    from .backends.cuda import config
+    if plan is None:
+        yield
+        return
+    chosen = config.gemm_plan
+    config.gemm_plan = lambda *_: plan
+    try:
+        yield
+    finally:
+        config.gemm_plan = chosen
+
+
+def _build_gemm(layout: str, m: int, n: int, k: int, plan=None):
     ta, tb = layout[0] == "T", layout[1] == "T"
 
     def build(env: Env) -> Case:
@@ -607,7 +625,8 @@ def _build_gemm(layout: str, m: int, n: int, k: int):
         B = [env.randn(*b_shape) for _ in range(sets)]
 
         def ours(i):
-            return F.matmul(A[i], B[i], trans_a=ta, trans_b=tb)
+            with _forced_gemm_plan(plan):
+                return F.matmul(A[i], B[i], trans_a=ta, trans_b=tb)
 
         def cublas(i):
             return cp.matmul(A[i].T if ta else A[i], B[i].T if tb else B[i])
@@ -983,6 +1002,48 @@ def specs() -> list[Spec]:
     return out
 
 
+# The products of one MLP_WIDTHS training step at batch MLP_BATCH (forward NT, dX NN, dW TN),
+# for the plan sweep.
+def _mlp_step_products() -> list[tuple[str, int, int, int]]:
+    out = []
+    for i, (d_in, d_out) in enumerate(zip(MLP_WIDTHS[:-1], MLP_WIDTHS[1:])):
+        out.append(("NT", MLP_BATCH, d_out, d_in))
+        if i > 0:
+            out.append(("NN", MLP_BATCH, d_in, d_out))
+        out.append(("TN", d_out, d_in, MLP_BATCH))
+    return out
+
+
+def gemm_plan_specs(splits=(1, 2, 4, 8)) -> list[Spec]:
+    """``--gemm-plans``: the MLP-shape products and those of the MLP training step, each
+    under every tile of config.GEMM_TILES (float32) and K split in ``splits``, against cuBLAS
+    (reported only): the measurements that config.gemm_plan's heuristic is tuned by."""
+    from .backends.cuda import config
+    cublas = "cupy.matmul (cuBLAS SGEMM, TF32 off)"
+    shapes = [("NN", m, n, k) for m, n, k in MLP_SHAPES] + _mlp_step_products()
+    out = []
+    for layout, m, n, k in dict.fromkeys(shapes):
+        auto = config.gemm_plan(m, n, k, "float32", 132)
+        plans = [auto]
+        for tiles in config.GEMM_TILES["float32"]:
+            for want in splits:
+                k_split = -(-(-(-k // want)) // tiles.bk) * tiles.bk   # whole k-tiles
+                plan = config.GemmPlan(tiles, -(-k // k_split), k_split) if want > 1 \
+                    else config.GemmPlan(tiles, 1, k)
+                if plan.splits == want and plan not in plans:
+                    plans.append(plan)
+        for plan in plans:
+            tiles = plan.tiles
+            mark = " (gemm_plan's choice on 132 SMs)" if plan == auto else ""
+            name = f"gemm_plan_{layout.lower()}_t{tiles.bm}_s{plan.splits}"
+            out.append(Spec(name + ("_auto" if plan == auto else ""), f"{m}x{n}x{k}",
+                            f"F.matmul, tile {tiles.bm}x{tiles.bn}, {plan.splits} K "
+                            f"split(s) of {plan.k_split}{mark}",
+                            (PeerSpec("cuBLAS", None, cublas),),
+                            _build_gemm(layout, m, n, k, plan), flops=2.0 * m * n * k))
+    return out
+
+
 # ------------------------------------------------------------------------ the suite
 
 def _error_text(exc: BaseException) -> str:
@@ -1211,9 +1272,11 @@ def main(argv=None) -> int:
                     help="start no figure after this many seconds; the rest are recorded "
                     f"as skipped (default {DEFAULT_MAX_SECONDS:g})")
     ap.add_argument("--list", action="store_true", help="list the figures and exit")
+    ap.add_argument("--gemm-plans", action="store_true",
+                    help="add the GEMM plan sweep (every tile and K split at the MLP shapes)")
     args = ap.parse_args(argv)
 
-    chosen = selected(specs(), args.only)
+    chosen = selected(specs() + (gemm_plan_specs() if args.gemm_plans else []), args.only)
     if args.list:
         for s in chosen:
             for p in s.peers:

@@ -227,6 +227,36 @@ def test_specs_cover_the_issue_with_its_targets():
     assert all(s.host_clock == s.name.startswith("mlp_step") for s in specs)
 
 
+def test_gemm_plan_sweep_covers_every_tile_and_marks_the_launchers_choice():
+    from cugrad.backends.cuda import config
+    specs = bench.gemm_plan_specs()
+    labels = [s.label for s in specs]
+    assert len(labels) == len(set(labels)), "a plan appears twice"
+    shapes = {s.shape for s in specs}
+    # the MLP shapes and a training step's forward, dX and dW products
+    assert {"256x1024x1024", "128x784x256", "128x256x784", "256x784x128"} <= shapes
+    products = {(s.name.split("_")[2], s.shape) for s in specs}     # (layout, shape)
+    for layout, shape in products:
+        mine = [s for s in specs if s.shape == shape and s.name.split("_")[2] == layout]
+        assert sum(s.name.endswith("_auto") for s in mine) == 1, (layout, shape)
+        for tiles in config.GEMM_TILES["float32"]:
+            assert any(f"_t{tiles.bm}_s1" in s.name for s in mine), (shape, tiles)
+    assert all(p.target is None for s in specs for p in s.peers)
+    assert not set(labels) & {s.label for s in bench.specs()}
+
+
+def test_forced_gemm_plan_is_used_and_undone():
+    from cugrad.backends.cuda import config
+    chosen = config.gemm_plan
+    plan = config.GemmPlan(config.GEMM_TILES["float32"][0], 2, 64)
+    with bench._forced_gemm_plan(plan):
+        assert config.gemm_plan(1, 1, 100, "float32", 132) == plan
+    assert config.gemm_plan is chosen
+    with pytest.raises(ZeroDivisionError), bench._forced_gemm_plan(plan):
+        1 / 0
+    assert config.gemm_plan is chosen
+
+
 def test_selected_filters_on_name_and_shape():
     specs = bench.specs()
     assert bench.selected(specs, None) == specs

@@ -84,6 +84,7 @@ def _every_op_call(dt):
         b = r(12, k) if tb else r(k, 12)
         calls.append(("gemm", (a, b, ta, tb, r(12) if bias else None, act)))
     calls.append(("gemm", (np.asfortranarray(r(9, 8)), r(8, 12)[:, ::2], False, False, None, None)))
+    calls.append(("gemm", (r(9, 700), r(700, 12), False, False, r(12), "relu")))   # split-K
     calls += [("bias_grad", (r(5, 3),)), ("bias_grad", (r(3000, 40),)),
               ("bias_grad", (r(200, 10)[::2],))]
     for name in ("sigmoid", "tanh", "relu"):
@@ -113,6 +114,7 @@ def test_launchers_use_only_compiled_kernels_with_typed_arguments():
     # Both gemm_tiled variants (scalar and 16-byte vector loads) and both colsum passes occur.
     assert any(n.startswith("gemm_tiled") and n.endswith(", 1>") for n in launched)
     assert any(n.startswith("gemm_tiled") and n.endswith(", 0>") for n in launched)
+    assert config.gemm_split_sum_name(np.dtype(np.float32).name, 7) in launched
     colsum_grids = [g for _, n, g, *_ in ctx.launches if n.startswith("bias_grad")]
     assert any(g[1] > 1 for g in colsum_grids)
 
@@ -198,25 +200,42 @@ GEMM_SHAPES = [(1, 1, 1), (2, 3, 5), (7, 13, 1), (33, 127, 61), (128, 128, 8), (
                (1000, 17, 999), (997, 1000, 5), (64, 1000, 1000)]
 
 
+def _gemm_plans(dtype, k):
+    """The launcher's own plan (None), then every tile of the table without split, then the
+    smallest tile with K cut into two-k-tile splits: every way gemm_tiled can be launched."""
+    tiles = config.GEMM_TILES[np.dtype(dtype).name]
+    plans = [None] + [config.GemmPlan(t, 1, k) for t in tiles]
+    k_split = 2 * tiles[-1].bk
+    if k > k_split:
+        plans.append(config.GemmPlan(tiles[-1], -(-k // k_split), k_split))
+    return plans
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("ta,tb", LAYOUTS, ids=["NN", "NT", "TN", "TT"])
 @pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
-def test_gemm_tiled_vs_reference_vs_float64(gpu, dt, ta, tb, m, n, k):
+def test_gemm_tiled_vs_reference_vs_float64(gpu, monkeypatch, dt, ta, tb, m, n, k):
+    """gemm_tiled under every plan (each tile, split-K, the launcher's choice) and
+    gemm_reference against float64, in every epilogue."""
     cp = gpu
     rng = np.random.default_rng(m * 7919 + n * 31 + k)
     a = rng.standard_normal((k, m) if ta else (m, k)).astype(dt)
     b = rng.standard_normal((n, k) if tb else (k, n)).astype(dt)
     bias = rng.standard_normal(n).astype(dt)
+    auto_plan = config.gemm_plan
     for has_bias, act in itertools.product([False, True], ACTS):
         bb = bias if has_bias else None
         ref = _gemm64(a, b, ta, tb, bb, act)
         args = (cp.asarray(a), cp.asarray(b), ta, tb, None if bb is None else cp.asarray(bb), act)
-        tiled = ops.gemm(*args)
         refk = ops.gemm_reference(*args)
-        assert rel_err(tiled, ref) < tol(dt), ("tiled", has_bias, act)
         assert rel_err(refk, ref) < tol(dt), ("reference", has_bias, act)
-        assert rel_err(tiled, refk.get()) < tol(dt)
+        for plan in _gemm_plans(dt, k):
+            monkeypatch.setattr(config, "gemm_plan",
+                                auto_plan if plan is None else (lambda *_, p=plan: p))
+            tiled = ops.gemm(*args)
+            assert rel_err(tiled, ref) < tol(dt), ("tiled", plan, has_bias, act)
+            assert rel_err(tiled, refk.get()) < tol(dt), ("tiled vs reference", plan)
 
 
 @pytest.mark.gpu

@@ -182,17 +182,31 @@ ODD_MNK = [(1, 1, 1), (7, 33, 5), (65, 17, 129)]
 VEC_MNK = [(4, 4, 4), (68, 20, 36)]   # every stored row a whole number of 16-byte vectors
 
 
+def _gemm_plans(dtype):
+    """Every way the launcher can run gemm_tiled for dtype: each tile of config.GEMM_TILES
+    without split, and the smallest tile with K cut into 16-deep splits."""
+    tiles = config.GEMM_TILES[dtype.name]
+    plans = {f"{t.bm}x{t.bn}": (t, None) for t in tiles}
+    plans[f"{tiles[-1].bm}x{tiles[-1].bn}-splitK"] = (tiles[-1], 2 * tiles[-1].bk)
+    return plans
+
+
 def _gemm_cases():
-    for kernel in ("tiled", "reference"):
-        for mnk in ODD_MNK + (VEC_MNK if kernel == "tiled" else []):
-            yield pytest.param(kernel, mnk, id=f"{kernel}-{'x'.join(map(str, mnk))}")
+    for dtype in (F32, F64):
+        dt = "f32" if dtype == F32 else "f64"
+        for mnk in ODD_MNK + VEC_MNK:
+            for plan in _gemm_plans(dtype):
+                yield pytest.param("tiled", mnk, dtype, plan,
+                                   id=f"tiled-{'x'.join(map(str, mnk))}-{dt}-{plan}")
+        for mnk in ODD_MNK:
+            yield pytest.param("reference", mnk, dtype, None,
+                               id=f"reference-{'x'.join(map(str, mnk))}-{dt}")
 
 
 @pytest.mark.parametrize("epi", list(EPILOGUES))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernel,mnk", list(_gemm_cases()))
-def test_gemm(cpu, rng, kernel, mnk, dtype, layout, epi):
+@pytest.mark.parametrize("kernel,mnk,dtype,plan", list(_gemm_cases()))
+def test_gemm(cpu, rng, monkeypatch, kernel, mnk, dtype, plan, layout, epi):
     m, n, k = mnk
     ta, tb = LAYOUTS[layout]
     has_bias, act = EPILOGUES[epi]
@@ -201,20 +215,54 @@ def test_gemm(cpu, rng, kernel, mnk, dtype, layout, epi):
     bias = data(rng, n, dtype=dtype) if has_bias else None
     first = len(cpu.calls)
     if kernel == "tiled":
+        tiles, k_split = _gemm_plans(dtype)[plan]
+        splits = -(-k // k_split) if k_split else 1
+        forced = config.GemmPlan(tiles, splits, k_split if splits > 1 else k)
+        monkeypatch.setattr(config, "gemm_plan", lambda *args: forced)
         out = on_cpu(cpu, "gemm", a, b, ta, tb, bias, act)
     else:
         with use_context(cpu):
             out = gemm_reference(a, b, ta, tb, bias, act)
     names = [nm for _, nm in cpu.calls[first:]]
-    assert names and all(nm.startswith(f"gemm_{kernel}<") for nm in names), names
+    assert names and names[0].startswith(f"gemm_{kernel}<"), names
+    if kernel == "tiled":
+        assert tiles.template in names[0], names
+        if splits > 1:   # the partial products without epilogue, then their sum with it
+            epi_code = config.gemm_epilogue(has_bias, act)
+            assert names[0].endswith(", 0, 0>") or names[0].endswith(", 0, 1>"), names
+            assert names[1:] == [config.gemm_split_sum_name(dtype.name, epi_code)], names
+        else:
+            assert len(names) == 1, names
     if (m, n, k) in VEC_MNK:
-        assert names[-1].endswith(", 1>"), f"expected the 16-byte vector path, got {names[-1]}"
+        assert names[0].endswith(", 1>"), f"expected the 16-byte vector path, got {names[0]}"
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     ref = (a64.T if ta else a64) @ (b64.T if tb else b64)
     if has_bias:
         ref = ref + bias.astype(np.float64)
     check(out, act64(act, ref), NP["gemm"](a, b, ta, tb, bias, act), dtype)
     assert out.shape == (m, n)
+
+
+def test_gemm_plan_covers_the_gpu_and_cuts_k_in_whole_tiles():
+    """config.gemm_plan: a big output takes the largest tile unsplit; a small output with a
+    long K is split so that its grid reaches the SM count, in k-tile multiples covering K."""
+    for dtype in config.DTYPES:
+        tiles = config.GEMM_TILES[dtype]
+        big = config.gemm_plan(4096, 4096, 4096, dtype, 132)
+        assert big.tiles == tiles[0] and big.splits == 1 and big.k_split == 4096
+        for m, n, k in [(128, 784, 256), (256, 784, 128), (128, 256, 784), (65, 17, 129),
+                        (256, 1024, 1024), (1, 1, 100000)]:
+            plan = config.gemm_plan(m, n, k, dtype, 132)
+            blocks = -(-m // plan.tiles.bm) * -(-n // plan.tiles.bn)
+            assert plan.tiles == tiles[-1]
+            assert 1 < plan.splits <= config.GEMM_MAX_SPLITS, (m, n, k, plan)
+            assert plan.k_split % plan.tiles.bk == 0 and plan.k_split >= config.GEMM_SPLIT_MIN_K
+            assert (plan.splits - 1) * plan.k_split < k <= plan.splits * plan.k_split
+            # enough blocks, or as many splits as allowed, or splits as short as allowed
+            assert blocks * plan.splits >= 132 or plan.splits == config.GEMM_MAX_SPLITS \
+                or plan.k_split < 2 * config.GEMM_SPLIT_MIN_K, (m, n, k, plan)
+        short = config.gemm_plan(128, 256, 100, dtype, 132)      # K too short to split
+        assert short.splits == 1 and short.k_split == 100
 
 
 # ----------------------------------------------------------------------------- bias_grad

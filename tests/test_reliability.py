@@ -733,7 +733,7 @@ def _fake_cupy(compiles: Counter, delay_s: float):
     (a wide race window) and counts."""
     class RawModule:
         def __init__(self, code, options, name_expressions):
-            self.key = (zlib.crc32(code.encode()), tuple(options))
+            self.key = (zlib.crc32(code.encode()), tuple(options), tuple(name_expressions))
 
         def compile(self):
             time.sleep(delay_s)
@@ -812,7 +812,7 @@ def test_first_calls_from_8_threads_compile_each_module_once_and_are_correct(gpu
         refs = dict(_gpu_thread_ops(_put64, np.random.default_rng(1000 + tid)))
         for name, got in outs.items():
             _check_outputs(got, refs[name](), f"thread {tid}, {name}")
-    files = sorted(f for f, _, _ in ctx.compile_count)
+    files = sorted(key[0] for key in ctx.compile_count)
     assert files == sorted(["gemm.cu", "bias_grad.cu", "activations.cu", "losses.cu", "optim.cu"]), ctx.compile_count
     assert set(ctx.compile_count.values()) == {1}, f"modules compiled more than once: {ctx.compile_count}"
 

@@ -31,7 +31,8 @@ EPI_BIAS = 4   # CUGRAD_EPI_BIAS in kernels/gemm.cu
 class GemmTiles:
     """gemm_tiled's block tile BM x BN, depth BK, per-thread tile TM x TN; min_blocks is the
     resident blocks per SM its 16-byte-vector variants ask of the compiler
-    (``__launch_bounds__``), which caps their registers at 65536 / (threads * min_blocks)."""
+    (``__launch_bounds__``), which caps their registers at 65536 / (threads * min_blocks).
+    The kernel takes them as its ``GemmTile<...>`` template argument."""
     bm: int
     bn: int
     bk: int
@@ -43,17 +44,27 @@ class GemmTiles:
     def threads(self) -> int:
         return (self.bm // self.tm) * (self.bn // self.tn)
 
-    def options(self) -> list[str]:
-        return [f"-DGEMM_BM={self.bm}", f"-DGEMM_BN={self.bn}", f"-DGEMM_BK={self.bk}",
-                f"-DGEMM_TM={self.tm}", f"-DGEMM_TN={self.tn}", f"-DGEMM_MIN_BLOCKS={self.min_blocks}"]
+    @property
+    def template(self) -> str:
+        return (f"GemmTile<{self.bm}, {self.bn}, {self.bk}, {self.tm}, {self.tn}, "
+                f"{self.min_blocks}>")
 
 
-# Per dtype: doubles take half the register tile (an 8x8 double tile needs ~216 registers).
+# Per dtype, largest first (gemm_plan takes the first that fills the GPU). Doubles take half
+# the register tile (an 8x8 double tile needs ~216 registers).
 GEMM_TILES = {
-    # float32: 2 blocks an SM caps the vector variants at 128 registers, without spills (ptxas -v, sm_90)
-    "float32": GemmTiles(bm=128, bn=128, bk=8, tm=8, tn=8, min_blocks=2),   # 256 threads
-    "float64": GemmTiles(bm=64, bn=64, bk=8, tm=4, tn=4),     # 256 threads
+    "float32": (
+        # 2 blocks an SM caps the vector variants at 128 registers, without spills (ptxas -v, sm_90)
+        GemmTiles(bm=128, bn=128, bk=8, tm=8, tn=8, min_blocks=2),   # 256 threads
+        GemmTiles(bm=64, bn=64, bk=8, tm=4, tn=4),                   # 256 threads
+    ),
+    "float64": (
+        GemmTiles(bm=64, bn=64, bk=8, tm=4, tn=4),                   # 256 threads
+    ),
 }
+# Split-K (gemm_plan): each split is at least this deep, and there are at most this many.
+GEMM_SPLIT_MIN_K = 64
+GEMM_MAX_SPLITS = 16
 GEMM_REF_TILE = 16          # gemm_reference: REF_TILE x REF_TILE threads, one output each
 VEC_BYTES = 16              # gemm_tiled VEC=1 reads 16-byte vectors
 
@@ -77,14 +88,11 @@ INT32_MAX = 2**31 - 1
 # ------------------------------------------------------------------------ module table
 
 
-def module_options(file: str, dtype: str | None = None, reference: bool = False) -> list[str]:
+def module_options(file: str, reference: bool = False) -> list[str]:
     """Compile options of the module that holds ``file``'s kernels for ``dtype``."""
     opts = list(BASE_OPTIONS)
-    if file == "gemm.cu":
-        if reference:
-            opts.append(f"-DGEMM_REF_TILE={GEMM_REF_TILE}")
-        else:
-            opts += GEMM_TILES[dtype].options()
+    if file == "gemm.cu" and reference:
+        opts.append(f"-DGEMM_REF_TILE={GEMM_REF_TILE}")
     elif file == "bias_grad.cu":
         opts += [f"-DCOLSUM_COLS={COLSUM_COLS}", f"-DCOLSUM_LANES={COLSUM_LANES}"]
     elif file == "losses.cu":
@@ -96,8 +104,44 @@ def gemm_epilogue(has_bias: bool, activation: str | None) -> int:
     return ACTIVATIONS[activation] | (EPI_BIAS if has_bias else 0)
 
 
-def gemm_tiled_name(dtype: str, ta: bool, tb: bool, epi: int, vec: bool) -> str:
-    return f"gemm_tiled<{CTYPES[dtype]}, {int(ta)}, {int(tb)}, {epi}, {int(vec)}>"
+def gemm_tiled_name(dtype: str, tiles: GemmTiles, ta: bool, tb: bool, epi: int, vec: bool) -> str:
+    return f"gemm_tiled<{CTYPES[dtype]}, {tiles.template}, {int(ta)}, {int(tb)}, {epi}, {int(vec)}>"
+
+
+def gemm_split_sum_name(dtype: str, epi: int) -> str:
+    return f"gemm_split_sum<{CTYPES[dtype]}, {epi}>"
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """How one product is launched: its tile, and K cut into ``splits`` ranges of
+    ``k_split`` (a multiple of the tile's depth; ``splits == 1`` and ``k_split == K``
+    without split-K)."""
+    tiles: GemmTiles
+    splits: int
+    k_split: int
+
+
+def gemm_plan(m: int, n: int, k: int, dtype: str, sm_count: int) -> GemmPlan:
+    """The tile and K split for an (M x K) (K x N) product on a GPU of ``sm_count`` SMs.
+
+    The largest tile whose grid has at least one block per SM; else the smallest tile, with
+    K split so that the grid covers the SMs, each split at least GEMM_SPLIT_MIN_K deep
+    (small outputs with a long K, as in a small batch's dW). A first heuristic (wave
+    counting), to be tuned by measurement: profiling/NOTES.md."""
+    table = GEMM_TILES[dtype]
+    for tiles in table:
+        blocks = -(-m // tiles.bm) * -(-n // tiles.bn)
+        if blocks >= sm_count:
+            return GemmPlan(tiles, 1, k)
+    tiles = table[-1]
+    blocks = -(-m // tiles.bm) * -(-n // tiles.bn)
+    splits = max(1, min(-(-sm_count // blocks), k // GEMM_SPLIT_MIN_K, GEMM_MAX_SPLITS))
+    if splits == 1:
+        return GemmPlan(tiles, 1, k)
+    k_split = -(-k // splits)
+    k_split = -(-k_split // tiles.bk) * tiles.bk           # whole k-tiles per split
+    return GemmPlan(tiles, -(-k // k_split), k_split)
 
 
 def gemm_reference_name(dtype: str, ta: bool, tb: bool, epi: int) -> str:
@@ -152,9 +196,12 @@ def instantiations() -> list[tuple[str, list[str], list[str]]]:
     """[(file, compile options, [every name expression the backend can launch from it])]."""
     table: list[tuple[str, list[str], list[str]]] = []
     for dt in DTYPES:
-        table.append(("gemm.cu", module_options("gemm.cu", dt), [
-            gemm_tiled_name(dt, ta, tb, epi, vec)
-            for ta, tb, epi, vec in itertools.product(_BOOLS, _BOOLS, _EPILOGUES, _BOOLS)]))
+        for tiles in GEMM_TILES[dt]:        # one module per tile: compiled when first used
+            table.append(("gemm.cu", module_options("gemm.cu"), [
+                gemm_tiled_name(dt, tiles, ta, tb, epi, vec)
+                for ta, tb, epi, vec in itertools.product(_BOOLS, _BOOLS, _EPILOGUES, _BOOLS)]))
+    table.append(("gemm.cu", module_options("gemm.cu"), [
+        gemm_split_sum_name(dt, epi) for dt, epi in itertools.product(DTYPES, _EPILOGUES)]))
     table.append(("gemm.cu", module_options("gemm.cu", reference=True), [
         gemm_reference_name(dt, ta, tb, epi)
         for dt, ta, tb, epi in itertools.product(DTYPES, _BOOLS, _BOOLS, _EPILOGUES)]))
@@ -176,23 +223,24 @@ def instantiations() -> list[tuple[str, list[str], list[str]]]:
     return table
 
 
-def module_of(file: str, name_expression: str) -> tuple[str, ...]:
-    """The compile options of the module of ``instantiations()`` holding this kernel."""
+def module_of(file: str, name_expression: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(compile options, name expressions) of the module of ``instantiations()`` holding this
+    kernel; KeyError if none does."""
     return _module_index()[(file, name_expression)]
 
 
-_INDEX: dict[tuple[str, str], tuple[str, ...]] | None = None
+_INDEX: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] | None = None
 
 
-def _module_index() -> dict[tuple[str, str], tuple[str, ...]]:
+def _module_index() -> dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]]:
     global _INDEX
     if _INDEX is None:
-        index: dict[tuple[str, str], tuple[str, ...]] = {}
+        index: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] = {}
         for file, options, names in instantiations():
             for name in names:
                 if (file, name) in index:
                     raise RuntimeError(f"cugrad: {file}: {name} is listed in two modules")
-                index[(file, name)] = tuple(options)
+                index[(file, name)] = (tuple(options), tuple(names))
         _INDEX = index
     return _INDEX
 

@@ -1,8 +1,8 @@
 """Where kernels run: the execution context of the CUDA backend's ops.
 
 An op body obtains ``ctx = current_context()`` and uses only ``ctx.xp`` (array module),
-``ctx.empty`` (output allocation) and ``ctx.function(file, name_expression)`` (a launchable
-kernel). The default context is ``CupyContext``: the real GPU, with modules compiled by
+``ctx.empty`` (output allocation), ``ctx.function(file, name_expression)`` (a launchable
+kernel) and ``ctx.sm_count`` (streaming multiprocessors, for launch plans). The default context is ``CupyContext``: the real GPU, with modules compiled by
 NVRTC through ``cupy.RawModule``. The CPU harness (tests/cuda_harness/) supplies a context
 whose ``xp`` is NumPy and whose kernels are the same sources compiled by a host compiler;
 ``use_context`` installs it, so the very same op code runs on both.
@@ -61,6 +61,8 @@ class Context:
     """Abstract execution context (see the module docstring)."""
 
     xp: Any
+    # SMs of the device the launches plan for; a context without a GPU plans for an H100 SXM.
+    sm_count: int = 132
 
     def empty(self, shape, dtype):
         raise NotImplementedError
@@ -80,9 +82,9 @@ class _CupyKernel(Kernel):
 
 
 class CupyContext(Context):
-    """The GPU: modules compiled once per (file, options, device), cached, thread-safe.
+    """The GPU: modules compiled once per (file, options, names, device), cached, thread-safe.
 
-    ``compile_count`` counts the compilations per (file, options, device) key, for tests
+    ``compile_count`` counts the compilations per (file, options, names, device) key, for tests
     and diagnostics: each key is compiled once however many threads ask at the same time.
     """
 
@@ -91,11 +93,21 @@ class CupyContext(Context):
         self._modules: dict[tuple, Any] = {}
         self._kernels: dict[tuple, _CupyKernel] = {}
         self.compile_count: collections.Counter = collections.Counter()
+        self._sm_counts: dict[int, int] = {}
 
     @property
     def xp(self):
         import cupy
         return cupy
+
+    @property
+    def sm_count(self) -> int:
+        cupy = self.xp
+        device = cupy.cuda.Device()
+        count = self._sm_counts.get(device.id)
+        if count is None:
+            count = self._sm_counts[device.id] = int(device.attributes["MultiProcessorCount"])
+        return count
 
     def empty(self, shape, dtype):
         out = self.xp.empty(shape, dtype=dtype)
@@ -108,8 +120,7 @@ class CupyContext(Context):
         key = (file, name_expression, device)
         kernel = self._kernels.get(key)
         if kernel is None:
-            options = config.module_of(file, name_expression)
-            names = next(n for f, o, n in config.instantiations() if f == file and tuple(o) == options)
+            options, names = config.module_of(file, name_expression)
             module = self.module(file, read_source(file), options, names)
             kernel = _CupyKernel(module.get_function(name_expression), self.xp)
             with self._lock:
@@ -118,9 +129,10 @@ class CupyContext(Context):
 
     def module(self, file: str, code: str, options: Sequence[str], name_expressions: Sequence[str]):
         """A compiled ``cupy.RawModule`` of ``code`` (labelled ``file`` in errors), cached per
-        (file, options, device). Compiles eagerly so failures surface here, with the log."""
+        (file, options, name expressions, device): one file is several modules (gemm.cu has
+        one per tile). Compiles eagerly so failures surface here, with the log."""
         cupy = self.xp
-        key = (file, tuple(options), cupy.cuda.Device().id)
+        key = (file, tuple(options), tuple(name_expressions), cupy.cuda.Device().id)
         with self._lock:
             module = self._modules.get(key)
             if module is None:

@@ -74,23 +74,40 @@ def _gemm(a, b, trans_a, trans_b, bias, activation, kernel: str):
     dtype = a.dtype.name
     epi = config.gemm_epilogue(bias is not None, activation)
     bias_arg = xp.ascontiguousarray(bias) if bias is not None else out   # never read without bias
-    if kernel == "tiled":
-        tiles = config.GEMM_TILES[dtype]
-        width = config.VEC_BYTES // a.dtype.itemsize
-        # 16-byte vectors: both operands aligned, and each stored row a whole number of vectors.
-        vec = all(_address(x) % config.VEC_BYTES == 0 and x.shape[1] % width == 0 for x in (A, B))
-        name = config.gemm_tiled_name(dtype, ta, tb, epi, vec)
-        tile_m, tile_n, block = tiles.bm, tiles.bn, (tiles.threads, 1, 1)
-    else:
-        name = config.gemm_reference_name(dtype, ta, tb, epi)
-        tile_m = tile_n = config.GEMM_REF_TILE
-        block = (config.GEMM_REF_TILE, config.GEMM_REF_TILE, 1)
-    grid = (_cdiv(m, tile_m), _cdiv(n, tile_n), 1)
+    sizes = (np.int32(m), np.int32(n), np.int32(k))
+    if kernel == "reference":
+        tile = config.GEMM_REF_TILE
+        grid = _gemm_grid(m, n, tile, tile)
+        ctx.function("gemm.cu", config.gemm_reference_name(dtype, ta, tb, epi))(
+            grid, (tile, tile, 1), (A, B, bias_arg, out, *sizes))
+        return out
+    plan = config.gemm_plan(m, n, k, dtype, ctx.sm_count)
+    tiles = plan.tiles
+    width = config.VEC_BYTES // a.dtype.itemsize
+    # 16-byte vectors: both operands aligned, and each stored row a whole number of vectors.
+    vec = all(_address(x) % config.VEC_BYTES == 0 and x.shape[1] % width == 0 for x in (A, B))
+    grid = _gemm_grid(m, n, tiles.bm, tiles.bn, plan.splits)
+    block = (tiles.threads, 1, 1)
+    if plan.splits == 1:
+        ctx.function("gemm.cu", config.gemm_tiled_name(dtype, tiles, ta, tb, epi, vec))(
+            grid, block, (A, B, bias_arg, out, *sizes, np.int32(k)))
+        return out
+    # Split-K: the partial products of the K ranges, then their sum in order with the epilogue.
+    partial = ctx.empty((plan.splits, m, n), a.dtype)
+    ctx.function("gemm.cu", config.gemm_tiled_name(dtype, tiles, ta, tb, 0, vec))(
+        grid, block, (A, B, bias_arg, partial, *sizes, np.int32(plan.k_split)))
+    _launch_elementwise(ctx, "gemm.cu", config.gemm_split_sum_name(dtype, epi), m * n,
+                        (partial, bias_arg, out, np.int64(m * n), np.int32(n),
+                         np.int32(plan.splits)))
+    return out
+
+
+def _gemm_grid(m: int, n: int, tile_m: int, tile_n: int, splits: int = 1) -> tuple[int, int, int]:
+    grid = (_cdiv(m, tile_m), _cdiv(n, tile_n), splits)
     if grid[1] > config.MAX_GRID_YZ:
         raise ValueError(f"cugrad: matmul output width N = {n} needs {grid[1]} column tiles; "
                          f"the grid allows {config.MAX_GRID_YZ}")
-    ctx.function("gemm.cu", name)(grid, block, (A, B, bias_arg, out, np.int32(m), np.int32(n), np.int32(k)))
-    return out
+    return grid
 
 
 @implements(BACKEND, "gemm")
