@@ -3,8 +3,12 @@
 # machine (no package registry: the image's python3 with CuPy, PyTorch, pytest, hypothesis,
 # pytest-xdist; the nvtx package travels as a wheel in .whl/ when present).
 #
-#   OUT=/some/dir profiling/gpu_suite.sh [steps...]     steps: env suite demo memcheck racecheck
-#                                                              initcheck synccheck
+#   OUT=/some/dir profiling/gpu_suite.sh [steps...]     steps: env suite demo bench plans
+#                                                              memcheck racecheck initcheck
+#                                                              synccheck
+#
+# bench: the benchmark suite (python -m cugrad bench, BENCH_SECONDS of figures, default 200;
+# BENCH_ARGS adds options, e.g. --quick); plans: its GEMM tile / split-K sweep (--gemm-plans).
 #
 # Writes one log per step under $OUT and prints a short summary last.
 set -uo pipefail
@@ -37,6 +41,15 @@ sanitize() {
     SUMMARY+=("$tool: rc=$rc; $(tail -1 "$OUT/$tool.pytest.log"); sanitizer: $(grep -E 'ERROR SUMMARY' "$OUT/$tool.sanitizer.log" | sort | uniq -c | tr '\n' ' ')")
 }
 
+# "N figures: met 3, missed 2, report 9, ..." from a bench JSON.
+bench_counts() {
+    $PY -c 'import collections, json, sys
+from cugrad.bench import figure_status
+figs = json.load(open(sys.argv[1]))["figures"]
+c = collections.Counter(figure_status(f) for f in figs)
+print(len(figs), "figures:", ", ".join(f"{k} {v}" for k, v in sorted(c.items())))' "$1" 2>&1 | tail -1
+}
+
 for step in "${STEPS[@]}"; do
     case $step in
     env)
@@ -60,6 +73,16 @@ for step in "${STEPS[@]}"; do
     demo)
         timeout 120 $PY -m cugrad demo > "$OUT/demo.log" 2>&1
         SUMMARY+=("demo: rc=$?; $(tail -2 "$OUT/demo.log" | tr '\n' ' ')")
+        ;;
+    bench)
+        timeout $(( ${BENCH_SECONDS:-200} + 120 )) $PY -m cugrad bench --max-seconds "${BENCH_SECONDS:-200}" \
+            ${BENCH_ARGS:-} --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+        SUMMARY+=("bench: rc=$?; $(bench_counts "$OUT/bench.json")")
+        ;;
+    plans)
+        timeout 300 $PY -m cugrad bench --gemm-plans --only gemm_plan --max-seconds 180 \
+            --out "$OUT/gemm-plans.json" > "$OUT/gemm-plans.log" 2>&1
+        SUMMARY+=("plans: rc=$?; $(bench_counts "$OUT/gemm-plans.json")")
         ;;
     memcheck)  sanitize memcheck ;;
     racecheck) sanitize racecheck --racecheck-report all ;;
