@@ -9,6 +9,7 @@ compile each kernel. Warnings are errors. Skipped, with the reason, where nvcc i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +32,14 @@ MODULES = config.instantiations()
 
 
 def _module_id(module) -> str:
-    file, options, _ = module
+    """file, its -D options, and what all its kernels' names share (gemm.cu is several
+    modules with the same options: one per dtype and tile, the split-K sum, the reference)."""
+    file, options, names = module
     defines = [o[2:] for o in options if o.startswith("-D")]
-    return file + ("[" + ",".join(defines) + "]" if defines else "")
+    shared = os.path.commonprefix(list(names))
+    shared = shared[:max(shared.rfind(","), shared.rfind("<"), 0)]
+    return (file + ("[" + ",".join(defines) + "]" if defines else "")
+            + (f"({shared})" if shared else ""))
 
 
 def translation_unit(file: str, names: list[str]) -> str:
@@ -47,7 +53,7 @@ def translation_unit(file: str, names: list[str]) -> str:
 
 def compile_module(module, arch: str, workdir: Path) -> subprocess.CompletedProcess:
     file, options, names = module
-    tu = workdir / f"{_module_id(module).replace('[', '_').replace(']', '').replace(',', '_').replace('=', '')}_{arch}.cu"
+    tu = workdir / f"{re.sub(r'[^A-Za-z0-9.]+', '_', _module_id(module))}_{arch}.cu"
     tu.write_text(translation_unit(file, names))
     cmd = [NVCC, "-c", f"-arch={arch}", "-Werror", "all-warnings", *options,
            "-o", str(tu.with_suffix(".o")), str(tu)]
@@ -76,6 +82,11 @@ def test_instantiations_compile(module, arch, compiled):
         f"nvcc failed for {_module_id(module)} on {arch} "
         f"({len(module[2])} instantiations):\n{' '.join(result.args)}\n{result.stdout}\n{result.stderr}")
     assert "warning" not in (result.stdout + result.stderr).lower(), result.stdout + result.stderr
+
+
+def test_module_ids_are_unique():
+    ids = [_module_id(m) for m in MODULES]
+    assert len(ids) == len(set(ids)), ids
 
 
 def test_every_kernel_file_is_compiled():
