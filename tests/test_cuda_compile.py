@@ -93,3 +93,69 @@ def test_every_kernel_file_is_compiled():
     kernels = source_dir()
     files = {f.name for f in kernels.glob("*.cu")}
     assert files == {file for file, _, _ in MODULES}, "a .cu file is missing from config.instantiations()"
+
+
+# ------------------------------------------------------------------------------ NVRTC
+# What runs at run time is NVRTC (through cupy.RawModule), not nvcc: the same modules, their
+# name expressions registered and lowered as CuPy does it. Runs wherever libnvrtc is found
+# (CUGRAD_NVRTC=/path/libnvrtc.so, the CUDA wheels' nvidia/*/lib, the toolkit's lib64 or the
+# loader path), which includes every machine with a working CuPy; skipped elsewhere.
+
+def _find_nvrtc() -> str | None:
+    import ctypes.util
+    import glob
+    import site
+    if os.environ.get("CUGRAD_NVRTC"):
+        return os.environ["CUGRAD_NVRTC"]
+    roots = [*site.getsitepackages(), site.getusersitepackages()]
+    patterns = [f"{r}/nvidia/*/lib/libnvrtc.so*" for r in roots]
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    patterns.append(f"{home}/lib64/libnvrtc.so*")
+    for pattern in patterns:
+        hits = sorted(p for p in glob.glob(pattern) if "builtins" not in p)
+        if hits:
+            return hits[0]
+    return ctypes.util.find_library("nvrtc")
+
+
+def _nvrtc_compile(lib, file: str, options, names) -> tuple[int, str, list[str]]:
+    """(NVRTC status, log, names that did not lower) for one module, sm_90."""
+    import ctypes
+    from cugrad.backends.cuda.loader import read_source
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), read_source(file).encode(), file.encode(),
+                                  0, None, None) == 0
+    try:
+        for name in names:
+            assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0, name
+        opts = [o.encode() for o in (*options, "-arch=sm_90")]
+        status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(max(size.value, 1))
+        lib.nvrtcGetProgramLog(prog, log)
+        unlowered = []
+        if status == 0:
+            for name in names:
+                lowered = ctypes.c_char_p()
+                if lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)) != 0 \
+                        or not lowered.value:
+                    unlowered.append(name)
+        return status, log.value.decode(errors="replace"), unlowered
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def test_nvrtc_compiles_every_module_and_lowers_every_name():
+    import ctypes
+    path = _find_nvrtc()
+    if path is None:
+        pytest.skip("libnvrtc not found (set CUGRAD_NVRTC, or install CuPy's CUDA wheels): "
+                    "the NVRTC compile check is skipped; the nvcc check above still ran")
+    lib = ctypes.CDLL(path)
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        results = list(pool.map(lambda m: _nvrtc_compile(lib, *m), MODULES))
+    for module, (status, log, unlowered) in zip(MODULES, results):
+        assert status == 0, f"NVRTC ({path}) failed on {_module_id(module)}:\n{log}"
+        assert "warning" not in log.lower(), f"NVRTC warnings in {_module_id(module)}:\n{log}"
+        assert not unlowered, f"{_module_id(module)}: names NVRTC did not lower: {unlowered}"
