@@ -37,6 +37,8 @@ OPS: dict[str, tuple[str, ...]] = {
     # grad_in = grad_out * f'(.) with `saved` the forward OUTPUT (for relu, the output and
     # the input give the same mask, so either may be passed).
     "activation_backward": ("name", "grad_out", "saved"),
+    # both of the above in one pass: (activation_backward(...), bias_grad of it), 2-D.
+    "activation_backward_bias_grad": ("name", "grad_out", "saved"),
     # row-wise over the last axis of a 2-D array.
     "softmax": ("x",),
     "log_softmax": ("x",),

@@ -160,18 +160,22 @@ def linear_backward(grad_y, x, weight, *, bias=True, activation=None, out=None,
     expected = (x.shape[0], weight.shape[0])
     check_shape(op, "grad_y", g, expected, "(batch of x, out_features of weight)")
     device = backend.device
+    grad_b = None
     if activation is not None:
         check_shape(op, "out", arr["out"], expected, "the forward output's shape")
-        with op_range("linear.backward.act", device):
-            g = _activation_backward_2d(backend, activation, g, arr["out"])
+        if bias and g.size:     # one pass: the activation's backward and its column sum
+            with op_range("linear.backward.act_db", device):
+                g, grad_b = backend.ops.activation_backward_bias_grad(activation, g, arr["out"])
+        else:
+            with op_range("linear.backward.act", device):
+                g = _activation_backward_2d(backend, activation, g, arr["out"])
     grad_x = None
     if input_grad:
         with op_range("linear.backward.dX", device):
             grad_x = _gemm(backend, g, weight, False, False)
     with op_range("linear.backward.dW", device):
         grad_w = _gemm(backend, g, x, True, False)
-    grad_b = None
-    if bias:
+    if bias and grad_b is None:
         with op_range("linear.backward.db", device):
             grad_b = _bias_grad(backend, g)
     return grad_x, grad_w, grad_b

@@ -88,7 +88,9 @@ def _every_op_call(dt):
     calls += [("bias_grad", (r(5, 3),)), ("bias_grad", (r(3000, 40),)),
               ("bias_grad", (r(200, 10)[::2],))]
     for name in ("sigmoid", "tanh", "relu"):
-        calls += [("activation", (name, r(3, 4))), ("activation_backward", (name, r(3, 4), r(3, 4)))]
+        calls += [("activation", (name, r(3, 4))), ("activation_backward", (name, r(3, 4), r(3, 4))),
+                  ("activation_backward_bias_grad", (name, r(3, 4), r(3, 4))),
+                  ("activation_backward_bias_grad", (name, r(1500, 4), r(1500, 4)))]
     calls += [("softmax", (r(5, 3),)), ("log_softmax", (r(5, 3),))]
     for red in ("mean", "sum", "half_sum"):
         calls += [("mse_loss", (r(4, 3), r(4, 3), red)), ("mse_loss", (r(300, 200), r(300, 200), red)),

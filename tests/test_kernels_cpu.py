@@ -275,6 +275,26 @@ def test_bias_grad(cpu, rng, mn, dtype):
     check(out, g.astype(np.float64).sum(axis=0), NP["bias_grad"](g), dtype, "product")
 
 
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mn", [(1, 1), (300, 7), (1000, 33)], ids=lambda s: "x".join(map(str, s)))
+def test_activation_backward_bias_grad_fused(cpu, rng, mn, dtype, act):
+    """The fused pass (G = dZ ⊙ f'(Z) written, db = Σ_rows G) against float64 and NumPy, and
+    bitwise equal to the two separate kernels (same summation order)."""
+    dz = data(rng, *mn, dtype=dtype)
+    z = NP["activation"](act, data(rng, *mn, dtype=dtype))
+    first = len(cpu.calls)
+    g, db = on_cpu(cpu, "activation_backward_bias_grad", act, dz, z)
+    names = [nm for _, nm in cpu.calls[first:]]
+    assert names[0] == config.colsum_name(dtype.name, act), names
+    g64 = NP["activation_backward"](act, dz.astype(np.float64), z.astype(np.float64))
+    check(g, g64, NP["activation_backward"](act, dz, z), dtype, "elementwise")
+    check(db, g64.sum(axis=0), NP["bias_grad"](g64).astype(dtype), dtype, "product")
+    g_sep = on_cpu(cpu, "activation_backward", act, dz, z)
+    assert np.array_equal(g, g_sep)
+    assert np.array_equal(db, on_cpu(cpu, "bias_grad", g_sep))
+
+
 # ----------------------------------------------------------------------------- activations
 
 SHAPES_2D = [(1, 1), (7, 33), (300, 7)]

@@ -327,7 +327,8 @@ def test_layer_ranges_hold_their_ops(train_step_recording):
 def test_every_range_name_is_a_known_op_or_layer(train_step_recording):
     import re
     ops = {"matmul", "matmul.backward", "linear.forward", "linear.backward",
-           "linear.backward.act", "linear.backward.dX", "linear.backward.dW",
+           "linear.backward.act", "linear.backward.act_db", "linear.backward.dX",
+           "linear.backward.dW",
            "linear.backward.db", "bias_grad", "relu", "relu.backward", "cross_entropy",
            "cross_entropy.backward", "sgd_step", "sgd.step", "step"}
     layer = re.compile(r"^(\d+:)?(Sequential|Linear|ReLU|CrossEntropyLoss)\.(forward|backward)$")

@@ -56,6 +56,12 @@ def bias_grad(grad):
 
 # -------------------------------------------------------------------------- activations
 
+@implements(BACKEND, "activation_backward_bias_grad")
+def activation_backward_bias_grad(name, grad_out, saved):
+    grad_in = activation_backward(name, grad_out, saved)
+    return grad_in, grad_in.sum(axis=0)
+
+
 @implements(BACKEND, "activation")
 def activation(name, x):
     return _apply_activation_inplace(name, np.array(x, copy=True))

@@ -152,8 +152,8 @@ def activation_name(direction: str, dtype: str, activation: str) -> str:
     return f"activation_{direction}<{CTYPES[dtype]}, {ACTIVATIONS[activation]}>"
 
 
-def colsum_name(dtype: str) -> str:
-    return f"bias_grad_colsum<{CTYPES[dtype]}>"
+def colsum_name(dtype: str, activation: str | None = None) -> str:
+    return f"bias_grad_colsum<{CTYPES[dtype]}, {ACTIVATIONS[activation]}>"
 
 
 def softmax_name(dtype: str, log: bool) -> str:
@@ -206,7 +206,7 @@ def instantiations() -> list[tuple[str, list[str], list[str]]]:
         gemm_reference_name(dt, ta, tb, epi)
         for dt, ta, tb, epi in itertools.product(DTYPES, _BOOLS, _BOOLS, _EPILOGUES)]))
     table.append(("bias_grad.cu", module_options("bias_grad.cu"),
-                  [colsum_name(dt) for dt in DTYPES]))
+                  [colsum_name(dt, act) for dt, act in itertools.product(DTYPES, ACTIVATIONS)]))
     acts = [a for a in ACTIVATIONS if a is not None]
     table.append(("activations.cu", module_options("activations.cu"), [
         activation_name(d, dt, a) for d, dt, a in itertools.product(("fwd", "bwd"), DTYPES, acts)]))

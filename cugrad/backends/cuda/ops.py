@@ -123,24 +123,43 @@ def gemm_reference(a, b, trans_a, trans_b, bias, activation):
 @implements(BACKEND, "bias_grad")
 def bias_grad(grad):
     ctx = current_context()
-    g = ctx.xp.ascontiguousarray(grad)
+    return _colsum(ctx, ctx.xp.ascontiguousarray(grad))
+
+
+@implements(BACKEND, "activation_backward_bias_grad")
+def activation_backward_bias_grad(name, grad_out, saved):
+    ctx = current_context()
+    g = ctx.xp.ascontiguousarray(grad_out)
+    z = ctx.xp.ascontiguousarray(saved)
+    grad_in = ctx.empty(g.shape, g.dtype)
+    return grad_in, _colsum(ctx, g, name, z, grad_in)
+
+
+def _colsum(ctx, g, activation=None, z=None, grad_in=None):
+    """Column sums of g (M, N) -> (N,); with ``activation``, of grad_in = g ⊙ f'(z), which
+    the first pass also writes."""
     m, n = g.shape
     out = ctx.empty((n,), g.dtype)
     if n == 0:
         return out
     _check_int32("bias_grad width N", n)
-    kernel = ctx.function("bias_grad.cu", config.colsum_name(g.dtype.name))
+    dtype = g.dtype.name
+    first = ctx.function("bias_grad.cu", config.colsum_name(dtype, activation))
+    fused = (z, grad_in) if activation is not None else (g, g)     # unused without activation
     block = (config.COLSUM_COLS, config.COLSUM_LANES, 1)
     col_blocks = _cdiv(n, config.COLSUM_COLS)
     # Split M into chunks (a fixed function of M: deterministic), then sum the partials.
     rows_per_chunk = max(config.COLSUM_ROWS_PER_CHUNK, _cdiv(m, config.MAX_GRID_YZ))
     chunks = max(1, _cdiv(m, rows_per_chunk))
     if chunks == 1:
-        kernel((col_blocks, 1, 1), block, (g, out, np.int64(m), np.int32(n), np.int64(max(m, 1))))
+        first((col_blocks, 1, 1), block, (g, *fused, out, np.int64(m), np.int32(n), np.int64(max(m, 1))))
         return out
     partial = ctx.empty((chunks, n), g.dtype)
-    kernel((col_blocks, chunks, 1), block, (g, partial, np.int64(m), np.int32(n), np.int64(rows_per_chunk)))
-    kernel((col_blocks, 1, 1), block, (partial, out, np.int64(chunks), np.int32(n), np.int64(chunks)))
+    first((col_blocks, chunks, 1), block,
+          (g, *fused, partial, np.int64(m), np.int32(n), np.int64(rows_per_chunk)))
+    ctx.function("bias_grad.cu", config.colsum_name(dtype))(
+        (col_blocks, 1, 1), block,
+        (partial, partial, partial, out, np.int64(chunks), np.int32(n), np.int64(chunks)))
     return out
 
 
