@@ -365,3 +365,31 @@ def test_kernels_compile_and_run_from_installed_package(gpu, installed):
     env = {**os.environ, "PYTHONPATH": str(installed)}
     out = subprocess.run([sys.executable, "-c", code], cwd=installed, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_cupy_context_plans_for_the_current_devices_sm_count(monkeypatch):
+    """CupyContext.sm_count reads MultiProcessorCount of the current device (once per device),
+    and the GEMM launcher plans with it: a stand-in for CuPy, no GPU needed."""
+    import types
+    from cugrad.backends.cuda.context import CupyContext
+    reads = []
+
+    class Device:
+        current = 0
+
+        def __init__(self):
+            self.id = Device.current
+
+        @property
+        def attributes(self):
+            reads.append(self.id)
+            return {"MultiProcessorCount": {0: 132, 1: 8}[self.id]}
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(Device=Device)))
+    ctx = CupyContext()
+    assert ctx.sm_count == 132 and ctx.sm_count == 132
+    Device.current = 1
+    assert ctx.sm_count == 8
+    assert reads == [0, 1]
+    # 256x1024: 16 large tiles; 8 SMs are filled by them, 132 need the small tile and splits
+    assert config.gemm_plan(256, 1024, 1024, "float32", 8).tiles == config.GEMM_TILES["float32"][0]
+    assert config.gemm_plan(256, 1024, 1024, "float32", 132).splits > 1
