@@ -1027,9 +1027,7 @@ def gemm_plan_specs(splits=(1, 2, 4, 8)) -> list[Spec]:
         plans = [auto]
         for tiles in config.GEMM_TILES["float32"]:
             for want in splits:
-                k_split = -(-(-(-k // want)) // tiles.bk) * tiles.bk   # whole k-tiles
-                plan = config.GemmPlan(tiles, -(-k // k_split), k_split) if want > 1 \
-                    else config.GemmPlan(tiles, 1, k)
+                plan = config.GemmPlan.split_k(tiles, k, want)
                 if plan.splits == want and plan not in plans:
                     plans.append(plan)
         for plan in plans:

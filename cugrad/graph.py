@@ -62,8 +62,9 @@ def capture_train_step(model, loss_fn, optimizer, x_example, y_example, *, warmu
     model.backward(loss_fn.backward(), input_grad=False); optimizer.step()`` (no gradient
     for the input batch; a model whose ``backward`` has no ``input_grad`` computes it and
     it is dropped). ``x_example`` and ``y_example`` (CUDA arrays) fix the shapes and dtypes
-    every replay takes; they are validated by ``warmup`` (>= 1) eager steps run on a side stream before capture. Those
-    steps do not count: parameters, gradients and optimiser state are restored afterwards.
+    every replay takes; they are validated by ``warmup`` (>= 1) eager steps run on a side
+    stream before capture. Those steps do not count: parameters, gradients and optimiser
+    state are restored afterwards.
 
     Raises ``BackendUnavailableError`` where the CUDA backend is unavailable (graphs need
     it; on the CPU run the step eagerly), ``ValueError`` for data or parameters on the CPU,

@@ -89,7 +89,7 @@ INT32_MAX = 2**31 - 1
 
 
 def module_options(file: str, reference: bool = False) -> list[str]:
-    """Compile options of the module that holds ``file``'s kernels for ``dtype``."""
+    """Compile options of the modules of ``file`` (gemm.cu's reference module: ``reference``)."""
     opts = list(BASE_OPTIONS)
     if file == "gemm.cu" and reference:
         opts.append(f"-DGEMM_REF_TILE={GEMM_REF_TILE}")
@@ -121,6 +121,15 @@ class GemmPlan:
     splits: int
     k_split: int
 
+    @classmethod
+    def split_k(cls, tiles: GemmTiles, k: int, splits: int) -> "GemmPlan":
+        """K cut into ``splits`` ranges, each rounded up to whole k-tiles (so there may be
+        fewer); one range of K when that leaves a single one."""
+        k_split = -(-(-(-k // max(splits, 1))) // tiles.bk) * tiles.bk
+        if splits <= 1 or k_split >= k:
+            return cls(tiles, 1, k)
+        return cls(tiles, -(-k // k_split), k_split)
+
 
 def gemm_plan(m: int, n: int, k: int, dtype: str, sm_count: int) -> GemmPlan:
     """The tile and K split for an (M x K) (K x N) product on a GPU of ``sm_count`` SMs.
@@ -136,12 +145,8 @@ def gemm_plan(m: int, n: int, k: int, dtype: str, sm_count: int) -> GemmPlan:
             return GemmPlan(tiles, 1, k)
     tiles = table[-1]
     blocks = -(-m // tiles.bm) * -(-n // tiles.bn)
-    splits = max(1, min(-(-sm_count // blocks), k // GEMM_SPLIT_MIN_K, GEMM_MAX_SPLITS))
-    if splits == 1:
-        return GemmPlan(tiles, 1, k)
-    k_split = -(-k // splits)
-    k_split = -(-k_split // tiles.bk) * tiles.bk           # whole k-tiles per split
-    return GemmPlan(tiles, -(-k // k_split), k_split)
+    splits = min(-(-sm_count // blocks), k // GEMM_SPLIT_MIN_K, GEMM_MAX_SPLITS)
+    return GemmPlan.split_k(tiles, k, splits)
 
 
 def gemm_reference_name(dtype: str, ta: bool, tb: bool, epi: int) -> str:

@@ -2,8 +2,9 @@
 
 An op body obtains ``ctx = current_context()`` and uses only ``ctx.xp`` (array module),
 ``ctx.empty`` (output allocation), ``ctx.function(file, name_expression)`` (a launchable
-kernel) and ``ctx.sm_count`` (streaming multiprocessors, for launch plans). The default context is ``CupyContext``: the real GPU, with modules compiled by
-NVRTC through ``cupy.RawModule``. The CPU harness (tests/cuda_harness/) supplies a context
+kernel) and ``ctx.sm_count`` (streaming multiprocessors, for launch plans). The default
+context is ``CupyContext``: the real GPU, with modules compiled by NVRTC through
+``cupy.RawModule``. The CPU harness (tests/cuda_harness/) supplies a context
 whose ``xp`` is NumPy and whose kernels are the same sources compiled by a host compiler;
 ``use_context`` installs it, so the very same op code runs on both.
 

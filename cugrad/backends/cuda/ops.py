@@ -87,18 +87,16 @@ def _gemm(a, b, trans_a, trans_b, bias, activation, kernel: str):
     # 16-byte vectors: both operands aligned, and each stored row a whole number of vectors.
     vec = all(_address(x) % config.VEC_BYTES == 0 and x.shape[1] % width == 0 for x in (A, B))
     grid = _gemm_grid(m, n, tiles.bm, tiles.bn, plan.splits)
-    block = (tiles.threads, 1, 1)
-    if plan.splits == 1:
-        ctx.function("gemm.cu", config.gemm_tiled_name(dtype, tiles, ta, tb, epi, vec))(
-            grid, block, (A, B, bias_arg, out, *sizes, np.int32(k)))
-        return out
-    # Split-K: the partial products of the K ranges, then their sum in order with the epilogue.
-    partial = ctx.empty((plan.splits, m, n), a.dtype)
-    ctx.function("gemm.cu", config.gemm_tiled_name(dtype, tiles, ta, tb, 0, vec))(
-        grid, block, (A, B, bias_arg, partial, *sizes, np.int32(plan.k_split)))
-    _launch_elementwise(ctx, "gemm.cu", config.gemm_split_sum_name(dtype, epi), m * n,
-                        (partial, bias_arg, out, np.int64(m * n), np.int32(n),
-                         np.int32(plan.splits)))
+    # Split-K: the K ranges' partial products without the epilogue, then their sum in order
+    # with it.
+    split = plan.splits > 1
+    target = ctx.empty((plan.splits, m, n), a.dtype) if split else out
+    ctx.function("gemm.cu", config.gemm_tiled_name(dtype, tiles, ta, tb, 0 if split else epi, vec))(
+        grid, (tiles.threads, 1, 1), (A, B, bias_arg, target, *sizes, np.int32(plan.k_split)))
+    if split:
+        _launch_elementwise(ctx, "gemm.cu", config.gemm_split_sum_name(dtype, epi), m * n,
+                            (target, bias_arg, out, np.int64(m * n), np.int32(n),
+                             np.int32(plan.splits)))
     return out
 
 
