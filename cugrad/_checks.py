@@ -32,8 +32,10 @@ def describe(x) -> str:
 def _to_backend_array(op: str, name: str, x):
     """NumPy and CuPy arrays pass through; other arrays come in without a copy through
     ``__cuda_array_interface__`` / DLPack; anything else is a TypeError."""
-    if isinstance(x, np.ndarray) or _backend.is_cupy_array(x):
+    if type(x) is np.ndarray or _backend.is_cupy_array(x):
         return x
+    if isinstance(x, np.ndarray):
+        return _plain_ndarray(op, name, x)
     if hasattr(x, "__cuda_array_interface__"):
         return _gpu_import(op, name, x)
     if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
@@ -46,6 +48,18 @@ def _to_backend_array(op: str, name: str, x):
         f"{op}: argument {name!r} must be a NumPy or CuPy array (or a GPU array exposing "
         f"__cuda_array_interface__/DLPack), got {describe(x)}; use cugrad.asarray() to "
         "convert lists and scalars")
+
+
+def _plain_ndarray(op: str, name: str, x: np.ndarray) -> np.ndarray:
+    """An ndarray subclass as a plain ndarray view (np.matrix, np.memmap, ...): the ops do
+    their own arithmetic, so a subclass's operators must not leak into it. A masked array is
+    refused: its mask would be ignored."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(
+            f"{op}: argument {name!r} is a masked array ({describe(x)}); cugrad's ops would "
+            "ignore its mask: pass x.filled(value) or x.compressed(), or np.asarray(x) to "
+            "drop the mask knowingly")
+    return x.view(np.ndarray)
 
 
 def _gpu_import(op: str, name: str, x):
@@ -163,7 +177,11 @@ def check_scalar(op: str, name: str, value, *, low: float = 0.0, high: float = m
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} "
                         f"{value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:           # an int beyond float's range
+        raise ValueError(f"{op}: {name}={value!r} is out of range; expected a finite number "
+                         f"in [{low}, {high}]") from None
     bad = (math.isnan(v) or v < low or v > high or (low_open and v == low)
            or (high_open and v == high) or (math.isinf(v)))
     if bad:
@@ -172,3 +190,32 @@ def check_scalar(op: str, name: str, value, *, low: float = 0.0, high: float = m
         raise ValueError(f"{op}: {name}={value!r} is out of range; expected a finite number in "
                          f"{lo}{low}, {high}{hi}")
     return v
+
+
+def _extent(a) -> tuple[int, int]:
+    """[first, last) byte addresses an array's elements span (a CuPy array's device memory)."""
+    start = end = a.data.ptr
+    for n, stride in zip(a.shape, a.strides):
+        if stride < 0:
+            start += (n - 1) * stride
+        else:
+            end += (n - 1) * stride
+    return start, end + a.itemsize
+
+
+def check_no_overlap(op: str, arrays: dict) -> None:
+    """No two of ``arrays`` (name -> array or None, one device) share memory: in-place
+    updates of aliased state would read what they have just written."""
+    present = [(k, v) for k, v in arrays.items() if v is not None and v.size]
+    for i, (name_a, a) in enumerate(present):
+        for name_b, b in present[i + 1:]:
+            if isinstance(a, np.ndarray):
+                overlap = np.may_share_memory(a, b)
+            else:
+                (a0, a1), (b0, b1) = _extent(a), _extent(b)
+                overlap = a0 < b1 and b0 < a1
+            if overlap:
+                raise ValueError(
+                    f"{op}: arguments {name_a!r} and {name_b!r} share memory ({describe(a)}; "
+                    f"{describe(b)}); each state array is updated in place and must be its "
+                    "own array")

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import _backend
 from ._checks import (check_choice, check_class_indices, check_min_ndim, check_ndim,
-                      check_no_nan, check_scalar, check_shape, describe, prepare)
+                      check_no_nan, check_no_overlap, check_scalar, check_shape, describe,
+                      prepare)
 from ._trace import op_range
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
@@ -319,6 +320,14 @@ def mse_loss_backward(pred, target, *, reduction="mean"):
 def _xent_args(op, logits, target, reduction):
     check_choice(op, "reduction", reduction, XENT_REDUCTIONS)
     target_is_index = (getattr(target, "ndim", None) == 1)
+    target_dtype = getattr(target, "dtype", None)
+    if (not target_is_index and target_dtype is not None and np.dtype(target_dtype).kind in "iub"
+            and tuple(target.shape) != tuple(getattr(logits, "shape", ()))):
+        # (N, 1), 0-d, 3-D: class indices of the wrong shape (an integer array of the logits'
+        # shape is a probability target of the wrong dtype: prepare says so below)
+        raise ValueError(f"{op}: an integer target holds class indices and must be 1-D, one "
+                         f"per row of logits (N,); got {describe(target)} (probability "
+                         "targets are float arrays of the logits' shape)")
     backend, arr = prepare(op, {"logits": logits, "target": target},
                            ints=("target",) if target_is_index else ())
     logits, target = arr["logits"], arr["target"]
@@ -380,6 +389,7 @@ def _inplace_args(op, arrays):
         if name != "grad" and not (a.flags.c_contiguous and getattr(a.flags, "writeable", True)):
             raise ValueError(f"{op}: argument {name!r} is updated in place and must be a "
                              f"writable C-contiguous array, got {describe(a)}")
+    check_no_overlap(op, arr)
     return backend, arr
 
 
@@ -415,9 +425,9 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.
     op = "adam_step"
     counter = not isinstance(step, numbers.Integral) and hasattr(step, "dtype")
     if not counter and (isinstance(step, bool) or not isinstance(step, numbers.Integral)
-                        or step < 1):
-        raise ValueError(f"{op}: step must be an integer >= 1 or a 0-d int64 step counter "
-                         f"array, got {step!r}")
+                        or not 1 <= step <= _STEP_MAX):
+        raise ValueError(f"{op}: step must be an integer in [1, 2**63 - 1] or a 0-d int64 "
+                         f"step counter array, got {step!r}")
     lr = check_scalar(op, "lr", lr)
     beta1 = check_scalar(op, "beta1", beta1, high=1.0, high_open=True)
     beta2 = check_scalar(op, "beta2", beta2, high=1.0, high_open=True)
@@ -432,6 +442,9 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.
                               step if counter else int(step), lr, beta1, beta2, eps, weight_decay)
 
 
+_STEP_MAX = 2**63 - 1       # the largest count an int64 step counter holds
+
+
 def _step_counter(op, step, param, backend):
     """``step`` as a step counter of ``param``'s backend: a 0-d int64 array on its device
     (writable; NumPy counters are also checked to hold a count >= 0)."""
@@ -444,7 +457,7 @@ def _step_counter(op, step, param, backend):
         if not isinstance(step, np.ndarray) or not step.flags.writeable:
             raise ValueError(f"{op}: the step counter is incremented in place and must be a "
                              f"writable NumPy array, got {describe(step)}")
-        if int(step) < 0:
+        if not 0 <= int(step) < _STEP_MAX:    # incremented before use: must not wrap
             raise ValueError(f"{op}: the step counter holds {int(step)}, expected the number "
-                             "of steps taken so far (>= 0)")
+                             "of steps taken so far, in [0, 2**63 - 2]")
     return step

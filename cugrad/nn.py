@@ -21,7 +21,9 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import tempfile
 import zipfile
+from collections.abc import Mapping
 from typing import Iterator
 
 import numpy as np
@@ -41,6 +43,9 @@ class Parameter:
     backward writes it)."""
 
     def __init__(self, data):
+        if not hasattr(data, "shape") or not hasattr(data, "dtype"):
+            raise TypeError(f"Parameter: data must be an array, got {describe(data)}; convert "
+                            "it with cugrad.asarray()")
         self.data = data
         self.grad = None
 
@@ -60,12 +65,23 @@ class Parameter:
 
 
 def _ranged_backward(backward):
+    """The backward inside its NVTX range; what the forward saved is released only when the
+    backward returns, so a backward that raises (a wrong grad_out, say) can be retried."""
     @functools.wraps(backward)
     def wrapper(self, *args, **kwargs):
         device = _backend.device_of(args[0]) if args else self.device
         with op_range(f"{self._range_name}.backward", device):
-            return backward(self, *args, **kwargs)
+            result = backward(self, *args, **kwargs)
+        self._saved = None
+        return result
     return wrapper
+
+
+def _check_input_grad(module, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{module._range_name}.backward: input_grad must be a bool, got "
+                        f"{type(value).__name__} {value!r}")
+    return bool(value)
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,13 +134,14 @@ class Module:
         self._saved = tensors
 
     def _take_saved(self) -> tuple:
+        """What the last forward saved; released when this backward returns (not if it
+        raises)."""
         saved = self._saved
         if saved is None:
             raise RuntimeError(
                 f"{self._range_name}.backward: nothing saved to differentiate; backward needs "
                 "a forward call first, and may run only once per forward (call the module "
                 "again before a second backward)")
-        self._saved = None
         return saved
 
     # -- parameters and children ------------------------------------------------------------
@@ -134,13 +151,23 @@ class Module:
                 yield name, value
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """(dotted name, Parameter) pairs in attribute order; a Parameter held twice (tied
+        weights) is listed once, under its first name."""
+        seen: set[int] = set()
+        for name, p in self._all_parameters(prefix):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield name, p
+
+    def _all_parameters(self, prefix: str) -> Iterator[tuple[str, Parameter]]:
         for name, value in vars(self).items():
             if isinstance(value, Parameter):
                 yield prefix + name, value
         for name, child in self.named_children():
-            yield from child.named_parameters(f"{prefix}{name}.")
+            yield from child._all_parameters(f"{prefix}{name}.")
 
     def parameters(self) -> list[Parameter]:
+        """Every Parameter of this module and its children, each once."""
         return [p for _, p in self.named_parameters()]
 
     def zero_grad(self) -> None:
@@ -176,6 +203,9 @@ class Module:
     def load_state_dict(self, state: dict) -> "Module":
         """Copy ``state`` into the parameters. Every key must be present with the right
         shape; on any error nothing is changed and the message names the key."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"load_state_dict: state must be a mapping of parameter name to "
+                            f"array (as state_dict() returns), got {type(state).__name__}")
         params = dict(self.named_parameters())
         missing = [k for k in params if k not in state]
         unexpected = [k for k in state if k not in params]
@@ -193,22 +223,58 @@ class Module:
             if dtype is None or np.dtype(dtype).kind not in "fiu":
                 raise TypeError(f"load_state_dict: key {name!r} is not a numeric array "
                                 f"({describe(value)})")
-            new[name] = asarray(value, device=p.device, dtype=p.dtype)
+            if isinstance(value, np.ma.MaskedArray):
+                raise TypeError(f"load_state_dict: key {name!r} is a masked array "
+                                f"({describe(value)}); its mask would be lost: pass "
+                                "value.filled(...) or np.asarray(value)")
+            if isinstance(value, np.ndarray):
+                value = value.view(np.ndarray)          # np.matrix, memmap: plain arrays
+            # An own, C-contiguous array of the parameter's dtype and device, never a view
+            # of the caller's array (the optimisers update it in place).
+            xp = _backend.backend_for_device(p.device).xp
+            with np.errstate(over="ignore"):        # an overflow is reported below
+                cast = xp.array(asarray(value, device=p.device, dtype=p.dtype), order="C",
+                                copy=True)
+            if np.dtype(dtype).kind == "f" and np.dtype(dtype).itemsize > cast.dtype.itemsize:
+                src = asarray(value, device=p.device, dtype=dtype)     # narrowing: none lost?
+                if int(xp.isfinite(src).sum()) != int(xp.isfinite(cast).sum()):
+                    raise ValueError(f"load_state_dict: key {name!r} holds values beyond "
+                                     f"{p.dtype}'s range (they would become inf): "
+                                     f"{describe(value)}")
+            new[name] = cast
         for name, p in params.items():          # only now: all or nothing
-            p.data = new[name].copy() if new[name] is state[name] else new[name]
+            p.data = new[name]
         return self
 
     def save(self, path) -> None:
-        """Write the weights to ``path`` as an uncompressed .npz (no pickles)."""
+        """Write the weights to ``path`` (exactly that name) as an uncompressed .npz archive,
+        one ``<name>.npy`` member per parameter, no pickles. The file is written beside
+        ``path`` and renamed over it at the end: a failed save leaves an existing file as
+        it was."""
+        path = os.fspath(path)
         arrays = {name: to_numpy(a) for name, a in self.state_dict().items()}
-        with open(os.fspath(path), "wb") as f:
-            np.savez(f, **arrays)
+        fd, tmp = tempfile.mkstemp(prefix=".cugrad-save-", suffix=".npz",
+                                   dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+                for name, array in arrays.items():
+                    with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, np.ascontiguousarray(array),
+                                                  allow_pickle=False)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
     def load(self, path) -> "Module":
         """Read weights written by ``save`` (never unpickles); on a missing key, a shape
         mismatch or an unreadable file, raises and leaves the weights as they were."""
         try:
-            with np.load(os.fspath(path), allow_pickle=False) as archive:
+            loaded = np.load(os.fspath(path), allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise ValueError(f"not an .npz archive (a single {type(loaded).__name__}); "
+                                 "Module.save writes .npz archives")
+            with loaded as archive:
                 state = {name: archive[name] for name in archive.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{type(self).__name__}.load: cannot read weights from "
@@ -232,9 +298,17 @@ class Linear(Module):
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"Linear: {name} must be a positive integer, got {v!r}")
-        dtype = np.dtype(dtype)
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"Linear: dtype must be float32 or float64, got {dtype!r}") from None
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"Linear: dtype must be float32 or float64, got {dtype}")
+        if not (rng is None or isinstance(rng, np.random.Generator)
+                or (isinstance(rng, (int, np.integer)) and not isinstance(rng, bool)
+                    and rng >= 0)):
+            raise TypeError(f"Linear: rng must be None, a non-negative int seed or a "
+                            f"numpy.random.Generator, got {type(rng).__name__} {rng!r}")
         if activation is not None:
             check_choice("Linear", "activation", activation, F.ACTIVATIONS)
         self.in_features, self.out_features = int(in_features), int(out_features)
@@ -247,7 +321,20 @@ class Linear(Module):
             if bias else None
         self.to(device)
 
+    def _check_dtype(self, name: str, x, where: str) -> None:
+        """A float array of another dtype than the layer's: say so in the layer's terms
+        (F.linear would name the weight as the odd one out)."""
+        dtype = getattr(x, "dtype", None)
+        if (dtype is not None and dtype != self.weight.data.dtype
+                and np.dtype(dtype) in (np.float32, np.float64)):
+            raise TypeError(
+                f"{self._range_name}.{where}: argument {name!r} has dtype {dtype} "
+                f"({describe(x)}) but the layer's parameters are {self.weight.data.dtype}; "
+                f"convert it (.astype({str(self.weight.data.dtype)!r})) or create the layer "
+                f"with dtype={str(dtype)!r}")
+
     def forward(self, x):
+        self._check_dtype("x", x, "forward")
         b = self.bias.data if self.bias is not None else None
         y = F.linear(x, self.weight.data, b, activation=self.activation)
         self._save(x, y if self.activation else None)
@@ -255,6 +342,7 @@ class Linear(Module):
 
     def backward(self, grad_out, *, input_grad=True):
         x, y = self._take_saved()
+        self._check_dtype("grad_out", grad_out, "backward")
         gx, gw, gb = F.linear_backward(grad_out, x, self.weight.data,
                                        bias=self.bias is not None,
                                        activation=self.activation, out=y,
@@ -282,6 +370,7 @@ class _Activation(Module):
         return y
 
     def backward(self, grad_out, *, input_grad=True):
+        input_grad = _check_input_grad(self, input_grad)
         (y,) = self._take_saved()
         return self._backward(grad_out, y) if input_grad else None
 
@@ -302,6 +391,18 @@ class ReLU(_Activation):
     _backward = staticmethod(F.relu_backward)
 
 
+def _add_note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):        # Python >= 3.11
+        exc.add_note(note)
+
+
+def _module_tree(module: Module, path: str) -> Iterator[tuple[str, Module]]:
+    """``module`` and every module below it, with their positions (``"1.0"``, ``"2.fc"``)."""
+    yield path, module
+    for name, child in module.named_children():
+        yield from _module_tree(child, f"{path}.{name}")
+
+
 class Sequential(Module):
     """Modules applied in order; backward runs them in reverse."""
 
@@ -312,6 +413,16 @@ class Sequential(Module):
                 raise TypeError(f"Sequential: argument {i} is {type(m).__name__}, expected "
                                 "a cugrad.nn.Module")
         self.layers = list(modules)
+        seen: dict[int, str] = {}
+        for i, m in enumerate(modules):
+            for path, sub in _module_tree(m, str(i)):
+                if id(sub) in seen:
+                    raise ValueError(
+                        f"Sequential: the module at {path} ({type(sub).__name__}) is the same "
+                        f"instance as the one at {seen[id(sub)]}; a module may appear once in "
+                        "a model (its forward saves what its backward needs); create two "
+                        "modules, and tie their parameters if they must share weights")
+                seen[id(sub)] = path
         devices = {m.device for m in modules if m.parameters()}
         if len(devices) > 1:
             raise ValueError(f"Sequential: layers live on different devices {sorted(devices)}; "
@@ -331,13 +442,23 @@ class Sequential(Module):
         return self.layers[i]
 
     def forward(self, x):
-        for m in self.layers:
-            x = m(x)
+        for i, m in enumerate(self.layers):
+            try:
+                x = m(x)
+            except Exception as exc:
+                _add_note(exc, f"(in Sequential layer {i}: {m!r})")
+                raise
         return x
 
     def backward(self, grad_out, *, input_grad=True):
+        input_grad = _check_input_grad(self, input_grad)
         for i in range(len(self.layers) - 1, 0, -1):
-            grad_out = self.layers[i].backward(grad_out)
+            try:
+                grad_out = self.layers[i].backward(grad_out)
+            except Exception as exc:
+                _add_note(exc, f"(in Sequential layer {i}: {self.layers[i]!r}; the layers "
+                               "after it have already accumulated their parameter gradients)")
+                raise
         if not self.layers:
             return grad_out if input_grad else None
         return run_backward(self.layers[0], grad_out, input_grad)

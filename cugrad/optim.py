@@ -7,7 +7,7 @@ from ._arrays import asarray
 from ._backend import backend_for_device, device_of
 from ._checks import check_scalar
 from ._trace import op_range
-from .nn import Parameter
+from .nn import Module, Parameter
 
 __all__ = ["Optimizer", "SGD", "Adam"]
 
@@ -19,13 +19,23 @@ class Optimizer:
     _range = "optimizer.step"
 
     def __init__(self, params):
+        name = type(self).__name__
+        if isinstance(params, (Module, Parameter)) or not hasattr(params, "__iter__"):
+            raise TypeError(f"{name}: params must be an iterable of cugrad.nn.Parameter, got "
+                            f"{type(params).__name__}; pass model.parameters() (or [param])")
         self.params = list(params)
         if not self.params:
-            raise ValueError(f"{type(self).__name__}: got an empty parameter list")
+            raise ValueError(f"{name}: got an empty parameter list")
+        first: dict[int, int] = {}
         for i, p in enumerate(self.params):
             if not isinstance(p, Parameter):
-                raise TypeError(f"{type(self).__name__}: params[{i}] is {type(p).__name__}, "
+                raise TypeError(f"{name}: params[{i}] is {type(p).__name__}, "
                                 "expected cugrad.nn.Parameter (pass model.parameters())")
+            if id(p) in first:
+                raise ValueError(f"{name}: params[{i}] is the same Parameter as "
+                                 f"params[{first[id(p)]}] ({p!r}); it would be updated twice "
+                                 "a step (model.parameters() lists a tied weight once)")
+            first[id(p)] = i
         self.state: dict[int, dict] = {id(p): {} for p in self.params}
 
     def zero_grad(self) -> None:

@@ -1,0 +1,339 @@
+"""Hostile use of the layer, optimiser and functional API (found by trying to break it):
+ndarray subclasses, aliased optimiser state, tied and repeated parameters and modules,
+weights on disk, failed backwards, messages in the layer's terms, out-of-range scalars.
+Each case is correct or a clear TypeError/ValueError; none changes state before it raises."""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import cugrad.functional as F
+from cugrad import _checks, nn, optim
+from cugrad._arrays import to_numpy
+
+from conftest import randn, rel_err
+
+f32 = np.float32
+
+
+def _linear(rng_seed=0, n_in=5, n_out=3, **kw):
+    return nn.Linear(n_in, n_out, rng=rng_seed, **kw)
+
+
+# ------------------------------------------------------------------ ndarray subclasses
+
+matrix_ok = pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+
+
+@matrix_ok
+def test_np_matrix_inputs_are_plain_arrays_to_the_ops(rng):
+    a, b = randn(rng, 4, 3), randn(rng, 3, 5)
+    out = F.matmul(np.matrix(a), np.matrix(b))
+    assert type(out) is np.ndarray and rel_err(out, a.astype(np.float64) @ b) < 1e-5
+    g = randn(rng, 6, 4)
+    db = F.bias_grad(np.matrix(g))
+    assert db.shape == (4,) and rel_err(db, g.astype(np.float64).sum(axis=0)) < 1e-5
+    z = randn(rng, 3, 4)
+    assert rel_err(F.softmax(np.matrix(z)), F.softmax(z)) == 0
+    s = F.sigmoid(z)
+    assert rel_err(F.sigmoid_backward(np.matrix(z), np.matrix(s)), F.sigmoid_backward(z, s)) == 0
+    assert float(F.mse_loss(np.matrix(z), np.matrix(s))) == float(F.mse_loss(z, s))
+
+
+def test_np_memmap_is_still_accepted_and_updated_in_place(tmp_path, rng):
+    p = np.lib.format.open_memmap(tmp_path / "p.npy", mode="w+", dtype=f32, shape=(3, 4))
+    p[:] = 1.0
+    F.sgd_step(p, np.full((3, 4), 2.0, f32), lr=0.25)
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), np.full((3, 4), 0.5, f32))
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: F.relu(m),
+    lambda m: F.matmul(m, np.ones((3, 2), f32)),
+    lambda m: F.mse_loss(np.ones((2, 3), f32), m),
+    lambda m: F.adam_step(np.ones((2, 3), f32), m, np.zeros((2, 3), f32),
+                          np.zeros((2, 3), f32), step=1, lr=0.1),
+])
+def test_masked_arrays_are_refused_not_unmasked(call):
+    masked = np.ma.masked_invalid(np.array([[1, np.nan, 1], [1, 1, 1]], f32))
+    with pytest.raises(TypeError, match=r"masked array.*filled"):
+        call(masked)
+
+
+def test_masked_class_indices_are_refused():
+    target = np.ma.masked_array([0, 1, 9], mask=[0, 0, 1])
+    with pytest.raises(TypeError, match="masked array"):
+        F.cross_entropy(np.zeros((3, 4), f32), target)
+
+
+# ---------------------------------------------------------------- aliased optimiser state
+
+@pytest.mark.parametrize("which", ["momentum_buf_is_param", "grad_is_param", "buf_view"])
+def test_sgd_state_sharing_memory_is_refused_before_any_update(backend, which):
+    p = backend.put(np.ones((4, 3), f32))
+    g = backend.put(np.full((4, 3), 0.5, f32))
+    if which == "momentum_buf_is_param":
+        args = (p, g, p)
+    elif which == "grad_is_param":
+        args = (p, p, backend.put(np.zeros((4, 3), f32)))
+    else:
+        big = backend.put(np.zeros((8, 3), f32))
+        args = (big[2:6], g, big[4:8])      # overlapping rows
+    before = [backend.get(a).copy() for a in args]
+    with pytest.raises(ValueError, match="share memory"):
+        F.sgd_step(*args, lr=0.1, momentum=0.9)
+    for a, b in zip(args, before):
+        np.testing.assert_array_equal(backend.get(a), b)
+
+
+def test_adam_moments_sharing_memory_are_refused(backend):
+    p, g = backend.put(np.ones((2, 3), f32)), backend.put(np.ones((2, 3), f32))
+    m = backend.put(np.zeros((2, 3), f32))
+    with pytest.raises(ValueError, match="'exp_avg' and 'exp_avg_sq' share memory"):
+        F.adam_step(p, g, m, m, step=1, lr=0.1)
+    np.testing.assert_array_equal(backend.get(m), 0)
+
+
+def test_disjoint_halves_of_one_buffer_are_not_an_overlap():
+    buf = np.zeros((2, 4, 3), f32)
+    F.sgd_step(buf[0], np.ones((4, 3), f32), buf[1], lr=0.5, momentum=0.9)
+    np.testing.assert_array_equal(buf[0], -0.5)
+    np.testing.assert_array_equal(buf[1], 1.0)
+
+
+def test_device_extent_of_strided_arrays():
+    # The CuPy side of the overlap check works on pointers, shapes and strides.
+    def arr(ptr, shape, strides, itemsize=4):
+        return SimpleNamespace(data=SimpleNamespace(ptr=ptr), shape=shape, strides=strides,
+                               itemsize=itemsize, size=int(np.prod(shape)))
+    assert _checks._extent(arr(1000, (4, 3), (12, 4))) == (1000, 1048)
+    assert _checks._extent(arr(1000, (4,), (-4,))) == (988, 1004)     # a reversed view
+    assert _checks._extent(arr(1000, (3, 2), (4, 12))) == (1000, 1024)  # a transposed view
+    a, b = arr(1000, (4, 3), (12, 4)), arr(1048, (4, 3), (12, 4))
+    _checks.check_no_overlap("op", {"a": a, "b": b})                    # touching, not sharing
+    with pytest.raises(ValueError, match="'a' and 'c' share memory"):
+        _checks.check_no_overlap("op", {"a": a, "b": None, "c": arr(1044, (1,), (4,))})
+
+
+# --------------------------------------------------------------- tied and repeated things
+
+def test_tied_weights_are_one_parameter_updated_once(rng):
+    a, b = _linear(0, 4, 4), _linear(1, 4, 4)
+    b.weight = a.weight
+    model = nn.Sequential(a, b)
+    assert len(model.parameters()) == 3
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.bias", "1.bias"]
+    w0 = a.weight.data.copy()
+    x = randn(rng, 6, 4)
+    model(x)
+    model.backward(np.ones((6, 4), f32))
+    grad = a.weight.grad.copy()           # both uses accumulate into one gradient
+    optim.SGD(model.parameters(), lr=0.1).step()
+    np.testing.assert_allclose(a.weight.data, w0 - 0.1 * grad, rtol=1e-6)
+
+
+@pytest.mark.parametrize("opt", [lambda ps: optim.SGD(ps, lr=0.1), lambda ps: optim.Adam(ps)])
+def test_the_same_parameter_twice_is_refused(opt):
+    p = nn.Parameter(np.ones(3, f32))
+    with pytest.raises(ValueError, match=r"params\[1\] is the same Parameter as params\[0\]"):
+        opt([p, p])
+
+
+@pytest.mark.parametrize("params", [_linear(), nn.Parameter(np.ones(3, f32))],
+                         ids=["module", "parameter"])
+def test_optimiser_given_a_module_or_a_parameter_says_what_to_pass(params):
+    with pytest.raises(TypeError, match=r"model\.parameters\(\)"):
+        optim.SGD(params, lr=0.1)
+
+
+def test_a_module_instance_twice_in_a_model_is_refused():
+    lin = _linear(0, 3, 3)
+    with pytest.raises(ValueError, match="module at 1 .*same instance as the one at 0"):
+        nn.Sequential(lin, lin)
+    inner = nn.Sequential(_linear(1, 3, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"module at 1\.0 .*one at 0"):
+        nn.Sequential(inner[0], inner)
+
+
+def test_parameter_needs_an_array():
+    with pytest.raises(TypeError, match=r"Parameter: data must be an array.*cugrad\.asarray"):
+        nn.Parameter([1.0])
+
+
+# -------------------------------------------------------------------------- weights
+
+def test_load_state_dict_stores_own_c_contiguous_arrays(rng):
+    lin = _linear(0, 3, 2)
+    w = np.asfortranarray(randn(rng, 2, 3, dtype=np.float64))
+    b = randn(rng, 2)
+    lin.load_state_dict({"weight": w, "bias": b})
+    assert lin.weight.data.flags.c_contiguous and lin.weight.data.dtype == f32
+    assert lin.bias.data is not b and not np.shares_memory(lin.bias.data, b)
+    b[:] = 7.0                                    # the caller's array is not the parameter
+    assert not (lin.bias.data == 7.0).any()
+    lin(randn(rng, 4, 3))
+    lin.backward(np.ones((4, 2), f32))
+    optim.SGD(lin.parameters(), lr=0.1).step()    # in place: needs a C-contiguous parameter
+
+
+@matrix_ok
+def test_load_state_dict_accepts_a_matrix_and_refuses_masks_and_non_mappings(rng):
+    lin = _linear(0, 3, 2)
+    w, b = randn(rng, 2, 3), randn(rng, 2)
+    lin.load_state_dict({"weight": np.matrix(w), "bias": b})
+    assert type(lin.weight.data) is np.ndarray
+    np.testing.assert_array_equal(lin.weight.data, w)
+    before = lin.weight.data.copy()
+    with pytest.raises(TypeError, match="key 'weight' is a masked array"):
+        lin.load_state_dict({"weight": np.ma.masked_array(w), "bias": b})
+    with pytest.raises(TypeError, match="state must be a mapping"):
+        lin.load_state_dict([("weight", w), ("bias", b)])
+    np.testing.assert_array_equal(lin.weight.data, before)
+
+
+def test_load_state_dict_refuses_values_that_overflow_the_parameter_dtype():
+    lin = _linear(0, 3, 2)
+    before = lin.weight.data.copy()
+    w = np.zeros((2, 3))
+    w[1, 2] = 1e300
+    with pytest.raises(ValueError, match="key 'weight' holds values beyond float32's range"):
+        lin.load_state_dict({"weight": w, "bias": np.zeros(2)})
+    np.testing.assert_array_equal(lin.weight.data, before)
+    w[1, 2] = np.inf                      # already infinite: loaded as it is
+    lin.load_state_dict({"weight": w, "bias": np.zeros(2)})
+    assert lin.weight.data[1, 2] == np.inf
+
+
+class _Named(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.file = nn.Parameter(np.arange(3, dtype=f32))
+        self.allow_pickle = nn.Parameter(np.arange(4, dtype=f32))
+
+
+def test_save_round_trips_any_parameter_name(tmp_path):
+    m = _Named()
+    m.save(tmp_path / "w")                # exactly this name, no suffix added
+    assert os.listdir(tmp_path) == ["w"]
+    other = _Named()
+    other.file.data[:] = 0
+    other.allow_pickle.data[:] = 0
+    other.load(tmp_path / "w")
+    np.testing.assert_array_equal(other.file.data, np.arange(3))
+    np.testing.assert_array_equal(other.allow_pickle.data, np.arange(4))
+
+
+def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "w.npz"
+    _linear(0).save(path)
+    good = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(np.lib.format, "write_array", broken)
+    with pytest.raises(OSError, match="disk full"):
+        _linear(1).save(path)
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == ["w.npz"]
+
+
+def test_load_of_a_single_npy_is_a_clear_error(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones(3))
+    lin = _linear(0)
+    before = lin.weight.data.copy()
+    with pytest.raises(ValueError, match=r"x\.npy.*not an \.npz archive"):
+        lin.load(tmp_path / "x.npy")
+    np.testing.assert_array_equal(lin.weight.data, before)
+
+
+# ------------------------------------------------------------------ forward / backward
+
+def test_linear_dtype_mismatch_names_the_input_and_the_layer():
+    lin = _linear(0, 3, 2)
+    with pytest.raises(TypeError, match=r"Linear\.forward: argument 'x' has dtype float64 .*"
+                                        r"layer's parameters are float32"):
+        lin(np.ones((4, 3)))
+    model = nn.Sequential(_linear(0, 3, 2), nn.ReLU(), _linear(1, 2, 2))
+    model(np.ones((4, 3), f32))
+    with pytest.raises(TypeError, match=r"2:Linear\.backward: argument 'grad_out' has dtype "
+                                        r"float64"):
+        model.backward(np.ones((4, 2)))
+
+
+def test_a_failed_backward_can_be_retried(rng):
+    lin = _linear(0, 3, 4)
+    x = randn(rng, 5, 3)
+    lin(x)
+    with pytest.raises(ValueError, match="'grad_y'"):
+        lin.backward(np.ones((5, 3), f32))
+    assert lin.weight.grad is None
+    g = randn(rng, 5, 4)
+    gx = lin.backward(g)
+    ref = g.astype(np.float64) @ lin.weight.data
+    assert rel_err(gx, ref) < 1e-5
+    with pytest.raises(RuntimeError, match="only once per forward"):
+        lin.backward(g)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
+def test_sequential_says_which_layer_failed():
+    model = nn.Sequential(_linear(0, 3, 4), nn.ReLU(), _linear(1, 5, 2))
+    with pytest.raises(ValueError) as info:
+        model(np.ones((2, 3), f32))
+    assert any("Sequential layer 2" in note for note in info.value.__notes__)
+
+
+@pytest.mark.parametrize("layer", [nn.ReLU(), nn.Sigmoid(), nn.Tanh(),
+                                   nn.Sequential(nn.ReLU())], ids=repr)
+def test_input_grad_must_be_a_bool(layer):
+    layer(np.ones((2, 3), f32))
+    with pytest.raises(TypeError, match="input_grad must be a bool"):
+        layer.backward(np.ones((2, 3), f32), input_grad="no")
+
+
+@pytest.mark.parametrize("kwargs, pieces", [
+    ({"rng": 1.5}, ["rng", "float"]), ({"rng": "seed"}, ["rng", "str"]),
+    ({"rng": -1}, ["rng", "-1"]), ({"dtype": "banana"}, ["dtype", "banana"]),
+])
+def test_linear_constructor_arguments_are_named(kwargs, pieces):
+    with pytest.raises(TypeError) as info:
+        nn.Linear(3, 2, **kwargs)
+    assert all(p in str(info.value) for p in pieces), str(info.value)
+
+
+# ------------------------------------------------------------------------ scalars
+
+def test_huge_integer_hyperparameters_are_a_value_error():
+    with pytest.raises(ValueError, match=r"lr=1000.* is out of range"):
+        optim.SGD([nn.Parameter(np.ones(3, f32))], lr=10**400)
+
+
+def test_adam_step_out_of_range_changes_nothing():
+    p, g = np.ones(3, f32), np.ones(3, f32)
+    m, v = np.zeros(3, f32), np.zeros(3, f32)
+    with pytest.raises(ValueError, match=r"step must be an integer in \[1, 2\*\*63 - 1\]"):
+        F.adam_step(p, g, m, v, step=10**400, lr=0.1)
+    counter = np.array(2**63 - 1, dtype=np.int64)
+    with pytest.raises(ValueError, match="step counter holds"):
+        F.adam_step(p, g, m, v, step=counter, lr=0.1)
+    assert (m == 0).all() and (v == 0).all() and (p == 1).all() and int(counter) == 2**63 - 1
+    F.adam_step(p, g, m, v, step=2**63 - 1, lr=0.1)     # the largest step is fine
+    assert np.isfinite(p).all()
+
+
+@pytest.mark.parametrize("target", [np.zeros((4, 1), np.int64), np.array(0)],
+                         ids=["N-by-1", "0-d"])
+def test_integer_target_of_the_wrong_shape_says_shape(target):
+    with pytest.raises(ValueError, match=r"must be 1-D, one per row of logits \(N,\)"):
+        F.cross_entropy(np.zeros((4, 3), f32), target)
+
+
+def test_results_never_alias_inputs(rng):
+    x = randn(rng, 3, 4)
+    for out in (F.relu(x), F.sigmoid(x), F.softmax(x), F.matmul(x, x, trans_b=True)):
+        assert not np.shares_memory(to_numpy(out), x)
