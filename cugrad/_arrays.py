@@ -2,32 +2,97 @@
 
 from __future__ import annotations
 
+import numbers
+import reprlib
+
 import numpy as np
 
 from . import _backend
-from ._checks import _to_backend_array
+from ._checks import _to_backend_array, describe
 
 DEFAULT_DTYPE = np.dtype(np.float32)
+_OP_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))   # the float dtypes ops take
 
 
 def asarray(x, *, device=None, dtype=None):
     """An array cugrad's ops accept: a NumPy array on "cpu", a CuPy array on "cuda".
 
     ``x`` may be a NumPy or CuPy array, a GPU array exposing ``__cuda_array_interface__``
-    or DLPack (a PyTorch CUDA tensor: no copy), a DLPack CPU array, or a list/scalar.
-    ``device`` defaults to where the data already lives. ``dtype`` defaults to the data's
-    floating dtype, else float32. Copies only when the device or dtype changes.
+    or DLPack (a PyTorch CUDA tensor: no copy), a DLPack CPU array, or a list/scalar of real
+    numbers. ``device`` defaults to where the data already lives. ``dtype`` defaults to a
+    dtype the ops take: float32 and float64 data keep theirs, in native byte order ('>f4'
+    becomes float32); a wider float (longdouble) becomes float64; anything else (float16,
+    integers, bools) becomes float32. An explicit numeric ``dtype`` is used as given (int64
+    for class indices). Copies only when the device, dtype or byte order changes. An ndarray
+    subclass comes back as a plain ndarray (np.matrix: its 2-D data, without a copy).
+
+    TypeError for data that is not real numbers (None, strings, objects that are not
+    numbers, complex unless ``dtype`` is complex: pass ``x.real`` or ``abs(x)``) and for a
+    masked array, whose mask would be lost (pass ``x.filled(value)``, or ``np.asarray(x)``
+    to drop the mask knowingly).
     """
+    if dtype is not None:
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError as exc:
+            raise TypeError(f"asarray: dtype={dtype!r} is not a NumPy dtype ({exc})") from None
+        if dtype.kind not in "biufc":
+            raise TypeError(f"asarray: dtype={dtype} is not numeric; expected a float dtype "
+                            "(float32 or float64), or an integer dtype for class indices")
     if isinstance(x, np.ndarray) or _backend.is_gpu_array(x) or hasattr(x, "__dlpack__"):
-        arr = _to_backend_array("asarray", "x", x)
+        arr = _to_backend_array("asarray", "x", x)     # a subclass: a plain view; masks refused
     else:
-        arr = np.asarray(x)
+        try:
+            arr = np.asarray(x)
+        except ValueError as exc:   # ragged nesting
+            raise ValueError(f"asarray: argument 'x' ({_what(x)}) is not a rectangular "
+                             f"array of numbers ({exc})") from None
+    arr = _real_numbers(x, arr, dtype)
     if dtype is None:
-        dtype = arr.dtype if arr.dtype.kind == "f" else DEFAULT_DTYPE
+        dtype = _op_dtype(arr.dtype)
     target = _backend.device_of(arr) if device is None else _backend.normalize_device(device)
     if target == "cpu":
         return to_numpy(arr).astype(dtype, copy=False)
     return _backend.cuda_backend().xp.asarray(arr, dtype=dtype)
+
+
+def _real_numbers(x, arr, dtype):
+    """``arr`` if it holds real numbers (an object array of numbers converted to a numeric
+    one); else a TypeError naming what ``x`` is."""
+    kind = arr.dtype.kind
+    if kind in "biuf" or (kind == "c" and dtype is not None and dtype.kind == "c"):
+        return arr
+    if kind == "c":
+        raise TypeError(f"asarray: argument 'x' is complex ({_what(x)}); cugrad's ops take "
+                        "real numbers: pass x.real or abs(x), or an explicit complex dtype")
+    if kind == "O":
+        try:
+            inferred = np.array(arr.tolist())
+        except ValueError:          # ragged nesting inside the objects
+            inferred = arr
+        if inferred.dtype.kind in "biuf":
+            return inferred
+        if all(isinstance(v, numbers.Real) for v in arr.flat):    # Fraction, huge ints
+            return arr.astype(np.float64)
+    raise TypeError(f"asarray: argument 'x' must hold real numbers, got {_what(x)}")
+
+
+def _op_dtype(dt: np.dtype) -> np.dtype:
+    """The float dtype an op takes for data of dtype ``dt`` (asarray's default)."""
+    if dt.kind == "f":
+        native = dt.newbyteorder("=")
+        if native in _OP_FLOATS:
+            return native
+        return np.dtype(np.float64) if dt.itemsize >= 8 else DEFAULT_DTYPE
+    return DEFAULT_DTYPE
+
+
+def _what(x) -> str:
+    if x is None:
+        return "None"
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return describe(x)
+    return f"{type(x).__name__} {reprlib.repr(x)}"
 
 
 def to_numpy(x) -> np.ndarray:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _backend
 from ._arrays import to_numpy
+from ._checks import check_scalar, describe
 
 __all__ = ["GradcheckError", "gradcheck", "jacobian"]
 
@@ -18,57 +20,136 @@ class GradcheckError(AssertionError):
     """A backward disagrees with finite differences."""
 
 
-def _float64_copies(inputs):
+def _float64_copies(op, inputs):
+    """Fresh C-contiguous float64 copies of the inputs, each on its own device."""
     out = []
     for i, x in enumerate(inputs):
         if not hasattr(x, "dtype") or np.dtype(x.dtype).kind != "f":
-            raise TypeError(f"gradcheck: input {i} must be a float array, got "
+            raise TypeError(f"{op}: input {i} must be a float array, got "
                             f"{type(x).__name__}")
-        out.append(x.astype(np.float64, copy=True))   # stays on its device
+        if isinstance(x, (np.ndarray, np.generic)):
+            x = np.array(x, dtype=np.float64, order="C", copy=True)   # 0-d for a scalar
+        else:
+            x = x.astype(np.float64, order="C", copy=True)
+        # C order: _central_differences writes through a flat view of x.
+        if not _all_finite(x):
+            raise ValueError(f"{op}: input {i} holds NaN or infinity ({describe(x)}); finite "
+                             "differences need a finite point")
+        out.append(x)
     return out
 
 
-def _central_differences(values, x, eps):
-    """(values() at x + eps·e_j − values() at x − eps·e_j) / 2eps for every element j of x,
-    perturbing x in place (a fresh float64 copy): an array of shape values().shape + x.shape."""
+def _all_finite(a) -> bool:
+    return bool((abs(a) < np.inf).all())     # NumPy or CuPy; False for NaN
+
+
+def _check_eps(op, eps) -> float:
+    return check_scalar(op, "eps", eps, low=0.0, low_open=True)
+
+
+def _central_differences(op, values, x, eps, i=0):
+    """(values() at x + eps·e_j − values() at x − eps·e_j) / step for every element j of x,
+    perturbing x in place (a fresh C-contiguous float64 copy); step is the distance between
+    the two points as float64 holds them (2eps up to rounding). An array of shape
+    values().shape + x.shape. ValueError when eps does not move an element."""
     flat = x.reshape(-1)                    # a view: x is a fresh C-contiguous copy
     columns = []
     for j in range(flat.size):
         orig = float(flat[j])
-        flat[j] = orig + eps
+        hi, lo = orig + eps, orig - eps
+        if hi == orig or lo == orig:
+            where = tuple(int(v) for v in np.unravel_index(j, x.shape))
+            raise ValueError(f"{op}: eps={eps!r} does not change input {i}, element {where} "
+                             f"(value {orig!r}) in float64; use a larger eps")
+        flat[j] = hi
         plus = values()
-        flat[j] = orig - eps
+        flat[j] = lo
         minus = values()
         flat[j] = orig
-        columns.append((plus - minus) / (2.0 * eps))
+        columns.append((plus - minus) / (hi - lo))
     if not columns:                         # an empty x
         return np.empty(np.shape(values()) + tuple(x.shape))
     return np.stack(columns, axis=-1).reshape(np.shape(columns[0]) + tuple(x.shape))
+
+
+def _output(op, y):
+    """``fn``'s result checked: a real array (NumPy, CuPy or other GPU array) or number."""
+    if _backend.is_gpu_array(y):
+        kind = np.dtype(y.dtype).kind
+    elif isinstance(y, (np.ndarray, np.generic)):
+        kind = y.dtype.kind
+    elif isinstance(y, (int, float)) and not isinstance(y, bool):
+        return y
+    else:
+        raise TypeError(f"{op}: fn must return an array or a number, got {describe(y)}")
+    if kind not in "fiu":
+        raise TypeError(f"{op}: fn must return a real array, got {describe(y)}")
+    return y
+
+
+def _host_float64(op, what, value):
+    """``value`` (NumPy, CuPy, list, number) as a host float64 array; TypeError naming
+    ``what`` unless it holds real numbers."""
+    try:
+        arr = np.asarray(to_numpy(value))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{op}: {what} must be an array of real numbers, got "
+                        f"{describe(value)} ({exc})") from None
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{op}: {what} must be an array of real numbers, got "
+                        f"{describe(value)}")
+    return arr.astype(np.float64)
+
+
+def _first(mask):
+    """Index tuple of the first True element of a boolean array."""
+    return tuple(int(v) for v in np.unravel_index(int(np.argmax(mask)), mask.shape))
 
 
 def gradcheck(fn, *inputs, backward, grad_output=None, eps=1e-6, atol=1e-5, rtol=1e-4,
               seed=0):
     """Check ``backward`` against central differences of ``fn`` in float64.
 
-    ``fn(*inputs)`` returns an array y; ``backward(grad_output, *inputs)`` returns the
-    gradients of ``sum(grad_output * y)`` with respect to each input (a tuple with one entry
-    per input, None to skip one; a single array when there is one input). ``grad_output``
-    defaults to a seeded random array of y's shape. Inputs are copied to float64 on their
-    own device. Returns True, or raises GradcheckError naming the worst element, its
-    analytic and numeric values and the error.
+    ``fn(*inputs)`` returns an array y (or a number); ``backward(grad_output, *inputs)``
+    returns the gradients of ``sum(grad_output * y)`` with respect to each input (a tuple
+    with one entry per input, None to skip one, not all; a single array when there is one
+    input). ``grad_output`` has y's shape; it defaults to a seeded random array. Inputs are
+    copied to float64 on their own device. ``eps`` > 0 must move every input element;
+    ``atol``, ``rtol`` are finite and >= 0. Returns True, or raises GradcheckError naming
+    the worst element, its analytic and numeric values and the error, or the first element
+    where either gradient is not finite.
     """
-    xs = _float64_copies(inputs)
-    y = fn(*xs)
+    op = "gradcheck"
+    eps = _check_eps(op, eps)
+    atol = check_scalar(op, "atol", atol)
+    rtol = check_scalar(op, "rtol", rtol)
+    xs = _float64_copies(op, inputs)
+    y = _output(op, fn(*xs))
+    y_host = np.asarray(to_numpy(y), dtype=np.float64)
+    y_shape = y_host.shape
+    if not np.all(np.isfinite(y_host)):
+        j = _first(~np.isfinite(y_host))
+        raise GradcheckError(f"{op}: fn's output is {y_host[j]} at element {j}, so the "
+                             "numeric gradient is not finite: finite differences need a "
+                             "finite output")
     if grad_output is None:
-        grad_output = np.random.default_rng(seed).standard_normal(np.shape(y))
-    go_host = np.asarray(to_numpy(grad_output), dtype=np.float64)
+        go_host = np.random.default_rng(seed).standard_normal(y_shape)
+    else:
+        go_host = _host_float64(op, "grad_output", grad_output)
+        if go_host.shape != y_shape:
+            raise ValueError(f"{op}: grad_output has shape {go_host.shape}, expected "
+                             f"{y_shape} (the shape of fn's output)")
+        if not np.all(np.isfinite(go_host)):
+            raise ValueError(f"{op}: grad_output holds NaN or infinity")
     go = _like(y, go_host)
     analytic = backward(go, *xs)
     if not isinstance(analytic, (tuple, list)):
         analytic = (analytic,)
     if len(analytic) != len(xs):
-        raise ValueError(f"gradcheck: backward returned {len(analytic)} gradients for "
+        raise ValueError(f"{op}: backward returned {len(analytic)} gradients for "
                          f"{len(xs)} inputs")
+    if all(a is None for a in analytic):
+        raise ValueError(f"{op}: backward returned None for every input: nothing to check")
 
     def scalar():
         return np.float64(np.sum(go_host * to_numpy(fn(*xs))))
@@ -76,26 +157,36 @@ def gradcheck(fn, *inputs, backward, grad_output=None, eps=1e-6, atol=1e-5, rtol
     for i, (x, a) in enumerate(zip(xs, analytic)):
         if a is None:
             continue
-        a = np.asarray(to_numpy(a), dtype=np.float64)
+        a = _host_float64(op, f"gradient {i} returned by backward", a)
         if a.shape != tuple(x.shape):
-            raise GradcheckError(f"gradcheck: gradient {i} has shape {a.shape}, expected "
+            raise GradcheckError(f"{op}: gradient {i} has shape {a.shape}, expected "
                                  f"{tuple(x.shape)} (the input's shape)")
-        numeric = _central_differences(scalar, x, eps)
+        if not np.all(np.isfinite(a)):
+            j = _first(~np.isfinite(a))
+            raise GradcheckError(f"{op}: input {i}, element {j}: the analytic gradient is "
+                                 f"{a[j]}")
+        numeric = _central_differences(op, scalar, x, eps, i)
+        if not np.all(np.isfinite(numeric)):
+            j = _first(~np.isfinite(numeric))
+            raise GradcheckError(
+                f"{op}: input {i}, element {j}: the numeric gradient is {numeric[j]} "
+                f"(analytic {a[j]:.10g}): fn is not differentiable there or not finite "
+                f"within eps={eps!r} of it, or eps is too large")
         err = np.abs(a - numeric)
         excess = err - (atol + rtol * np.abs(numeric))
-        if not np.all(np.isfinite(a)) or np.any(excess > 0):
-            j = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(a), excess, np.inf))),
+        if np.any(excess > 0) or not np.all(np.isfinite(excess)):
+            j = np.unravel_index(int(np.argmax(np.where(np.isfinite(excess), excess, np.inf))),
                                  a.shape)
             raise GradcheckError(
-                f"gradcheck: input {i}, element {tuple(int(v) for v in j)}: analytic "
+                f"{op}: input {i}, element {tuple(int(v) for v in j)}: analytic "
                 f"{a[j]:.10g}, numeric {numeric[j]:.10g}, |error| {err[j]:.3g} > atol {atol} "
                 f"+ rtol {rtol} * |numeric|")
     return True
 
 
 def _like(y, host):
-    """``host`` as an array on y's device."""
-    if isinstance(y, np.ndarray):
+    """``host`` as an array on y's device (NumPy unless y is a GPU array)."""
+    if _backend.device_of(y) == "cpu":
         return host
     from ._arrays import asarray
     return asarray(host, device="cuda", dtype=np.float64)
@@ -103,6 +194,10 @@ def _like(y, host):
 
 def jacobian(fn, x, *, eps=1e-6):
     """The explicit Jacobian of ``fn`` at ``x`` by central differences in float64: a NumPy
-    array of shape ``fn(x).shape + x.shape``, J[i..., j...] = d fn(x)[i...] / d x[j...]."""
-    x = _float64_copies([x])[0]
-    return _central_differences(lambda: np.asarray(to_numpy(fn(x)), dtype=np.float64), x, eps)
+    array of shape ``fn(x).shape + x.shape``, J[i..., j...] = d fn(x)[i...] / d x[j...].
+    ``eps`` > 0 must move every element of x."""
+    eps = _check_eps("jacobian", eps)
+    x = _float64_copies("jacobian", [x])[0]
+    return _central_differences(
+        "jacobian", lambda: np.asarray(to_numpy(_output("jacobian", fn(x))), dtype=np.float64),
+        x, eps)

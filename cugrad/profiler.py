@@ -47,6 +47,7 @@ every block active when it was entered, if that block is still active when it ex
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from dataclasses import dataclass
@@ -87,15 +88,13 @@ class Profile:
     """The object ``profile()`` yields; its ``str`` is the summary table."""
 
     def __init__(self, sort_by: str = "total"):
-        if sort_by not in _SORT_KEYS:
-            raise ValueError(f"cugrad.profile: sort_by must be one of {sorted(_SORT_KEYS)}, "
-                             f"got {sort_by!r}")
-        self.sort_by = sort_by
+        self.sort_by = _check_sort_by("cugrad.profile", sort_by)
         self._lock = threading.Lock()
         self._active = False
         self._acc: dict[tuple[str, str], list[int]] = {}   # (name, clock) -> [calls, total, self]
         self._pending: list = []       # CUDA-timed ranges, resolved at exit
         self.wall_ns = 0               # wall time of the block
+        self._t0 = None                # perf_counter_ns at __enter__
 
     # ---- recording (called by _trace for every range while active)
     def _record(self, rng) -> None:
@@ -138,8 +137,12 @@ class Profile:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self.wall_ns += time.perf_counter_ns() - self._t0
         with _active_lock:
+            if not self._active:
+                raise RuntimeError("cugrad.profile: __exit__ called on a profile that is not "
+                                   "recording (no matching __enter__); use it as "
+                                   "`with cugrad.profile() as prof:`")
+            self.wall_ns += time.perf_counter_ns() - self._t0
             self._active = False
             _trace._set_profilers(tuple(p for p in _trace._profilers if p is not self))
         self._resolve_cuda()
@@ -149,6 +152,11 @@ class Profile:
     def stats(self, device: str | None = None) -> list[OpStat]:
         """One ``OpStat`` per (range name, clock), sorted by ``self.sort_by``; only the
         rows of one clock when ``device`` is "cpu" or "cuda"."""
+        if device is not None:
+            _check_clock("Profile.stats", device)
+        return self._stats(self.sort_by, device)
+
+    def _stats(self, sort_by: str, device: str | None) -> list[OpStat]:
         with self._lock:
             acc = {key: list(v) for key, v in self._acc.items()}
         profiled = self._profiled_ns(acc)
@@ -159,7 +167,7 @@ class Profile:
             base = profiled[clock] or 1
             rows.append(OpStat(name, clock, calls, total, self_ns,
                                100.0 * total / base, 100.0 * self_ns / base))
-        rows.sort(key=_SORT_KEYS[self.sort_by])
+        rows.sort(key=_SORT_KEYS[sort_by])
         return rows
 
     def __getitem__(self, name: str) -> OpStat:
@@ -174,6 +182,7 @@ class Profile:
 
     def profiled_ns(self, device: str = "cpu") -> int:
         """Sum of the durations of the outermost ranges on that clock (= sum of self)."""
+        _check_clock("Profile.profiled_ns", device)
         with self._lock:
             acc = dict(self._acc)
         return self._profiled_ns(acc)[device]
@@ -186,21 +195,27 @@ class Profile:
         return out
 
     def table(self, sort_by: str | None = None, row_limit: int | None = None) -> str:
-        """The summary table; ``sort_by``: total | self | mean | calls | name."""
-        if sort_by is not None and sort_by not in _SORT_KEYS:
-            raise ValueError(f"sort_by must be one of {sorted(_SORT_KEYS)}, got {sort_by!r}")
-        saved, self.sort_by = self.sort_by, sort_by or self.sort_by
-        try:
-            rows = self.stats()
-        finally:
-            self.sort_by = saved
+        """The summary table; ``sort_by``: total | self | mean | calls | name (default: the
+        profile's). ``row_limit``: None for every row, else the first ``row_limit`` rows
+        (0 keeps only the header and the footer); a negative limit is a ValueError (use
+        None for all rows, not PyTorch's -1). The footer always covers every row."""
+        sort_by = (self.sort_by if sort_by is None
+                   else _check_sort_by("Profile.table", sort_by))
+        if row_limit is not None:
+            if isinstance(row_limit, bool) or not isinstance(row_limit, numbers.Integral):
+                raise TypeError(f"Profile.table: row_limit must be None or an int, got "
+                                f"{type(row_limit).__name__} {row_limit!r}")
+            if row_limit < 0:
+                raise ValueError(f"Profile.table: row_limit={row_limit} is negative; expected "
+                                 "None (every row) or a count >= 0")
+        rows = self._stats(sort_by, None)
         clocks = sorted({r.device for r in rows})
         if not rows:
             return "cugrad.profile: no op ran in the profiled block"
         if row_limit is not None:
-            rows = rows[:row_limit]
+            rows = rows[:int(row_limit)]
         show_device = len(clocks) > 1
-        name_w = max(len("op"), *(len(r.name) for r in rows))
+        name_w = max([len("op")] + [len(r.name) for r in rows])
         head = (["op".ljust(name_w)] + (["device"] if show_device else [])
                 + [f"{h:>9}" for h in ("calls", "total", "total %", "self", "self %", "mean")])
         lines = ["  ".join(head)]
@@ -226,6 +241,18 @@ class Profile:
     def __repr__(self) -> str:
         n = sum(v[0] for v in self._acc.values())
         return f"<cugrad.Profile: {len(self._acc)} ops, {n} calls, active={self._active}>"
+
+
+def _check_sort_by(where: str, sort_by) -> str:
+    if not isinstance(sort_by, str) or sort_by not in _SORT_KEYS:
+        raise ValueError(f"{where}: sort_by must be one of {sorted(_SORT_KEYS)}, got "
+                         f"{sort_by!r}")
+    return sort_by
+
+
+def _check_clock(where: str, device) -> None:
+    if not isinstance(device, str) or device not in ("cpu", "cuda"):
+        raise ValueError(f"{where}: device must be \"cpu\" or \"cuda\", got {device!r}")
 
 
 def _cuda_duration_ns(rng) -> int:
