@@ -171,6 +171,13 @@ def check_class_indices(op: str, name: str, target, classes: int) -> None:
                          f"classes; expected indices in [0, {classes - 1}]")
 
 
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    """'>= 0.0', '> 0.0', 'in [0.0, 1.0)': the finite numbers between the bounds."""
+    if math.isinf(high):
+        return f"{'>' if low_open else '>='} {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
 def check_scalar(op: str, name: str, value, *, low: float = 0.0, high: float = math.inf,
                  low_open: bool = False, high_open: bool = False) -> float:
     """A finite real scalar in [low, high] (either bound open when asked), as a float."""
@@ -181,14 +188,12 @@ def check_scalar(op: str, name: str, value, *, low: float = 0.0, high: float = m
         v = float(value)
     except OverflowError:           # an int beyond float's range
         raise ValueError(f"{op}: {name}={value!r} is out of range; expected a finite number "
-                         f"in [{low}, {high}]") from None
+                         f"{_interval(low, high, low_open, high_open)}") from None
     bad = (math.isnan(v) or v < low or v > high or (low_open and v == low)
            or (high_open and v == high) or (math.isinf(v)))
     if bad:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise ValueError(f"{op}: {name}={value!r} is out of range; expected a finite number in "
-                         f"{lo}{low}, {high}{hi}")
+        raise ValueError(f"{op}: {name}={value!r} is out of range; expected a finite number "
+                         f"{_interval(low, high, low_open, high_open)}")
     return v
 
 
