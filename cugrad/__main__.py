@@ -29,6 +29,9 @@ COMMANDS = {"demo": "train an MLP on handwritten digits (GPU if available)",
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"python -m cugrad: unknown command {argv[0]!r}; expected one of "
+                  f"{', '.join(COMMANDS)}", file=sys.stderr)
         print(f"usage: python -m cugrad {{{','.join(COMMANDS)}}} [options]\n")
         for name, text in COMMANDS.items():
             print(f"  {name:6s} {text}")

@@ -11,7 +11,9 @@ backend op may assume:
 * arrays may be non-contiguous views: a backend that needs C order makes it itself.
 
 ``cuda_available()`` decides once per process whether a CUDA device really works (not
-merely whether ``import cupy`` succeeds); ``CUGRAD_FORCE_CPU=1`` forces the CPU.
+merely whether ``import cupy`` succeeds); ``CUGRAD_FORCE_CPU=1`` forces the CPU (any value
+but empty, ``0``, ``false``, ``off`` or ``no``, in any case: the words ``CUGRAD_NVTX`` reads
+as off).
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ OPS: dict[str, tuple[str, ...]] = {
 }
 
 FORCE_CPU_ENV = "CUGRAD_FORCE_CPU"
+# Values of an on/off environment variable that mean off, compared after strip() and lower():
+# the same words CUGRAD_NVTX reads as off (cugrad/_trace.py), plus unset or empty.
+ENV_OFF_VALUES = ("", "0", "false", "off", "no")
+
+
+def env_flag(name: str) -> bool:
+    """True when the environment variable ``name`` is set to a value other than empty,
+    ``0``, ``false``, ``off`` or ``no`` (any case, surrounding blanks ignored)."""
+    return os.environ.get(name, "").strip().lower() not in ENV_OFF_VALUES
 
 
 class BackendUnavailableError(RuntimeError):
@@ -133,7 +144,7 @@ def numpy_backend() -> Backend:
 
 
 def _probe_cuda() -> tuple[bool, str]:
-    if os.environ.get(FORCE_CPU_ENV, "").strip() not in ("", "0"):
+    if env_flag(FORCE_CPU_ENV):
         return False, f"{FORCE_CPU_ENV}={os.environ[FORCE_CPU_ENV]} forces the CPU backend"
     try:
         import cupy

@@ -92,6 +92,10 @@ def train(epochs=30, batch_size=64, lr=None, hidden=128, seed=0, device="auto",
     optimizer = optimizer or "adam"
     if optimizer not in OPTIMIZERS:
         raise SystemExit(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+    if device == "cuda" and not _backend.cuda_available():
+        raise SystemExit(f"--device cuda needs the CUDA backend, which does not work here: "
+                         f"{_backend.cuda_unavailable_reason()}. Use --device cpu (or auto, "
+                         "which falls back to the CPU) to train on the CPU.")
     if graph and device != "cuda":
         reason = _backend.cuda_unavailable_reason() or "--device cpu was asked for"
         raise SystemExit(f"--graph needs the CUDA backend (CUDA graphs replay GPU work), "

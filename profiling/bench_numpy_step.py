@@ -13,12 +13,16 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-import cugrad
-from cugrad import nn, optim
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
+
+import cugrad  # noqa: E402
+from cugrad import nn, optim  # noqa: E402
 
 
 def cugrad_step(model, crit, opt, x, y):
@@ -67,7 +71,7 @@ def median_ms(fn, repeats):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), statistics.quantiles(times, n=4)
+    return statistics.median(times)
 
 
 def main():
@@ -92,9 +96,10 @@ def main():
         numpy_step(params, x, y, 1e-3)
     # interleave the two so that machine noise hits both alike
     ours, peer = [], []
+    per_round = max(1, args.repeats // 5)
     for _ in range(5):
-        ours.append(median_ms(lambda: cugrad_step(model, crit, opt, x, y), args.repeats // 5)[0])
-        peer.append(median_ms(lambda: numpy_step(params, x, y, 1e-3), args.repeats // 5)[0])
+        ours.append(median_ms(lambda: cugrad_step(model, crit, opt, x, y), per_round))
+        peer.append(median_ms(lambda: numpy_step(params, x, y, 1e-3), per_round))
     ours_ms, peer_ms = statistics.median(ours), statistics.median(peer)
     result = {"name": "training step, NumPy backend", "shape": f"batch {args.batch}, "
               f"MLP {'-'.join(map(str, sizes))}", "ours_ms": ours_ms, "peer": "plain NumPy",
@@ -103,7 +108,7 @@ def main():
               "numpy": np.__version__, "cugrad": cugrad.__version__,
               "python": platform.python_version(), "machine": platform.machine()}
     print(f"{result['shape']}: cugrad {ours_ms:.3f} ms, plain NumPy {peer_ms:.3f} ms, "
-          f"ratio {ours_ms / peer_ms:.3f} (medians of 5 medians of {args.repeats // 5})")
+          f"ratio {ours_ms / peer_ms:.3f} (medians of 5 medians of {per_round})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -6,7 +6,8 @@ times, in one fresh interpreter per mode (NVTX is configured once per process):
 * ``range``:  an empty ``with op_range("linear.forward", "cpu"): pass`` block;
 * ``relu``:   ``F.relu`` on a (4, 5) float32 array (validation + range + NumPy kernel);
 * ``step``:   one training step of Sequential(Linear(5, 7), ReLU(), Linear(7, 3)) with
-  CrossEntropyLoss and SGD on a (4, 5) batch (~30 ranges per step);
+  CrossEntropyLoss and SGD on a (4, 5) batch, backward with ``input_grad=False`` (27 ranges
+  per step: the first layer has no ``linear.backward.dX``; the script counts and prints them);
 
 in these modes:
 

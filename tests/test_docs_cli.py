@@ -1,0 +1,154 @@
+"""The command line's error paths, CUGRAD_FORCE_CPU's reading of its value, a profiling
+script run from a checkout, and MATH.md's section numbers as the sources cite them."""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cugrad import _backend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, env=None, cwd=ROOT, timeout=120):
+    full_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    full_env["PYTHONPATH"] = str(ROOT)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------ command line
+
+def test_demo_device_cuda_without_a_gpu_is_a_clean_error():
+    """--device cuda where the CUDA backend cannot run: a message and exit status 1, as
+    --graph gives, not a BackendUnavailableError traceback. CUGRAD_FORCE_CPU=1 makes the
+    backend unavailable on any machine, so this runs the same with or without a GPU."""
+    proc = run(["-m", "cugrad", "demo", "--device", "cuda", "--epochs", "1", "--no-progress"],
+               env={"CUGRAD_FORCE_CPU": "1"})
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "--device cuda needs the CUDA backend" in proc.stderr
+    assert "CUGRAD_FORCE_CPU=1 forces the CPU backend" in proc.stderr   # the reason
+    assert "--device cpu" in proc.stderr                                # what to do instead
+
+
+def test_demo_train_device_cuda_raises_system_exit(monkeypatch):
+    from cugrad import demo
+    monkeypatch.setattr(_backend, "cuda_available", lambda: False)
+    monkeypatch.setattr(_backend, "cuda_unavailable_reason", lambda: "no GPU in this test")
+    with pytest.raises(SystemExit, match="--device cuda needs the CUDA backend.*no GPU in this test"):
+        demo.train(epochs=1, progress=False, device="cuda")
+
+
+def test_unknown_command_says_so(capsys):
+    from cugrad.__main__ import main
+    assert main(["trian"]) == 2
+    out, err = capsys.readouterr()
+    assert "unknown command 'trian'" in err
+    assert "demo, info, bench" in err
+    assert "usage: python -m cugrad" in out
+
+
+@pytest.mark.parametrize("argv", [[], ["-h"], ["--help"]])
+def test_help_is_not_an_error(capsys, argv):
+    from cugrad.__main__ import main
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "usage: python -m cugrad" in out and err == ""
+
+
+# -------------------------------------------------------------------- CUGRAD_FORCE_CPU
+
+@pytest.mark.parametrize("value", ["", "0", "false", "False", "OFF", "no", " No ", "  "])
+def test_force_cpu_off_values(monkeypatch, value):
+    """The values CUGRAD_NVTX reads as off (and empty) do not force the CPU."""
+    monkeypatch.setenv("CUGRAD_FORCE_CPU", value)
+    assert not _backend.env_flag("CUGRAD_FORCE_CPU")
+    ok, reason = _backend._probe_cuda()
+    assert "forces the CPU" not in reason
+
+
+@pytest.mark.parametrize("value", ["1", "true", "yes", "on", "ON", "2"])
+def test_force_cpu_on_values(monkeypatch, value):
+    monkeypatch.setenv("CUGRAD_FORCE_CPU", value)
+    assert _backend.env_flag("CUGRAD_FORCE_CPU")
+    assert _backend._probe_cuda() == (False, f"CUGRAD_FORCE_CPU={value} forces the CPU backend")
+
+
+def test_force_cpu_unset(monkeypatch):
+    monkeypatch.delenv("CUGRAD_FORCE_CPU", raising=False)
+    assert not _backend.env_flag("CUGRAD_FORCE_CPU")
+
+
+def test_force_cpu_reads_the_words_nvtx_reads_as_off():
+    """The off words of CUGRAD_FORCE_CPU are CUGRAD_NVTX's (cugrad/_trace.py), plus empty."""
+    source = (ROOT / "cugrad" / "_trace.py").read_text(encoding="utf-8")
+    found = re.search(r'NVTX_ENV, ""\)\.strip\(\)\.lower\(\) in (\([^)]*\))', source)
+    if found is None:
+        pytest.skip("CUGRAD_NVTX's parsing in cugrad/_trace.py changed form; compare by hand")
+    nvtx_off = set(ast.literal_eval(found.group(1)))
+    assert set(_backend.ENV_OFF_VALUES) == nvtx_off | {""}
+
+
+# ---------------------------------------------------------------------- profiling scripts
+
+def test_bench_numpy_step_runs_from_a_checkout(tmp_path):
+    """`python profiling/bench_numpy_step.py` from anywhere, cugrad not installed: the script
+    puts the checkout on sys.path itself (as train_mlp.py does)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(ROOT / "profiling" / "bench_numpy_step.py"),
+                           "--batch", "4", "--sizes", "8,5,3", "--repeats", "5"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "batch 4, MLP 8-5-3: cugrad" in proc.stdout and "ratio" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- MATH.md
+
+MATH = ROOT / "MATH.md"
+
+
+def _sections():
+    text = MATH.read_text(encoding="utf-8")
+    return {int(n): title for n, title in re.findall(r"^## (\d+)\. (.+)$", text, re.M)}
+
+
+def test_math_md_has_the_seven_sections():
+    if not MATH.is_file():
+        pytest.skip(f"MATH.md not found at {MATH} (installed-package test run)")
+    assert sorted(_sections()) == [1, 2, 3, 4, 5, 6, 7]
+
+
+# What each cited section must be about: a word of its title.
+SECTION_TOPIC = {1: "product", 2: "linear", 3: "activation", 4: "loss", 5: "backprop",
+                 6: "outer product", 7: "tolerance"}
+
+
+def test_every_math_md_citation_names_an_existing_section():
+    """`MATH.md §N` (or §N–M, §N-M) anywhere in the sources, tests and README names one of
+    MATH.md's sections; and, while there is no DESIGN.md, no source cites one."""
+    if not MATH.is_file():
+        pytest.skip(f"MATH.md not found at {MATH} (installed-package test run)")
+    sections = _sections()
+    for n, word in SECTION_TOPIC.items():
+        assert word in sections[n].lower(), f"MATH.md §{n} is {sections[n]!r}"
+    files = [ROOT / "README.md", ROOT / "pyproject.toml"]
+    for sub in ("cugrad", "kernels", "tests"):
+        files += [p for p in (ROOT / sub).rglob("*")
+                  if p.suffix in (".py", ".cu", ".cuh", ".md") and "build" not in p.parts]
+    cited = 0
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for m in re.finditer(r"MATH\.md[^\n§]{0,3}§(\d+)(?:\s*[–-]\s*(\d+))?", text):
+            for n in {int(m.group(1)), int(m.group(2) or m.group(1))}:
+                cited += 1
+                assert n in sections, f"{path.relative_to(ROOT)} cites MATH.md §{n}"
+        if not (ROOT / "DESIGN.md").is_file() and path.name != Path(__file__).name:
+            assert "DESIGN.md" not in text, f"{path.relative_to(ROOT)} cites DESIGN.md"
+    assert cited > 10
