@@ -112,7 +112,9 @@ def rng():
 def check(out, ref64, ref_np, dtype, kind="product"):
     """out against the float64 reference and the NumPy backend (same dtype)."""
     assert out.dtype == dtype, f"dtype {out.dtype}, expected {dtype}"
-    assert not np.isnan(out).any(), "NaN in the output: an element was not written (outputs are poisoned)"
+    assert not np.isnan(out).any(), ("NaN in the output: an element was not written (outputs "
+                                     "are poisoned) or was computed from shared memory read "
+                                     "before it was stored (shared memory is NaN-filled)")
     e64 = rel_err(out, ref64)
     assert e64 <= tol(dtype, kind), f"relative error vs float64 reference {e64:.3g} > {tol(dtype, kind):g}"
     enp = rel_err(out, np.asarray(ref_np, dtype=np.float64))
@@ -460,6 +462,9 @@ def test_results_do_not_depend_on_thread_order(cpu, rng, schedule):
     other = ch.CpuContext(cpu.instantiations, schedule=kind, seed=int(seed or 0))
     other.build_failures = cpu.build_failures
     for mine, theirs in zip(outputs(cpu), outputs(other)):
+        # Finite inputs give finite outputs: NaN == NaN for assert_array_equal, so two runs
+        # that both read unwritten (poisoned) shared memory would otherwise agree.
+        assert np.isfinite(np.asarray(theirs)).all(), f"non-finite output under {schedule}"
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
 
 
