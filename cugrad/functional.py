@@ -93,7 +93,8 @@ def matmul(a, b, *, trans_a=False, trans_b=False):
 @_op("matmul.backward")
 def matmul_backward(grad_c, a, b, *, trans_a=False, trans_b=False):
     """Gradients of ``c = op(a) @ op(b)``: returns ``(grad_a, grad_b)`` with a's and b's
-    shapes. Each is one product in layout NN, NT or TN (MATH.md §1)."""
+    shapes. Each is one product, read in place: NN, NT or TN, and TT when both operands
+    are transposed (MATH.md §1)."""
     trans_a = _check_flag("matmul_backward", "trans_a", trans_a)
     trans_b = _check_flag("matmul_backward", "trans_b", trans_b)
     backend, arr = prepare("matmul_backward", {"grad_c": grad_c, "a": a, "b": b})
@@ -304,7 +305,7 @@ def _mse_args(op, pred, target, reduction):
 @_op("mse_loss")
 def mse_loss(pred, target, *, reduction="mean"):
     """Mean squared error. reduction "mean": Σ(pred−target)²/n; "sum": Σ(pred−target)²;
-    "half_sum": Σ(pred−target)²/2 (seed 002). Returns a 0-d array of pred's dtype."""
+    "half_sum": Σ(pred−target)²/2 (MATH.md §4). Returns a 0-d array of pred's dtype."""
     backend, p, t = _mse_args("mse_loss", pred, target, reduction)
     return backend.ops.mse_loss(p, t, reduction)
 
@@ -356,7 +357,8 @@ def _xent_args(op, logits, target, reduction):
 @_op("cross_entropy")
 def cross_entropy(logits, target, *, reduction="mean"):
     """Softmax cross-entropy of logits (N, C) against class indices (N,) or probabilities
-    (N, C): Σ_rows [logsumexp(z) − Σ_i t_i z_i], divided by N for "mean"."""
+    (N, C): Σ_rows [logsumexp(z)·Σ_i t_i − Σ_i t_i z_i] (Σ_i t_i = 1 for class indices and
+    for probability rows that sum to 1), divided by N for "mean" (MATH.md §4)."""
     backend, z, t = _xent_args("cross_entropy", logits, target, reduction)
     return backend.ops.cross_entropy(z, t, reduction)
 

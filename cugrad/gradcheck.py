@@ -1,4 +1,4 @@
-"""Gradient tools (seed 004): finite-difference checks of hand-written backwards.
+"""Gradient tools (MATH.md §6): finite-difference checks of hand-written backwards.
 
 cugrad has no autograd: every op comes with its backward. ``gradcheck`` compares such a
 backward with central differences in float64; ``jacobian`` builds the explicit Jacobian,

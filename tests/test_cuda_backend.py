@@ -393,3 +393,16 @@ def test_cupy_context_plans_for_the_current_devices_sm_count(monkeypatch):
     # 256x1024: 16 large tiles; 8 SMs are filled by them, 132 need the small tile and splits
     assert config.gemm_plan(256, 1024, 1024, "float32", 8).tiles == config.GEMM_TILES["float32"][0]
     assert config.gemm_plan(256, 1024, 1024, "float32", 132).splits > 1
+
+
+@pytest.mark.parametrize("value, poisoned", [("1", True), ("yes", True), ("", False), ("0", False),
+                                             ("false", False), ("Off", False), (" no ", False)])
+def test_poison_outputs_reads_the_flag_like_the_other_switches(monkeypatch, value, poisoned):
+    """CUGRAD_POISON_OUTPUTS is read like CUGRAD_FORCE_CPU and CUGRAD_NVTX (env_flag): a
+    stand-in for CuPy's empty, no GPU needed."""
+    import types
+    from cugrad.backends.cuda.context import POISON_ENV, CupyContext
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(empty=np.zeros))
+    monkeypatch.setenv(POISON_ENV, value)
+    out = CupyContext().empty((3,), np.float32)
+    assert bool(np.isnan(out).all()) == poisoned

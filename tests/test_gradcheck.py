@@ -1,4 +1,4 @@
-"""Seed 004 / MATH.md §6: the Jacobian of y = σ(Wx + b) with respect to W, its contraction
+"""MATH.md §6: the Jacobian of y = σ(Wx + b) with respect to W, its contraction
 to an outer product, the Kronecker form, the worked example, and gradcheck itself."""
 
 import numpy as np
@@ -74,7 +74,7 @@ def test_gradcheck_catches_a_wrong_backward(rng):
     x = rng.standard_normal((3, 4))
     assert gradcheck(F.tanh, x, backward=lambda g, x: F.tanh_backward(g, F.tanh(x)))
     with pytest.raises(GradcheckError, match=r"input 0, element \(\d+, \d+\): analytic"):
-        # the seed-002 typo: σ(Z)(1 − σ(Z)) applied to the output Z again
+        # a classic slip: σ(Z)(1 − σ(Z)) applied to the output Z again
         gradcheck(F.sigmoid, x,
                   backward=lambda g, x: F.sigmoid_backward(g, F.sigmoid(F.sigmoid(x))))
     with pytest.raises(GradcheckError, match="shape"):
