@@ -8,8 +8,12 @@ computing ``grad_in`` (a training loop has no use for the gradient of its input 
 for a ``Linear`` it is a whole product); ``Sequential`` passes it to its first layer.
 
 Each forward saves what its backward needs; a second ``backward`` without a new forward is
-an error (as PyTorch's without ``retain_graph``). A module instance appears once in a model:
-calling it twice in one forward would overwrite what the first call saved.
+an error (as PyTorch's without ``retain_graph``), a backward that raised may be retried. What
+is saved are references, not copies (a ``Linear`` keeps its input ``x``): changing ``x`` in
+place between forward and backward changes the weight gradient (PyTorch detects that with
+version counters; cugrad does not). A module instance appears once in a model (``Sequential``
+refuses a repeat): calling it twice in one forward would overwrite what the first call
+saved. A ``Parameter`` may be shared (tied weights): ``parameters()`` lists it once.
 
 Every forward and backward runs inside an NVTX range named ``"{name}.forward"`` /
 ``"{name}.backward"``, where name is the class name or, inside a ``Sequential``,
