@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import tempfile
+import secrets
 import zipfile
 from collections.abc import Mapping
 from typing import Iterator
@@ -257,10 +257,13 @@ class Module:
         it was."""
         path = os.fspath(path)
         arrays = {name: to_numpy(a) for name, a in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(prefix=".cugrad-save-", suffix=".npz",
-                                   dir=os.path.dirname(os.path.abspath(path)))
+        # A fresh name beside path, created like open() would (permissions from the umask;
+        # mkstemp's would be owner-only).
+        tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                           f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+        f = open(tmp, "xb")
         try:
-            with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+            with f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
                 for name, array in arrays.items():
                     with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
                         np.lib.format.write_array(member, np.ascontiguousarray(array),

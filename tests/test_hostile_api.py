@@ -228,6 +228,16 @@ def test_save_round_trips_any_parameter_name(tmp_path):
     np.testing.assert_array_equal(other.allow_pickle.data, np.arange(4))
 
 
+def test_save_creates_the_file_as_open_would(tmp_path):
+    """Permissions from the umask, as numpy.savez's file would have (not owner-only)."""
+    old = os.umask(0o022)
+    try:
+        _linear(0).save(tmp_path / "w.npz")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.npz").stat().st_mode & 0o777 == 0o644
+
+
 def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "w.npz"
     _linear(0).save(path)
