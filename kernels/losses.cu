@@ -62,8 +62,10 @@ __global__ void softmax_rows(const T* __restrict__ x, T* __restrict__ y, long lo
         T mx, s;
         row_max_sumexp(xr, C, lane, mx, s);
         if (LOG) {
-            const T shift = mx + dlog(s);
-            for (int c = lane; c < C; c += 32) yr[c] = xr[c] - shift;
+            // (x - max) - log s, as the NumPy backend: folding log s into max + log s first
+            // would round log s away when |max| is large (e.g. max = 1e30: every entry 0).
+            const T ls = dlog(s);
+            for (int c = lane; c < C; c += 32) yr[c] = (xr[c] - mx) - ls;
         } else {
             const T inv = T(1) / s;
             for (int c = lane; c < C; c += 32) yr[c] = dexp(xr[c] - mx) * inv;

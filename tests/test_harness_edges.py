@@ -519,16 +519,6 @@ def test_log_softmax_special_values_moderate(cpu, dtype):
     assert rel_err(out[fin], ref[fin]) <= tol(dtype, "elementwise")
 
 
-LOG_SOFTMAX_BUG = (
-    "softmax_rows<T, LOG=1> (kernels/losses.cu:65-66) forms shift = max + log(s) and writes "
-    "x - shift: with a large row max, max + log(s) rounds log(s) away (1e30 + log 5 == 1e30 in "
-    "float32), so log_softmax of five equal logits 1e30 is 0 instead of -log 5 = -1.609, and at "
-    "logits ~1e4 (float32) or ~1e6 (float64) every output is off by up to half an ulp of the max "
-    "(rel. error 4.4e-5 and 1.4e-11 here, over the 1e-5 / 1e-12 tolerances); (x - max) - log(s), as the "
-    "NumPy backend and the cross-entropy kernel compute it, is exact in the first case and "
-    "within tolerance in the others")
-
-
 def _large_logit_rows(rows, dtype):
     if rows == "equal-huge":        # [big] * 5: the answer is -log 5 in every entry
         big = 1e30 if dtype == F32 else 1e300
@@ -537,10 +527,11 @@ def _large_logit_rows(rows, dtype):
     return (shift + np.asarray([[0.0, 1.0, 0.0, -2.0, 0.5], [3.0, -1.0, 0.25, 0.0, 2.0]])).astype(dtype)
 
 
-@pytest.mark.xfail(strict=True, reason=LOG_SOFTMAX_BUG)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ["equal-huge", "moderate-large"])
 def test_log_softmax_large_row_max(cpu, rows, dtype):
+    """log_softmax formed as (x - max) - log s: it was x - (max + log s), which rounds log s
+    away at a large row max (1e30: every entry 0 instead of -log 5)."""
     x = _large_logit_rows(rows, dtype)
     out = on_cpu(cpu, "log_softmax", x)
     assert not np.isnan(out).any()
