@@ -62,7 +62,9 @@ GEMM_TILES = {
         GemmTiles(bm=64, bn=64, bk=8, tm=4, tn=4),                   # 256 threads
     ),
 }
-# Split-K (gemm_plan): each split is at least this deep, and there are at most this many.
+# Split-K (gemm_plan): at most K // GEMM_SPLIT_MIN_K splits (so a split is about this deep or
+# more; the last one, the remainder after whole k-tile ranges, may be shallower) and at most
+# GEMM_MAX_SPLITS.
 GEMM_SPLIT_MIN_K = 64
 GEMM_MAX_SPLITS = 16
 GEMM_REF_TILE = 16          # gemm_reference: REF_TILE x REF_TILE threads, one output each
@@ -135,7 +137,7 @@ def gemm_plan(m: int, n: int, k: int, dtype: str, sm_count: int) -> GemmPlan:
     """The tile and K split for an (M x K) (K x N) product on a GPU of ``sm_count`` SMs.
 
     The largest tile whose grid has at least one block per SM; else the smallest tile, with
-    K split so that the grid covers the SMs, each split at least GEMM_SPLIT_MIN_K deep
+    K split so that the grid covers the SMs, into at most K // GEMM_SPLIT_MIN_K splits
     (small outputs with a long K, as in a small batch's dW). A first heuristic (wave
     counting), to be tuned by measurement: profiling/NOTES.md."""
     table = GEMM_TILES[dtype]
