@@ -59,15 +59,17 @@ OPS: dict[str, tuple[str, ...]] = {
 }
 
 FORCE_CPU_ENV = "CUGRAD_FORCE_CPU"
-# Values of an on/off environment variable that mean off, compared after strip() and lower():
-# the same words CUGRAD_NVTX reads as off (cugrad/_trace.py), plus unset or empty.
-ENV_OFF_VALUES = ("", "0", "false", "off", "no")
+# Values of an on/off environment variable that mean off, compared after strip() and lower()
+# (every switch reads them: CUGRAD_FORCE_CPU, CUGRAD_NVTX, CUGRAD_POISON_OUTPUTS); unset or
+# empty means the switch's default.
+ENV_OFF_VALUES = ("0", "false", "off", "no")
 
 
-def env_flag(name: str) -> bool:
-    """True when the environment variable ``name`` is set to a value other than empty,
-    ``0``, ``false``, ``off`` or ``no`` (any case, surrounding blanks ignored)."""
-    return os.environ.get(name, "").strip().lower() not in ENV_OFF_VALUES
+def env_flag(name: str, default: bool = False) -> bool:
+    """The on/off environment variable ``name``: ``default`` when unset or empty, False for
+    ``0``, ``false``, ``off`` or ``no`` (any case, surrounding blanks ignored), else True."""
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value not in ENV_OFF_VALUES
 
 
 class BackendUnavailableError(RuntimeError):

@@ -27,6 +27,8 @@ import os
 import threading
 from time import perf_counter_ns
 
+from ._backend import env_flag
+
 NVTX_DOMAIN = "cugrad"
 NVTX_ENV = "CUGRAD_NVTX"
 
@@ -71,7 +73,7 @@ def _resolve_nvtx() -> None:
         if _domain is not _UNRESOLVED:
             return
         domain, reason = None, ""
-        if os.environ.get(NVTX_ENV, "").strip().lower() in ("0", "false", "off", "no"):
+        if not env_flag(NVTX_ENV, default=True):
             reason = f"{NVTX_ENV}={os.environ[NVTX_ENV]}"
         else:
             try:
