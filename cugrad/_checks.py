@@ -122,6 +122,13 @@ def check_shape(op: str, name: str, x, expected: tuple, why: str) -> None:
             f"({why})")
 
 
+def check_flag(op: str, name: str, value) -> bool:
+    """A bool (or NumPy bool) argument, as a bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def check_choice(op: str, name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(

@@ -18,9 +18,9 @@ import numbers
 import numpy as np
 
 from . import _backend
-from ._checks import (check_choice, check_class_indices, check_min_ndim, check_ndim,
-                      check_no_nan, check_no_overlap, check_scalar, check_shape, describe,
-                      prepare)
+from ._checks import (check_choice, check_class_indices, check_flag, check_min_ndim,
+                      check_ndim, check_no_nan, check_no_overlap, check_scalar, check_shape,
+                      describe, prepare)
 from ._trace import op_range
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
@@ -72,18 +72,12 @@ def _gemm(backend, a, b, trans_a, trans_b, bias=None, activation=None):
     return backend.ops.gemm(a, b, trans_a, trans_b, bias, activation)
 
 
-def _check_flag(op, name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
 @_op("matmul")
 def matmul(a, b, *, trans_a=False, trans_b=False):
     """``op(a) @ op(b)``: a (M, K) or, with ``trans_a``, (K, M); b (K, N) or, with
     ``trans_b``, (N, K). Returns (M, N). Layouts NN, NT, TN and TT read a and b in place."""
-    trans_a = _check_flag("matmul", "trans_a", trans_a)
-    trans_b = _check_flag("matmul", "trans_b", trans_b)
+    trans_a = check_flag("matmul", "trans_a", trans_a)
+    trans_b = check_flag("matmul", "trans_b", trans_b)
     backend, arr = prepare("matmul", {"a": a, "b": b})
     a, b = arr["a"], arr["b"]
     _product_shape("matmul", a, b, trans_a, trans_b)
@@ -95,8 +89,8 @@ def matmul_backward(grad_c, a, b, *, trans_a=False, trans_b=False):
     """Gradients of ``c = op(a) @ op(b)``: returns ``(grad_a, grad_b)`` with a's and b's
     shapes. Each is one product, read in place: NN, NT or TN, and TT when both operands
     are transposed (MATH.md §1)."""
-    trans_a = _check_flag("matmul_backward", "trans_a", trans_a)
-    trans_b = _check_flag("matmul_backward", "trans_b", trans_b)
+    trans_a = check_flag("matmul_backward", "trans_a", trans_a)
+    trans_b = check_flag("matmul_backward", "trans_b", trans_b)
     backend, arr = prepare("matmul_backward", {"grad_c": grad_c, "a": a, "b": b})
     g, a, b = arr["grad_c"], arr["a"], arr["b"]
     m, _, n = _product_shape("matmul_backward", a, b, trans_a, trans_b)
@@ -149,8 +143,8 @@ def linear_backward(grad_y, x, weight, *, bias=True, activation=None, out=None,
     forward output. dX = G W (NN), dW = Gᵀ X (TN), db = column sum of G (MATH.md §2)."""
     op = "linear_backward"
     _check_activation(op, activation)
-    bias = _check_flag(op, "bias", bias)
-    input_grad = _check_flag(op, "input_grad", input_grad)
+    bias = check_flag(op, "bias", bias)
+    input_grad = check_flag(op, "input_grad", input_grad)
     if activation is not None and out is None:
         raise ValueError(f"{op}: activation={activation!r} needs out=, the saved forward "
                          "output of linear(..., activation=...)")

@@ -35,7 +35,7 @@ import numpy as np
 from . import _backend
 from . import functional as F
 from ._arrays import asarray, to_numpy
-from ._checks import check_choice, describe
+from ._checks import check_choice, check_flag, describe
 from ._trace import op_range
 
 __all__ = ["Parameter", "Module", "Linear", "Sigmoid", "Tanh", "ReLU", "Sequential",
@@ -79,13 +79,6 @@ def _ranged_backward(backward):
         self._saved = None
         return result
     return wrapper
-
-
-def _check_input_grad(module, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{module._range_name}.backward: input_grad must be a bool, got "
-                        f"{type(value).__name__} {value!r}")
-    return bool(value)
 
 
 @functools.lru_cache(maxsize=None)
@@ -377,7 +370,7 @@ class _Activation(Module):
         return y
 
     def backward(self, grad_out, *, input_grad=True):
-        input_grad = _check_input_grad(self, input_grad)
+        input_grad = check_flag(f"{self._range_name}.backward", "input_grad", input_grad)
         (y,) = self._take_saved()
         return self._backward(grad_out, y) if input_grad else None
 
@@ -458,7 +451,7 @@ class Sequential(Module):
         return x
 
     def backward(self, grad_out, *, input_grad=True):
-        input_grad = _check_input_grad(self, input_grad)
+        input_grad = check_flag(f"{self._range_name}.backward", "input_grad", input_grad)
         for i in range(len(self.layers) - 1, 0, -1):
             try:
                 grad_out = self.layers[i].backward(grad_out)
