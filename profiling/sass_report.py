@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cugrad.backends.cuda import config  # noqa: E402
-from cugrad.backends.cuda.loader import source_dir  # noqa: E402
+from cugrad.backends.cuda.loader import instantiation_unit  # noqa: E402
 
 FMA_OPS = ("FFMA", "DFMA", "HFMA2")
 
@@ -172,11 +172,8 @@ def demangle(symbols: list[str]) -> dict[str, str]:
 
 def compile_module(nvcc: str, cuobjdump: str, module, arch: str, workdir: Path, index: int):
     file, options, names = module
-    kernels = source_dir()
     tu = workdir / f"m{index}_{arch}.cu"
-    refs = ",\n    ".join(f"(void*)&{name}" for name in names)
-    tu.write_text(f'#include "{(kernels / file).as_posix()}"\n'
-                  f"void* cugrad_kernels[] = {{\n    {refs}\n}};\n")
+    tu.write_text(instantiation_unit(file, names))
     cubin = tu.with_suffix(".cubin")
     subprocess.run([nvcc, "-cubin", f"-arch={arch}", *options, "-o", str(cubin), str(tu)],
                    check=True, capture_output=True, text=True)

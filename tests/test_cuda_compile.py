@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cugrad.backends.cuda import config
-from cugrad.backends.cuda.loader import source_dir
+from cugrad.backends.cuda.loader import instantiation_unit, source_dir
 
 ARCHS = ("sm_80", "sm_90")
 NVCC = os.environ.get("NVCC") or shutil.which("nvcc") or (
@@ -42,19 +42,10 @@ def _module_id(module) -> str:
             + (f"({shared})" if shared else ""))
 
 
-def translation_unit(file: str, names: list[str]) -> str:
-    kernels = source_dir()
-    assert kernels is not None, "the compile check runs from a source checkout"
-    refs = ",\n    ".join(f"(void*)&{name}" for name in names)
-    return (f'#include "{(kernels / file).as_posix()}"\n\n'
-            "// Taking each kernel's address forces its instantiation and device compilation.\n"
-            f"void* cugrad_kernels[] = {{\n    {refs}\n}};\n")
-
-
 def compile_module(module, arch: str, workdir: Path) -> subprocess.CompletedProcess:
     file, options, names = module
     tu = workdir / f"{re.sub(r'[^A-Za-z0-9.]+', '_', _module_id(module))}_{arch}.cu"
-    tu.write_text(translation_unit(file, names))
+    tu.write_text(instantiation_unit(file, names))
     cmd = [NVCC, "-c", f"-arch={arch}", "-Werror", "all-warnings", *options,
            "-o", str(tu.with_suffix(".o")), str(tu)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)

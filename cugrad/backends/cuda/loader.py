@@ -45,6 +45,20 @@ def _read_raw(file: str) -> str:
             f"and in the package data cugrad.kernels: {exc})") from None
 
 
+def instantiation_unit(file: str, names) -> str:
+    """C++ for an offline compiler (nvcc; the compile check, the SASS report): includes the
+    checkout's ``kernels/file`` and takes the address of every kernel in ``names``, which
+    forces nvcc to instantiate and compile each (NVRTC is given them as name expressions)."""
+    kernels = source_dir()
+    if kernels is None:
+        raise KernelSourceError("cugrad: compiling kernels offline needs a source checkout "
+                                "(kernels/ beside cugrad/)")
+    refs = ",\n    ".join(f"(void*)&{name}" for name in names)
+    return (f'#include "{(kernels / file).as_posix()}"\n\n'
+            "// Taking each kernel's address forces its instantiation and device compilation.\n"
+            f"void* cugrad_kernels[] = {{\n    {refs}\n}};\n")
+
+
 @lru_cache(maxsize=None)
 def read_source(file: str) -> str:
     """The text of ``file`` with its quoted includes pasted in (each header once)."""
