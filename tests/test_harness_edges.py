@@ -33,23 +33,12 @@ if ch.compiler() is None:
                 "build kernels/*.cu here", allow_module_level=True)
 
 from conftest import rel_err, tol  # noqa: E402
+from kernel_checks import (ACTS, CU, DTYPES, EPILOGUES, F32, F64, LAYOUTS, NP,  # noqa: E402
+                           act64, check, data, log_softmax64, mse64, on_cpu, softmax64,
+                           targets, xent64)
 
-from cugrad._backend import _IMPLS, numpy_backend  # noqa: E402
 from cugrad.backends.cuda import config, gemm_reference  # noqa: E402
 from cugrad.backends.cuda.context import use_context  # noqa: E402
-
-numpy_backend()   # registers the NumPy ops
-NP = _IMPLS["numpy"]
-CU = _IMPLS["cuda"]
-
-F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
-DTYPES = [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")]
-ACTS = ["sigmoid", "tanh", "relu"]
-LAYOUTS = {"NN": (False, False), "NT": (False, True), "TN": (True, False), "TT": (True, True)}
-EPILOGUES = {"none": (False, None), "bias": (True, None), "bias+sigmoid": (True, "sigmoid"),
-             "bias+tanh": (True, "tanh"), "bias+relu": (True, "relu"), "sigmoid": (False, "sigmoid"),
-             "tanh": (False, "tanh"), "relu": (False, "relu")}
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -63,12 +52,6 @@ def cpu() -> ch.CpuContext:
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261125)
-
-
-def on_cpu(ctx, op: str, *args):
-    """Run the CUDA backend's op with its kernels on the CPU."""
-    with use_context(ctx):
-        return CU[op](*args)
 
 
 @contextlib.contextmanager
@@ -87,37 +70,6 @@ def case(label: str):
 
 def launched(ctx, first: int) -> list[str]:
     return [name for _, name in ctx.calls[first:]]
-
-
-def aligned_empty(shape, dtype, offset_elems: int = 0) -> np.ndarray:
-    """An uninitialised C-contiguous array whose first element lies offset_elems elements past
-    a 16-byte boundary (offset 1: the view np.empty(n + 1)[1:] of an aligned buffer)."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64))
-    raw = np.empty((n + offset_elems) * dtype.itemsize + 32, dtype=np.uint8)
-    off = (-raw.__array_interface__["data"][0]) % 16 + offset_elems * dtype.itemsize
-    return raw[off:off + n * dtype.itemsize].view(dtype).reshape(shape)
-
-
-def data(rng, *shape, dtype=F32, scale=1.0, offset_elems=0):
-    """Random non-zero data (an unwritten output must not pass), 16-byte aligned unless
-    offset_elems says otherwise."""
-    out = aligned_empty(shape, dtype, offset_elems)
-    out[...] = rng.standard_normal(shape) * scale
-    return out
-
-
-def check(out, ref64, ref_np, dtype, kind="product"):
-    """out against the float64 reference and the NumPy backend (same dtype); no NaN."""
-    out = np.asarray(out)
-    assert out.dtype == dtype, f"dtype {out.dtype}, expected {dtype}"
-    assert not np.isnan(out).any(), (f"NaN in the output ({int(np.isnan(out).sum())} of {out.size}): "
-                                     "an element was not written (outputs are poisoned) or was "
-                                     "computed from unstored shared memory (NaN-filled)")
-    e64 = rel_err(out, ref64)
-    assert e64 <= tol(dtype, kind), f"relative error vs float64 reference {e64:.3g} > {tol(dtype, kind):g}"
-    enp = rel_err(out, np.asarray(ref_np, dtype=np.float64))
-    assert enp <= 2 * tol(dtype, kind), f"relative error vs the NumPy backend {enp:.3g}"
 
 
 def check_scalar(out, ref64, dtype, kind="product"):
@@ -149,48 +101,6 @@ def same_as_numpy(out, ref_np, kind="elementwise"):
     if fin.any():
         err = rel_err(out[fin], ref_np[fin])
         assert err <= 2 * tol(out.dtype, kind), f"finite entries: relative error vs NumPy {err:.3g}"
-
-
-def act64(name, y):
-    y = np.asarray(y, np.float64)
-    if name is None:
-        return y
-    if name == "sigmoid":
-        e = np.exp(-np.abs(y))
-        return np.where(y >= 0, 1 / (1 + e), e / (1 + e))
-    if name == "tanh":
-        return np.tanh(y)
-    return np.maximum(y, 0)
-
-
-def softmax64(x):
-    x = np.asarray(x, np.float64)
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def log_softmax64(x):
-    x = np.asarray(x, np.float64)
-    s = x - x.max(axis=1, keepdims=True)
-    return s - np.log(np.exp(s).sum(axis=1, keepdims=True))
-
-
-def xent64(z, t, reduction):
-    """(loss, grad) in float64: L_row = lse Σt − Σ_{t≠0} t z; dL/dz = (ŷ Σt − t) · scale."""
-    z = np.asarray(z, np.float64)
-    n, c = z.shape
-    if t.ndim == 1:
-        tt = np.zeros((n, c))
-        tt[np.arange(n), t] = 1.0
-    else:
-        tt = np.asarray(t, np.float64)
-    mx = z.max(1, keepdims=True)
-    shifted = z - mx
-    lse = np.log(np.exp(shifted).sum(1))
-    tsum = tt.sum(1)
-    rows = lse * tsum - np.where(tt != 0, tt * np.where(tt != 0, shifted, 0), 0).sum(1)
-    scale = 1.0 / n if reduction == "mean" else 1.0
-    return rows.sum() * scale, (softmax64(z) * tsum[:, None] - tt) * scale
 
 
 # ----------------------------------------------------------------------------- GEMM
@@ -545,7 +455,7 @@ def test_softmax_and_cross_entropy_large_row_max(cpu, rng, rows, dtype):
     by the max first and are right (the contrast that locates the bug)."""
     x = _large_logit_rows(rows, dtype)
     check(on_cpu(cpu, "softmax", x), softmax64(x), NP["softmax"](x), dtype, "elementwise")
-    t = _targets(rng, "probs", *x.shape, dtype)
+    t = targets(rng, "probs", *x.shape, dtype)
     loss_ref, grad_ref = xent64(x, t, "sum")
     loss, grad = on_cpu(cpu, "cross_entropy_fwd_bwd", x, t, "sum")
     check_scalar(loss, loss_ref, dtype)
@@ -566,12 +476,6 @@ def test_softmax_nan_and_inf_rows_match_numpy(cpu, dtype, op):
 
 # ----------------------------------------------------------------------------- cross-entropy
 
-def _targets(rng, kind, n, c, dtype):
-    if kind == "index":
-        return rng.integers(0, c, size=n).astype(np.int64)
-    return softmax64(rng.standard_normal((n, c)) * 2).astype(dtype)
-
-
 XENT_CASES = [(17, c, t, r, dt) for c in (1, 31, 33, 65, 1000) for t in ("index", "probs")
               for r, dt in (("mean", F32), ("sum", F64))]
 # more rows than one block of the loss's sum: the row losses summed in two passes
@@ -584,7 +488,7 @@ XENT_CASES += [(2 * config.REDUCE_MIN_PER_BLOCK + 1, 3, "index", "mean", F32),
 def test_cross_entropy_shapes(cpu, rng, n, c, target, reduction, dtype):
     """Rows of 1 class to 1000 (17 rows: three blocks of ROW_WARPS warps), and 16385 rows."""
     z = data(rng, n, c, dtype=dtype, scale=3.0)
-    t = _targets(rng, target, n, c, dtype)
+    t = targets(rng, target, n, c, dtype)
     loss_ref, grad_ref = xent64(z, t, reduction)
     loss, grad = on_cpu(cpu, "cross_entropy_fwd_bwd", z, t, reduction)
     check(np.asarray(loss), loss_ref, NP["cross_entropy"](z, t, reduction), dtype, "product")
@@ -671,12 +575,6 @@ MSE_N = [1, config.REDUCE_THREADS - 1, config.REDUCE_THREADS, config.REDUCE_THRE
          config.REDUCE_MIN_PER_BLOCK * config.REDUCE_MAX_BLOCKS + 1]          # per_block > minimum
 
 
-def _mse64(p, t, reduction):
-    d = np.asarray(p, np.float64) - np.asarray(t, np.float64)
-    scale = {"mean": 1.0 / d.size, "sum": 1.0, "half_sum": 0.5}[reduction]
-    return (d * d).sum() * scale, 2 * scale * d
-
-
 @pytest.mark.parametrize("n", MSE_N)
 def test_mse_reduce_thresholds(cpu, rng, n):
     """The loss: one block up to 2 * REDUCE_MIN_PER_BLOCK elements, then per-block partials
@@ -692,7 +590,7 @@ def test_mse_reduce_thresholds(cpu, rng, n):
 def _mse_case(cpu, rng, n, dtype, reduction):
     p = data(rng, n, dtype=dtype)
     t = data(rng, n, dtype=dtype)
-    loss_ref, grad_ref = _mse64(p, t, reduction)
+    loss_ref, grad_ref = mse64(p, t, reduction)
     first = len(cpu.calls)
     loss = on_cpu(cpu, "mse_loss", p, t, reduction)
     names = launched(cpu, first)

@@ -28,19 +28,12 @@ if ch.compiler() is None:
                 "build kernels/*.cu here", allow_module_level=True)
 
 from conftest import rel_err, tol  # noqa: E402
+from kernel_checks import (ACTS, DTYPES, EPILOGUES, F32, F64, LAYOUTS, NP,  # noqa: E402
+                           act64, act_bwd64, check, data, log_softmax64, mse64, on_cpu,
+                           softmax64, targets, xent64)
 
-from cugrad._backend import _IMPLS, numpy_backend  # noqa: E402
 from cugrad.backends.cuda import config, gemm_reference  # noqa: E402
 from cugrad.backends.cuda.context import use_context  # noqa: E402
-
-numpy_backend()   # registers the NumPy ops
-NP = _IMPLS["numpy"]
-CU = _IMPLS["cuda"]
-
-F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
-DTYPES = [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")]
-ACTS = ["sigmoid", "tanh", "relu"]
-
 
 # ----------------------------------------------------------------------------- harness
 
@@ -87,99 +80,13 @@ def cpu(request) -> ch.CpuContext:
     return ctx
 
 
-def on_cpu(ctx, op: str, *args):
-    """Run the CUDA backend's op with its kernels on the CPU."""
-    with use_context(ctx):
-        return CU[op](*args)
-
-
-def data(rng, *shape, dtype=F32, scale=1.0):
-    """Random non-zero data in a 16-byte-aligned buffer (the launchers' vector path checks
-    the address; the harness itself copies every argument into exact-size buffers)."""
-    n = int(np.prod(shape, dtype=np.int64))
-    raw = np.empty(n * dtype.itemsize + 16, dtype=np.uint8)
-    off = (-raw.__array_interface__["data"][0]) % 16
-    out = raw[off:off + n * dtype.itemsize].view(dtype).reshape(shape)
-    out[...] = rng.standard_normal(shape) * scale
-    return out
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(20240611)
 
 
-def check(out, ref64, ref_np, dtype, kind="product"):
-    """out against the float64 reference and the NumPy backend (same dtype)."""
-    assert out.dtype == dtype, f"dtype {out.dtype}, expected {dtype}"
-    assert not np.isnan(out).any(), ("NaN in the output: an element was not written (outputs "
-                                     "are poisoned) or was computed from shared memory read "
-                                     "before it was stored (shared memory is NaN-filled)")
-    e64 = rel_err(out, ref64)
-    assert e64 <= tol(dtype, kind), f"relative error vs float64 reference {e64:.3g} > {tol(dtype, kind):g}"
-    enp = rel_err(out, np.asarray(ref_np, dtype=np.float64))
-    assert enp <= 2 * tol(dtype, kind), f"relative error vs the NumPy backend {enp:.3g}"
-
-
-# ----------------------------------------------------------------------------- references
-
-def act64(name, y):
-    y = np.asarray(y, np.float64)
-    if name is None:
-        return y
-    if name == "sigmoid":
-        return np.where(y >= 0, 1 / (1 + np.exp(-np.abs(y))), np.exp(-np.abs(y)) / (1 + np.exp(-np.abs(y))))
-    if name == "tanh":
-        return np.tanh(y)
-    return np.maximum(y, 0)
-
-
-def act_bwd64(name, g, z):
-    g, z = np.asarray(g, np.float64), np.asarray(z, np.float64)
-    if name == "sigmoid":
-        return g * z * (1 - z)
-    if name == "tanh":
-        return g * (1 - z * z)
-    return g * (z > 0)
-
-
-def softmax64(x):
-    x = np.asarray(x, np.float64)
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def log_softmax64(x):
-    x = np.asarray(x, np.float64)
-    s = x - x.max(axis=1, keepdims=True)
-    return s - np.log(np.exp(s).sum(axis=1, keepdims=True))
-
-
-def xent64(z, t, reduction):
-    """(loss, grad) in float64: L_row = lse Σt − Σ t z; dL/dz = (ŷ Σt − t) · scale."""
-    z = np.asarray(z, np.float64)
-    n, c = z.shape
-    tt = np.zeros((n, c)) if t.ndim == 1 else np.asarray(t, np.float64)
-    if t.ndim == 1:
-        tt[np.arange(n), t] = 1.0
-    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
-    tsum = tt.sum(1)
-    rows = lse * tsum - (tt * z).sum(1)
-    scale = 1.0 / n if reduction == "mean" else 1.0
-    return rows.sum() * scale, (softmax64(z) * tsum[:, None] - tt) * scale
-
-
-def mse64(p, t, reduction):
-    d = np.asarray(p, np.float64) - np.asarray(t, np.float64)
-    scale = {"mean": 1.0 / d.size, "sum": 1.0, "half_sum": 0.5}[reduction]
-    return (d * d).sum() * scale, 2 * scale * d
-
-
 # ----------------------------------------------------------------------------- GEMM
 
-LAYOUTS = {"NN": (False, False), "NT": (False, True), "TN": (True, False), "TT": (True, True)}
-EPILOGUES = {"none": (False, None), "bias": (True, None),
-             **{f"bias+{a}": (True, a) for a in ACTS}, **{a: (False, a) for a in ACTS}}
 ODD_MNK = [(1, 1, 1), (7, 33, 5), (65, 17, 129)]
 VEC_MNK = [(4, 4, 4), (68, 20, 36)]   # every stored row a whole number of 16-byte vectors
 
@@ -328,12 +235,6 @@ def test_softmax(cpu, rng, op, shape, dtype):
     check(out, ref, NP[op](x), dtype, "elementwise")
 
 
-def _targets(rng, kind, n, c, dtype):
-    if kind == "index":
-        return rng.integers(0, c, size=n).astype(np.int64)
-    return softmax64(rng.standard_normal((n, c)) * 2).astype(dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("target", ["index", "probs"])
@@ -342,7 +243,7 @@ def _targets(rng, kind, n, c, dtype):
 def test_cross_entropy(cpu, rng, nc, target, reduction, dtype):
     n, c = nc
     z = data(rng, n, c, dtype=dtype, scale=3.0)
-    t = _targets(rng, target, n, c, dtype)
+    t = targets(rng, target, n, c, dtype)
     loss_ref, grad_ref = xent64(z, t, reduction)
     loss = on_cpu(cpu, "cross_entropy", z, t, reduction)
     check(np.asarray(loss), loss_ref, NP["cross_entropy"](z, t, reduction), dtype, "product")
