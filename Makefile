@@ -2,13 +2,15 @@
 #   make demo   set up .venv and train the demo network (GPU if one works, else CPU)
 #   make test   set up .venv and run the test suite
 # `make gpu-venv` adds CuPy (CUDA 12 wheels) and nvtx to the same environment.
+# `make fake-gpu-test` runs the GPU-marked tests on the CPU stand-in for CuPy
+# (tests/fake_cupy/README.md): their host code, with the kernels on the CPU harness.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test gpu-venv clean
+.PHONY: demo test fake-gpu-test gpu-venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +23,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+fake-gpu-test: $(STAMP)
+	CUGRAD_FAKE_CUPY=1 $(PY) -m pytest -m "(gpu or fake_cupy) and not slow" $(PYTEST_ARGS)
 
 gpu-venv: $(STAMP)
 	$(PY) -m pip install --quiet ".[gpu,test,examples]"

@@ -8,13 +8,35 @@ case is skipped, with the reason, where no CUDA device works. ``rel_err`` is MAT
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+# CUGRAD_FAKE_CUPY=1: `import cupy` finds the CPU stand-in of tests/fake_cupy (NumPy memory,
+# kernels on the CPU harness), so the GPU-marked tests run their host code here.
+FAKE_CUPY = os.environ.get("CUGRAD_FAKE_CUPY", "").strip().lower() not in (
+    "", "0", "false", "off", "no")
+if FAKE_CUPY:
+    _FAKE_DIR = str(Path(__file__).resolve().parent / "fake_cupy")
+    sys.path.insert(0, _FAKE_DIR)
+    # and in the Python subprocesses tests start (the installed-package checks)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (_FAKE_DIR, os.environ.get("PYTHONPATH", "")) if p)
 
 import numpy as np
 import pytest
 
 import cugrad
 from cugrad._arrays import asarray, to_numpy
+
+
+
+def pytest_report_header(config):
+    if FAKE_CUPY:
+        return ("CUDA backend: the CPU stand-in for CuPy (tests/fake_cupy), not a GPU; "
+                "kernels run on the CPU harness")
+    return None
+
 
 # Shapes that are multiples of no tile size.
 ODD = (1, 7, 33, 127)
