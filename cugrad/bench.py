@@ -3,6 +3,7 @@
     python -m cugrad bench [--quick] [--only SUBSTR ...] [--out PATH] [--max-seconds S]
     python -m cugrad bench --list            # the figures, without running anything
     python -m cugrad bench --gemm-plans --only gemm_plan   # GEMM tile / split-K sweep
+    python -m cugrad bench --smoke [--gemm-plans]          # every figure at tiny shapes
     python profiling/bench.py ...            # the same, from a source checkout
 
 It first measures the device's two ceilings (device-to-device copy bandwidth, counting
@@ -40,9 +41,19 @@ How a figure is measured:
   before CuPy is imported, PyTorch's ``allow_tf32`` flags are cleared.
 
 Every figure runs inside its own ``try``: an exception is recorded in the figure as
-``"error"`` and the suite goes on; figures left when ``--max-seconds`` runs out are
-recorded as skipped. The JSON (and the table) are rewritten after every figure, so an
-interrupted run leaves what it measured.
+``"error"`` and the suite goes on; figures left when ``--max-seconds`` runs out, and those
+that cannot run here (no PyTorch for a PyTorch peer), are recorded as skipped with the
+reason. The JSON (and the table) are rewritten after every figure, so an interrupted run
+leaves what it measured.
+
+``--smoke`` runs every figure at tiny shapes (SMOKE_SHAPES: each dimension shrunk by
+``smoke_dim``) with two timed calls and two input sets: it checks that the suite's host
+code builds, checks and times every figure, in seconds, and means nothing as a
+measurement (the JSON has ``"smoke": true``, the table says so). It also runs on the CPU
+stand-in for CuPy (tests/fake_cupy, ``"cupy_stand_in": true``), where what the stand-in
+cannot imitate (the spin kernel's inline PTX, ``cupy.ElementwiseKernel``) is skipped with
+its message; there and in a smoke run the output goes under the temp folder unless
+``--out`` says otherwise, never to profiling/results/.
 
 This module imports neither CuPy nor PyTorch at import time.
 """
@@ -62,6 +73,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -100,6 +112,52 @@ TABLE_COLUMNS = ("name", "shape", "ours ms", "peer", "peer ms", "speedup", "targ
                  "check")
 
 
+@dataclass(frozen=True)
+class Shapes:
+    """The sizes of every figure and of the two ceilings: FULL_SHAPES is the suite,
+    SMOKE_SHAPES the same figures shrunk for ``--smoke``."""
+    gemm_square: tuple[int, ...] = GEMM_SQUARE
+    mlp: tuple[tuple[int, int, int], ...] = MLP_SHAPES
+    bias_grad: tuple[tuple[int, int], ...] = BIAS_GRAD_SHAPES
+    loss: tuple[int, int] = LOSS_SHAPE
+    activation: tuple[int, int] = ACTIVATION_SHAPE
+    linear: tuple[tuple[int, int, int], ...] = LINEAR_SHAPES
+    mlp_widths: tuple[int, ...] = MLP_WIDTHS
+    mlp_batch: int = MLP_BATCH
+    copy_ceiling_bytes: int = COPY_CEILING_BYTES
+    sgemm_ceiling_n: int = SGEMM_CEILING_N
+
+
+def smoke_dim(d: int) -> int:
+    """A figure dimension shrunk for ``--smoke``: up to 64 it stays; above, it keeps its
+    remainder modulo 64 (the GEMM tile: a dimension off the tile grid stays off it) plus 8
+    per doubling of its multiple of 64, so distinct dimensions stay distinct (4096 -> 56,
+    8192 -> 64, 784 -> 48, 1000 -> 72, 1024 -> 40, 10 -> 10)."""
+    if d <= 64:
+        return d
+    q, r = divmod(d, 64)
+    small = r + 8 * q.bit_length()
+    return small + 8 if r and small % 64 == 0 else small
+
+
+def _shrunk(value):
+    return smoke_dim(value) if isinstance(value, int) else tuple(_shrunk(v) for v in value)
+
+
+def _dims(value) -> list[int]:
+    """Every figure dimension in ``value`` (a Shapes, or part of one)."""
+    if isinstance(value, Shapes):
+        return [d for k, v in vars(value).items()
+                if k not in ("copy_ceiling_bytes", "sgemm_ceiling_n") for d in _dims(v)]
+    return [value] if isinstance(value, int) else [d for v in value for d in _dims(v)]
+
+
+FULL_SHAPES = Shapes()
+SMOKE_SHAPES = Shapes(**{k: _shrunk(v) for k, v in vars(FULL_SHAPES).items()
+                         if k not in ("copy_ceiling_bytes", "sgemm_ceiling_n")},
+                      copy_ceiling_bytes=2**20, sgemm_ceiling_n=64)
+
+
 # ------------------------------------------------------------------------ timing plan
 
 @dataclass(frozen=True)
@@ -113,19 +171,25 @@ class Settings:
     max_s: float = 1.0         # ... or this long (never fewer than 3 calls)
     rounds: int = 5            # ours and peers alternate this many times
     max_head_start_us: float = 2000.0
+    max_input_sets: int = MAX_INPUT_SETS   # input sets a figure rotates through, at most
 
 
 FULL = Settings()
 QUICK = Settings(warmup_s=0.005, target_s=0.02, min_reps=5, max_reps=30, max_s=0.2, rounds=3)
+# --smoke: does every figure build, check and time? Two calls to warm up (the first is
+# dropped), two timed, two input sets: the timings mean nothing.
+SMOKE = Settings(warmup_calls=2, warmup_s=0.0, target_s=0.0, min_reps=1, max_reps=2,
+                 max_s=0.0, rounds=1, max_input_sets=2)
 
 
 def plan_reps(est_s: float, settings: Settings) -> int:
     """Timed calls for a callable taking ``est_s`` seconds: enough for ``target_s`` and at
-    least ``min_reps``, capped by ``max_reps`` and ``max_s``, never fewer than 3."""
+    least ``min_reps``, capped by ``max_reps`` and ``max_s``, never fewer than 3 (or than
+    ``max_reps``, if that is fewer)."""
     if est_s <= 0 or not math.isfinite(est_s):
         return settings.max_reps
     n = max(math.ceil(settings.target_s / est_s), settings.min_reps)
-    return max(3, min(n, settings.max_reps, int(settings.max_s / est_s)))
+    return max(min(3, settings.max_reps), min(n, settings.max_reps, int(settings.max_s / est_s)))
 
 
 def head_start_us(host_s: float, settings: Settings) -> float:
@@ -213,7 +277,7 @@ def make_figure(spec: Spec, peer: PeerSpec, *, sets: int | None = None,
     kernel compilation included."""
     fig = {"name": spec.name, "shape": spec.shape, "ours": spec.ours, "ours_ms": None,
            "peer": peer.name, "peer_detail": peer.detail, "peer_ms": None, "speedup": None,
-           "target": peer.target, "met": None if peer.target is None else False,
+           "target": peer.target, "met": None if peer.target is None or skipped else False,
            "spread": None, "check_rel_err": check_err, "check_tol": spec.tol,
            "input_sets": sets, "clock": "host, batches of steps" if spec.host_clock
            else "CUDA events", "setup_s": setup_s}
@@ -291,6 +355,11 @@ def markdown_report(result: dict) -> str:
     """The Markdown table of a result (the JSON's dict): header, one row per figure, then
     the errors in full."""
     lines = [f"# cugrad benchmarks: {result.get('device')}, {result.get('date')}", ""]
+    if result.get("smoke"):
+        lines += [f"**SMOKE RUN, NOT A MEASUREMENT**: {result.get('smoke_note', '')}", ""]
+    if result.get("cupy_stand_in"):
+        lines += ["**Run on the CPU stand-in for CuPy (tests/fake_cupy), not on a GPU**: "
+                  "kernels ran on the CPU harness; no timing here means anything.", ""]
     versions = ", ".join(f"{k} {result.get(k)}" for k in ("driver", "cuda", "cupy", "torch"))
     lines.append(f"{versions}; python {result.get('python')}, numpy {result.get('numpy')}")
     ceilings = result.get("ceilings") or {}
@@ -309,14 +378,19 @@ def markdown_report(result: dict) -> str:
         lines.append("| " + " | ".join(table_row(fig)) + " |")
     counts = {s: sum(figure_status(f) == s for f in figures)
               for s in ("met", "missed", "report", "failed", "skipped")}
-    lines += ["", f"{len(figures)} figures: {counts['met']} met, {counts['missed']} missed, "
+    smoke = " (a smoke run: met and missed mean nothing)" if result.get("smoke") else ""
+    lines += ["", f"{len(figures)} figures{smoke}: {counts['met']} met, {counts['missed']} missed, "
               f"{counts['report']} reported only, {counts['failed']} failed, "
               f"{counts['skipped']} skipped."]
     errors = [f for f in figures if f.get("error") is not None and not f.get("skipped")]
     notes = [f"- {f['name']} {f['shape']} vs {f['peer']}: {_clip(f['error'])}" for f in errors]
-    skipped = [f for f in figures if f.get("skipped")]
-    if skipped:
-        notes.append(f"- {len(skipped)} figures skipped: {skipped[0]['error']}")
+    reasons: dict[str, int] = {}
+    for f in figures:
+        if f.get("skipped"):
+            reason = str(f.get("error"))
+            reasons[reason] = reasons.get(reason, 0) + 1
+    notes += [f"- {count} figure{'s' if count > 1 else ''} skipped: {_clip(reason)}"
+              for reason, count in reasons.items()]
     notes += [f"- not run: {note}" for note in result.get("skipped", [])]
     if notes:
         lines += ["", "Errors and omissions:", ""] + notes
@@ -357,9 +431,14 @@ def gpu_short_name(device_name: str) -> str:
     return "gpu"
 
 
-def default_out_path(device_name: str, date: datetime.date) -> Path:
-    return Path("profiling") / "results" / \
-        f"bench-{gpu_short_name(device_name)}-{date:%Y%m%d}.json"
+def default_out_path(device_name: str, date: datetime.date, *, scratch: bool = False) -> Path:
+    """profiling/results/bench-<gpu>-<yyyymmdd>.json; ``scratch`` (a smoke run, or the CPU
+    stand-in for CuPy: no measurement) the same name under the temp folder, with
+    ``-smoke``."""
+    name = f"bench-{gpu_short_name(device_name)}-{date:%Y%m%d}"
+    if scratch:
+        return Path(tempfile.gettempdir()) / f"cugrad-{name}-smoke.json"
+    return Path("profiling") / "results" / f"{name}.json"
 
 
 def selected(specs: list[Spec], only: list[str] | None) -> list[Spec]:
@@ -383,21 +462,38 @@ extern "C" __global__ void cugrad_bench_spin(unsigned long long ns) {
 """
 
 
+def stand_in_limit(cupy, exc: BaseException) -> bool:
+    """Whether ``exc`` is the CPU stand-in for CuPy (tests/fake_cupy) saying it cannot
+    imitate something: never true with the real CuPy."""
+    return bool(getattr(cupy, "FAKE", False)) and \
+        isinstance(exc, getattr(cupy, "FakeCupyError", ()))
+
+
 class Env:
     """The device side shared by all figures: CuPy, PyTorch (on demand), random inputs,
-    the spin kernel and the timer."""
+    the spin kernel and the timer. ``smoke``: a ``--smoke`` run (see ``torch``)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, smoke: bool = False):
         import cupy
 
         self.cp = cupy
         self.settings = settings
+        self.smoke = smoke
         self.device = cupy.cuda.Device()
         self.l2_bytes = self.attribute("L2CacheSize") or L2_FALLBACK_BYTES
         self._host_rng = np.random.default_rng(1234)
         self._rng, self.rng_note = self._device_rng()
         self._spin = cupy.RawKernel(_SPIN_SOURCE, "cugrad_bench_spin")
-        self.spin(0)
+        self.spin_note = None
+        try:
+            self.spin(0)
+        except Exception as exc:
+            # The spin kernel reads %globaltimer with inline PTX, which the stand-in's CPU
+            # harness cannot run: there, no head start. Anywhere else this is an error.
+            if not stand_in_limit(cupy, exc):
+                raise
+            self._spin = None
+            self.spin_note = f"no head start (spin kernel unavailable: {exc})"
         self.sync()
         self._torch = None
         self._torch_error: str | None = None
@@ -412,8 +508,10 @@ class Env:
             return None
 
     # -- libraries -------------------------------------------------------------------
-    def torch(self):
-        """PyTorch, TF32 off, on CuPy's stream; raises RuntimeError where it cannot be."""
+    def torch(self, ours: Callable[[int], Any] | None = None):
+        """PyTorch, TF32 off, on CuPy's stream; raises ``Unavailable`` (the figure is
+        skipped) where it cannot be. In a smoke run ``ours`` (the figure's own call) runs
+        once on input set 0 before that, so that our side still runs without PyTorch."""
         if self._torch is None and self._torch_error is None:
             try:
                 import torch
@@ -432,7 +530,12 @@ class Env:
             except Exception as exc:
                 self._torch_error = f"{type(exc).__name__}: {exc}"
         if self._torch is None:
-            raise RuntimeError(f"PyTorch unavailable: {self._torch_error}")
+            why = f"PyTorch unavailable: {self._torch_error}"
+            if self.smoke and ours is not None:
+                ours(0)
+                self.sync()
+                why += " (smoke: ours ran once, unchecked)"
+            raise Unavailable(why)
         return self._torch
 
     def torch_of(self, x):
@@ -462,7 +565,12 @@ class Env:
         return self.cp.asarray(self._host_rng.integers(0, classes, size=n, dtype=np.int64))
 
     def sets_for(self, set_bytes: int) -> int:
-        return input_sets(set_bytes, self.l2_bytes)
+        return min(input_sets(set_bytes, self.l2_bytes), self.settings.max_input_sets)
+
+    @property
+    def step_sets(self) -> int:
+        """Batches a training-step figure cycles through."""
+        return min(STEP_INPUT_SETS, self.settings.max_input_sets)
 
     def copy_peer(self, nbytes: int, sets: int) -> Callable[[int], Any]:
         """A device-to-device copy moving ``nbytes`` read + written (half that copied),
@@ -473,10 +581,13 @@ class Env:
             src = self.cp.empty(size, dtype=self.cp.uint8)
             src.fill(1)
             pairs.append((src, self.cp.empty(size, dtype=self.cp.uint8)))
+        copyto = self.cp.copyto
 
         def copy(i):
+            # Contiguous, same dtype and size: CuPy's copyto is one cudaMemcpyAsync
+            # (dst.data.copy_from_async) on the current stream.
             src, dst = pairs[i]
-            dst.data.copy_from_device_async(src.data, size, self.cp.cuda.get_current_stream())
+            copyto(dst, src)
         return copy
 
     # -- checks ------------------------------------------------------------------------
@@ -509,7 +620,8 @@ class Env:
         self.device.synchronize()
 
     def spin(self, ns: int):
-        self._spin((1, 1, 1), (1, 1, 1), (np.uint64(ns),))
+        if self._spin is not None:
+            self._spin((1, 1, 1), (1, 1, 1), (np.uint64(ns),))
 
     def time_interleaved(self, calls: dict[str, Callable[[int], Any]], sets: int, *,
                          host_clock: bool = False) -> dict[str, dict]:
@@ -526,7 +638,8 @@ class Env:
             host_s, whole_s = self._warm_up(fn, next_set)
             series[label] = {"fn": fn, "next_set": next_set, "samples": [],
                              "reps": plan_reps(whole_s * batch, s),
-                             "head_ns": 0 if host_clock else int(head_start_us(host_s, s) * 1e3)}
+                             "head_ns": 0 if host_clock or self._spin is None
+                             else int(head_start_us(host_s, s) * 1e3)}
         rounds = max(1, min(s.rounds, min(x["reps"] for x in series.values())))
         labels = list(series)
         for r in range(rounds):
@@ -664,11 +777,11 @@ def _build_bias_grad(m: int, n: int):
         G = [env.randn(m, n) for _ in range(sets)]
 
         def cupy_sum(i):
-            return cp.sum(G[i], axis=0)
+            return G[i].sum(axis=0)     # what cupy.sum(g, axis=0) calls in CuPy
         return Case(lambda i: F.bias_grad(G[i]),
                     {"cupy.sum": PeerRun(cupy_sum),
                      "copy": PeerRun(env.copy_peer(4 * (m * n + n), sets),
-                                     reference=lambda: cp.sum(G[0].astype(cp.float64), axis=0))},
+                                     reference=lambda: G[0].astype(cp.float64).sum(axis=0))},
                     sets)
     return build
 
@@ -700,7 +813,7 @@ def _build_xent(n: int, c: int, nbytes: int, *, kernels: bool, torch_peer: bool)
             def ours(i):
                 return F.cross_entropy_with_grad(Z[i], T[i])
         if torch_peer:
-            torch = env.torch()
+            torch = env.torch(ours)
             tF = torch.nn.functional
             Zt = [env.torch_of(z).requires_grad_(True) for z in Z]
             Tt = [env.torch_of(t) for t in T]
@@ -730,7 +843,7 @@ def _build_mse(n: int, c: int, nbytes: int, *, kernels: bool, torch_peer: bool):
             def ours(i):
                 return F.mse_loss(P[i], T[i]), F.mse_loss_backward(P[i], T[i])
         if torch_peer:
-            torch = env.torch()
+            torch = env.torch(ours)
             Pt = [env.torch_of(p).requires_grad_(True) for p in P]
             Tt = [env.torch_of(t) for t in T]
 
@@ -783,7 +896,7 @@ def _build_activation(name: str, backward: bool, n_rows: int, n_cols: int, *, to
             def reference():
                 return fwd_ref(cp, X[0].astype(cp.float64))
         if torch_peer:
-            torch = env.torch()
+            torch = env.torch(ours)
             aten = torch.ops.aten
             if backward:
                 Gt, Zt = [env.torch_of(g) for g in G], [env.torch_of(z) for z in Z]
@@ -818,14 +931,10 @@ def _torch_linear_like(env: Env, lin):
 def _build_linear_fwd_bwd(m: int, n: int, k: int):
     def build(env: Env) -> Case:
         from . import nn
-        torch = env.torch()
         sets = env.sets_for(4 * (m * k + n * k + m * n + n))
         lins = [nn.Linear(k, n, rng=i, device="cuda") for i in range(sets)]
-        tlins = [_torch_linear_like(env, lin) for lin in lins]
         X = [env.randn(m, k) for _ in range(sets)]
         GY = [env.randn(m, n) for _ in range(sets)]
-        Xt = [env.torch_of(x).requires_grad_(True) for x in X]
-        GYt = [env.torch_of(g) for g in GY]
 
         def ours(i):
             lin = lins[i]
@@ -833,6 +942,11 @@ def _build_linear_fwd_bwd(m: int, n: int, k: int):
             y = lin(X[i])
             gx = lin.backward(GY[i])
             return y, gx, lin.weight.grad, lin.bias.grad
+
+        torch = env.torch(ours)
+        tlins = [_torch_linear_like(env, lin) for lin in lins]
+        Xt = [env.torch_of(x).requires_grad_(True) for x in X]
+        GYt = [env.torch_of(g) for g in GY]
 
         def pytorch(i):
             t = tlins[i]
@@ -843,26 +957,28 @@ def _build_linear_fwd_bwd(m: int, n: int, k: int):
     return build
 
 
-def _mlp_pair(env: Env):
-    """A cugrad MLP (ReLU fused into the hidden Linears), CrossEntropyLoss and SGD, and
-    the same network in PyTorch with the same weights."""
+def _mlp_ours(widths: tuple[int, ...]):
+    """A cugrad MLP of ``widths`` (ReLU fused into the hidden Linears), CrossEntropyLoss
+    and SGD."""
     from . import nn, optim
-    torch = env.torch()
-    widths = MLP_WIDTHS
-    layers, tlayers = [], []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        hidden = i < len(widths) - 2
-        lin = nn.Linear(a, b, rng=i, device="cuda", activation="relu" if hidden else None)
-        layers.append(lin)
-        tlayers.append(_torch_linear_like(env, lin))
-        if hidden:
-            tlayers.append(torch.nn.ReLU())
+    layers = [nn.Linear(a, b, rng=i, device="cuda",
+                        activation="relu" if i < len(widths) - 2 else None)
+              for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))]
     model = nn.Sequential(*layers)
+    return model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=MLP_LR)
+
+
+def _torch_mlp_like(env: Env, model):
+    """The same network as ``_mlp_ours``'s ``model`` in PyTorch, with the same weights, its
+    CrossEntropyLoss and SGD."""
+    torch = env.torch()
+    tlayers = []
+    for lin in model.layers:
+        tlayers.append(_torch_linear_like(env, lin))
+        if lin.activation == "relu":
+            tlayers.append(torch.nn.ReLU())
     tmodel = torch.nn.Sequential(*tlayers)
-    ours = (model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=MLP_LR))
-    theirs = (tmodel, torch.nn.CrossEntropyLoss(),
-              torch.optim.SGD(tmodel.parameters(), lr=MLP_LR))
-    return ours, theirs
+    return tmodel, torch.nn.CrossEntropyLoss(), torch.optim.SGD(tmodel.parameters(), lr=MLP_LR)
 
 
 def _torch_step(tmodel, tcrit, topt, x, y):
@@ -873,19 +989,19 @@ def _torch_step(tmodel, tcrit, topt, x, y):
     return loss
 
 
-def _build_mlp_step(graph: bool):
+def _build_mlp_step(graph: bool, widths: tuple[int, ...] = MLP_WIDTHS,
+                    batch: int = MLP_BATCH):
     def build(env: Env) -> Case:
-        torch = env.torch()
         if graph:
             try:
                 from .graph import capture_train_step
             except ImportError as exc:
                 raise Unavailable(f"cugrad.graph.capture_train_step is not importable "
                                   f"({type(exc).__name__}: {exc})") from None
-        (model, crit, opt), (tmodel, tcrit, topt) = _mlp_pair(env)
-        X = [env.randn(MLP_BATCH, MLP_WIDTHS[0]) for _ in range(STEP_INPUT_SETS)]
-        Y = [env.classes(MLP_BATCH, MLP_WIDTHS[-1]) for _ in range(STEP_INPUT_SETS)]
-        Xt, Yt = [env.torch_of(x) for x in X], [env.torch_of(y) for y in Y]
+        model, crit, opt = _mlp_ours(widths)
+        sets = env.step_sets
+        X = [env.randn(batch, widths[0]) for _ in range(sets)]
+        Y = [env.classes(batch, widths[-1]) for _ in range(sets)]
 
         if graph:
             replay = capture_train_step(model, crit, opt, X[0], Y[0])
@@ -899,6 +1015,10 @@ def _build_mlp_step(graph: bool):
                 model.backward(crit.backward(), input_grad=False)
                 opt.step()
                 return loss
+
+        torch = env.torch(step)
+        tmodel, tcrit, topt = _torch_mlp_like(env, model)
+        Xt, Yt = [env.torch_of(x) for x in X], [env.torch_of(y) for y in Y]
 
         def check():
             # From the same weights (copied over just before), one step each on batch 0:
@@ -916,7 +1036,7 @@ def _build_mlp_step(graph: bool):
 
         def pytorch(i):
             return _torch_step(tmodel, tcrit, topt, Xt[i], Yt[i])
-        return Case(step, {"PyTorch": PeerRun(pytorch)}, STEP_INPUT_SETS, check=check)
+        return Case(step, {"PyTorch": PeerRun(pytorch)}, sets, check=check)
     return build
 
 
@@ -936,33 +1056,34 @@ def _loss_specs(name, shape, build, n, c, nbytes, copy_detail, public, kernels, 
     ]
 
 
-def specs() -> list[Spec]:
-    """Every figure of the suite, in the order they run (nothing is built here)."""
+def specs(shapes: Shapes = FULL_SHAPES) -> list[Spec]:
+    """Every figure of the suite at ``shapes``, in the order they run (nothing is built
+    here)."""
     out: list[Spec] = []
     cublas = "cupy.matmul (cuBLAS SGEMM, TF32 off)"
     copy_detail = "cudaMemcpyAsync device-to-device moving the same bytes (read + written)"
-    for n in GEMM_SQUARE:
+    for n in shapes.gemm_square:
         for layout in ("NN", "NT", "TN"):
             out.append(Spec(f"gemm_{layout.lower()}", f"{n}x{n}x{n}",
                             f"F.matmul(trans_a={layout[0] == 'T'}, trans_b={layout[1] == 'T'})",
                             (PeerSpec("cuBLAS", 0.90, cublas),), _build_gemm(layout, n, n, n),
                             flops=2.0 * n ** 3))
-    for m, n, k in MLP_SHAPES:
+    for m, n, k in shapes.mlp:
         out.append(Spec("gemm_mlp_nn", f"{m}x{n}x{k}", "F.matmul",
                         (PeerSpec("cuBLAS", 0.80, cublas),), _build_gemm("NN", m, n, k),
                         flops=2.0 * m * n * k))
-    for m, n, k in MLP_SHAPES:
+    for m, n, k in shapes.mlp:
         out.append(Spec("linear_bias_sigmoid", f"{m}x{n}x{k}",
                         "F.linear(x, w, b, activation='sigmoid'), one fused kernel",
                         (PeerSpec("cuBLAS + CuPy", 1.0, "cupy.matmul(x, w.T); y += b; sigmoid "
                                   "ElementwiseKernel (3 launches)"),),
                         _build_linear_sigmoid(m, n, k), flops=2.0 * m * n * k))
-    for m, n in BIAS_GRAD_SHAPES:
+    for m, n in shapes.bias_grad:
         out.append(Spec("bias_grad", f"{m}x{n}", "F.bias_grad",
                         (PeerSpec("cupy.sum", 1.3, "cupy.sum(g, axis=0)"),
                          PeerSpec("copy", 0.85, copy_detail)),
                         _build_bias_grad(m, n), nbytes=4 * (m * n + n)))
-    n, c = LOSS_SHAPE
+    n, c = shapes.loss
     out += _loss_specs("cross_entropy_fwd_bwd", f"{n}x{c}", _build_xent, n, c,
                        2 * 4 * n * c + 8 * n + 4, copy_detail,
                        "F.cross_entropy_with_grad (public API: its index check syncs the host)",
@@ -972,7 +1093,7 @@ def specs() -> list[Spec]:
                        "F.mse_loss + F.mse_loss_backward (public API: NaN checks sync the host)",
                        "backends.cuda.ops.mse_loss + mse_loss_backward (the kernels, no validation)",
                        "F.mse_loss + autograd.grad")
-    rows, cols = ACTIVATION_SHAPE
+    rows, cols = shapes.activation
     for act in ("sigmoid", "tanh", "relu"):
         for backward in (False, True):
             fn = f"F.{act}_backward(g, out)" if backward else f"F.{act}(x)"
@@ -985,44 +1106,46 @@ def specs() -> list[Spec]:
                                 (peer,), _build_activation(act, backward, rows, cols,
                                                            torch_peer=peer.name == "PyTorch"),
                                 nbytes=nbytes, tol=TOL_ELEMENTWISE))
-    for m, n, k in LINEAR_SHAPES:
+    for m, n, k in shapes.linear:
         out.append(Spec("linear_fwd_bwd", f"{m}x{n}x{k}",
                         "nn.Linear forward + backward (dX, dW, db)",
                         (PeerSpec("PyTorch", 1.0, "torch.nn.Linear forward + autograd.grad "
                                   "(dX, dW, db), same weights"),),
                         _build_linear_fwd_bwd(m, n, k), flops=6.0 * m * n * k))
-    mlp = f"{'-'.join(map(str, MLP_WIDTHS))} ReLU, batch {MLP_BATCH}"
+    widths, batch = shapes.mlp_widths, shapes.mlp_batch
+    mlp = f"{'-'.join(map(str, widths))} ReLU, batch {batch}"
     eager = "PyTorch eager: same model, CrossEntropyLoss, SGD(lr=0.01)"
     out.append(Spec("mlp_step", mlp, "eager step: Sequential (ReLU fused), CrossEntropyLoss, "
                     "SGD(lr=0.01)", (PeerSpec("PyTorch", None, eager),),
-                    _build_mlp_step(graph=False), host_clock=True))
+                    _build_mlp_step(False, widths, batch), host_clock=True))
     out.append(Spec("mlp_step_graph", mlp, "cugrad.graph.capture_train_step(...) replayed",
-                    (PeerSpec("PyTorch", 2.0, eager),), _build_mlp_step(graph=True),
+                    (PeerSpec("PyTorch", 2.0, eager),), _build_mlp_step(True, widths, batch),
                     host_clock=True))
     return out
 
 
-# The products of one MLP_WIDTHS training step at batch MLP_BATCH (forward NT, dX NN, dW TN),
+# The products of one training step of the MLP of ``shapes`` (forward NT, dX NN, dW TN),
 # for the plan sweep.
-def _mlp_step_products() -> list[tuple[str, int, int, int]]:
+def _mlp_step_products(shapes: Shapes = FULL_SHAPES) -> list[tuple[str, int, int, int]]:
     out = []
-    for i, (d_in, d_out) in enumerate(zip(MLP_WIDTHS[:-1], MLP_WIDTHS[1:])):
-        out.append(("NT", MLP_BATCH, d_out, d_in))
+    widths, batch = shapes.mlp_widths, shapes.mlp_batch
+    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+        out.append(("NT", batch, d_out, d_in))
         if i > 0:
-            out.append(("NN", MLP_BATCH, d_in, d_out))
-        out.append(("TN", d_out, d_in, MLP_BATCH))
+            out.append(("NN", batch, d_in, d_out))
+        out.append(("TN", d_out, d_in, batch))
     return out
 
 
-def gemm_plan_specs(splits=(1, 2, 4, 8)) -> list[Spec]:
+def gemm_plan_specs(splits=(1, 2, 4, 8), shapes: Shapes = FULL_SHAPES) -> list[Spec]:
     """``--gemm-plans``: the MLP-shape products and those of the MLP training step, each
     under every tile of config.GEMM_TILES (float32) and K split in ``splits``, against cuBLAS
     (reported only): the measurements that config.gemm_plan's heuristic is tuned by."""
     from .backends.cuda import config
     cublas = "cupy.matmul (cuBLAS SGEMM, TF32 off)"
-    shapes = [("NN", m, n, k) for m, n, k in MLP_SHAPES] + _mlp_step_products()
+    products = [("NN", m, n, k) for m, n, k in shapes.mlp] + _mlp_step_products(shapes)
     out = []
-    for layout, m, n, k in dict.fromkeys(shapes):
+    for layout, m, n, k in dict.fromkeys(products):
         auto = config.gemm_plan(m, n, k, "float32", 132)
         plans = [auto]
         for tiles in config.GEMM_TILES["float32"]:
@@ -1092,6 +1215,10 @@ def run_spec(env: Env, spec: Spec, ceilings: dict) -> list[dict]:
     except Unavailable:
         raise
     except Exception as exc:
+        if stand_in_limit(getattr(env, "cp", None), exc):
+            return [make_figure(spec, peer, skipped=True, error="the CPU stand-in for CuPy "
+                                f"cannot run this figure: {_error_text(exc)}")
+                    for peer in spec.peers]
         return [make_figure(spec, peer, error=_error_text(exc)) for peer in spec.peers]
     finally:
         del case
@@ -1101,17 +1228,19 @@ def run_spec(env: Env, spec: Spec, ceilings: dict) -> list[dict]:
             pass
 
 
-def _copy_ceiling(env: Env) -> dict:
-    copy = env.copy_peer(2 * COPY_CEILING_BYTES, 1)
+def _copy_ceiling(env: Env, shapes: Shapes) -> dict:
+    size = shapes.copy_ceiling_bytes
+    copy = env.copy_peer(2 * size, 1)
     st = env.time_interleaved({"copy": copy}, 1)["copy"]
-    return {"bytes": 2 * COPY_CEILING_BYTES, "ms": st["median"],
+    return {"bytes": 2 * size, "ms": st["median"],
             "spread": [st["p10"], st["p90"]],
-            "gbps": 2 * COPY_CEILING_BYTES / st["median"] / 1e6,
-            "how": f"cudaMemcpyAsync device-to-device of {COPY_CEILING_BYTES / 2**30:g} GiB"}
+            "gbps": 2 * size / st["median"] / 1e6,
+            "how": "cudaMemcpyAsync device-to-device of " + (
+                f"{size / 2**30:g} GiB" if size >= 2**30 else f"{size / 2**20:g} MiB")}
 
 
-def _sgemm_ceiling(env: Env) -> dict:
-    n = SGEMM_CEILING_N
+def _sgemm_ceiling(env: Env, shapes: Shapes) -> dict:
+    n = shapes.sgemm_ceiling_n
     a, b = env.randn(n, n), env.randn(n, n)
     st = env.time_interleaved({"sgemm": lambda i: env.cp.matmul(a, b)}, 1)["sgemm"]
     return {"shape": f"{n}x{n}x{n}", "ms": st["median"], "spread": [st["p10"], st["p90"]],
@@ -1119,13 +1248,13 @@ def _sgemm_ceiling(env: Env) -> dict:
             "how": "cupy.matmul float32 (cuBLAS SGEMM, TF32 off)"}
 
 
-def measure_ceilings(env: Env) -> dict:
-    """Copy bandwidth (bytes read + written) and cuBLAS SGEMM at 8192³; a ceiling that
-    fails holds {"error": ...}."""
+def measure_ceilings(env: Env, shapes: Shapes = FULL_SHAPES) -> dict:
+    """Copy bandwidth (bytes read + written) and cuBLAS SGEMM (at 8192³ in the full suite);
+    a ceiling that fails holds {"error": ...}."""
     ceilings = {}
     for name, measure in (("copy", _copy_ceiling), ("sgemm", _sgemm_ceiling)):
         try:
-            ceilings[name] = measure(env)
+            ceilings[name] = measure(env, shapes)
         except Exception as exc:
             ceilings[name] = {"error": _error_text(exc)}
         finally:
@@ -1186,7 +1315,7 @@ def environment(env: Env) -> dict:
             warnings.simplefilter("ignore")
             torch_tf32 = {"matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
                           "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32}
-    except RuntimeError as exc:
+    except Unavailable as exc:
         torch_version, torch_tf32 = f"unavailable ({exc})", None
     return {
         "device": _or_error(lambda: _device_name(cupy, env.device.id)),
@@ -1209,31 +1338,44 @@ def environment(env: Env) -> dict:
 
 
 def run_suite(settings: Settings, chosen: list[Spec], out_path: Path | None,
-              max_seconds: float, log=functools.partial(print, flush=True)
-              ) -> tuple[dict, Path]:
+              max_seconds: float, log=functools.partial(print, flush=True), *,
+              smoke: bool = False, shapes: Shapes = FULL_SHAPES) -> tuple[dict, Path]:
     """Run the ceilings and ``chosen``, writing the outputs after each; returns the result
-    and the JSON's path. Needs a working CUDA backend."""
+    and the JSON's path. Needs a working CUDA backend. ``smoke``: a ``--smoke`` run
+    (``chosen`` at SMOKE_SHAPES, ``settings`` SMOKE), marked so in the result and written
+    by default under the temp folder, as is any run on the CPU stand-in for CuPy."""
     t_start = time.perf_counter()
-    env = Env(settings)
+    env = Env(settings, smoke=smoke)
     result = environment(env)
+    stand_in = bool(getattr(env.cp, "FAKE", False))
     if out_path is None:
-        out_path = default_out_path(result["device"], datetime.date.today())
+        out_path = default_out_path(result["device"], datetime.date.today(),
+                                    scratch=smoke or stand_in)
+    result = {"smoke": smoke, "cupy_stand_in": stand_in, **result}
+    if smoke:
+        result["smoke_note"] = (
+            "--smoke: every figure at tiny shapes (each dimension shrunk to at most "
+            f"{max(_dims(shapes))}), "
+            f"{settings.max_reps} timed calls, at most {settings.max_input_sets} input sets; "
+            "it checks that each figure builds, agrees with its peer and is timed. The "
+            "timings mean nothing.")
     result.update({
         "timing": {
             "summary": f"per-call CUDA events after a head start, {SPREAD} spread",
             "spread": SPREAD + " percentiles of the per-call times, ms",
             "settings": vars(settings),
-            "head_start": "a spin kernel holds the GPU 1.5x the call's host time + 20 us "
+            "head_start": env.spin_note or
+                          "a spin kernel holds the GPU 1.5x the call's host time + 20 us "
                           "before each timed call, so its launches are queued first",
             "training_steps": f"host clock over batches of {STEPS_PER_SAMPLE} steps, "
                               "device synchronised before and after",
         },
-        "ceilings": {}, "figures": [], "skipped": [],
+        "ceilings": {}, "figures": [],
     })
     log(f"cugrad bench on {result['device']} (driver {result['driver']}, CUDA "
         f"{result['cuda']}, CuPy {result['cupy']}, PyTorch {result['torch']}); "
         f"writing {out_path}")
-    result["ceilings"] = measure_ceilings(env)
+    result["ceilings"] = measure_ceilings(env, shapes)
     log(f"ceilings: {json.dumps(jsonable(result['ceilings']))}")
     write_outputs(result, out_path)
     for spec in chosen:
@@ -1246,9 +1388,8 @@ def run_suite(settings: Settings, chosen: list[Spec], out_path: Path | None,
             try:
                 figures = run_spec(env, spec, result["ceilings"])
             except Unavailable as exc:
-                result["skipped"].append(f"{spec.label}: {exc}")
-                log(f"  {spec.label}: skipped ({exc})")
-                continue
+                figures = [make_figure(spec, p, error=str(exc), skipped=True)
+                           for p in spec.peers]
         result["figures"] += figures
         for fig in figures:
             log(f"  [{time.perf_counter() - t_start:6.1f}s] " + " | ".join(table_row(fig)))
@@ -1265,7 +1406,11 @@ def main(argv=None) -> int:
                     "bench-<gpu>-<yyyymmdd>.json); the table goes beside it as .md")
     ap.add_argument("--only", action="append", metavar="SUBSTR",
                     help="run only figures whose 'name shape' contains SUBSTR (repeatable)")
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every figure at tiny shapes, 2 timed calls each: checks that the "
+                    "suite runs (also on the CPU stand-in for CuPy); the timings mean nothing. "
+                    "Written under the temp folder unless --out is given")
     ap.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
                     help="start no figure after this many seconds; the rest are recorded "
                     f"as skipped (default {DEFAULT_MAX_SECONDS:g})")
@@ -1274,7 +1419,9 @@ def main(argv=None) -> int:
                     help="add the GEMM plan sweep (every tile and K split at the MLP shapes)")
     args = ap.parse_args(argv)
 
-    chosen = selected(specs() + (gemm_plan_specs() if args.gemm_plans else []), args.only)
+    shapes = SMOKE_SHAPES if args.smoke else FULL_SHAPES
+    chosen = selected(specs(shapes) + (gemm_plan_specs(shapes=shapes) if args.gemm_plans
+                                       else []), args.only)
     if args.list:
         for s in chosen:
             for p in s.peers:
@@ -1297,8 +1444,9 @@ def main(argv=None) -> int:
     if cupy_loaded:
         print("cugrad bench: warning: CuPy was imported before the bench set CUPY_TF32=0",
               file=sys.stderr)
-    result, out_path = run_suite(QUICK if args.quick else FULL, chosen, args.out,
-                                 args.max_seconds)
+    settings = SMOKE if args.smoke else QUICK if args.quick else FULL
+    result, out_path = run_suite(settings, chosen, args.out, args.max_seconds,
+                                 smoke=args.smoke, shapes=shapes)
     md_path = write_outputs(result, out_path)
     print(f"\nwrote {out_path} and {md_path} in {result.get('elapsed_s', 0):.0f} s\n")
     print(markdown_report(result), flush=True)

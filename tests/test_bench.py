@@ -157,9 +157,25 @@ def test_markdown_report_has_every_figure_and_the_errors():
     assert "copy 2900 GB/s" in text and "sgemm RuntimeError: x" in text
     assert "4 figures: 0 met, 1 missed, 0 reported only, 1 failed, 2 skipped." in text
     assert "- 2 figures skipped: budget ran out" in text
+    assert "SMOKE" not in text
     assert "- not run: mlp_step_graph" in text
     error_line = next(ln for ln in lines if ln.startswith("- gemm_nn 4x4x4 vs cuBLAS: ValueError"))
     assert len(error_line) < 400 and error_line.endswith("…")
+
+
+def test_markdown_report_lists_each_skip_reason_and_marks_a_smoke_run():
+    spec = _spec()
+    peer = spec.peers[0]
+    figures = [make_figure(spec, peer, error="PyTorch unavailable", skipped=True),
+               make_figure(spec, peer, error="budget ran out", skipped=True),
+               make_figure(spec, peer, error="PyTorch unavailable", skipped=True)]
+    assert all(f["met"] is None for f in figures)
+    text = bench.markdown_report({**_result(figures), "smoke": True, "smoke_note": "tiny",
+                                  "cupy_stand_in": True})
+    assert "- 2 figures skipped: PyTorch unavailable" in text
+    assert "- 1 figure skipped: budget ran out" in text
+    assert "**SMOKE RUN, NOT A MEASUREMENT**: tiny" in text
+    assert "not on a GPU" in text and "(a smoke run: met and missed mean nothing)" in text
 
 
 def test_write_outputs_strict_json_and_markdown_beside(tmp_path):
@@ -225,6 +241,39 @@ def test_specs_cover_the_issue_with_its_targets():
         if s.name.startswith(("gemm", "linear")):
             assert s.flops > 0, s.label
     assert all(s.host_clock == s.name.startswith("mlp_step") for s in specs)
+
+
+def test_smoke_shapes_are_small_distinct_and_keep_off_tile_dimensions():
+    full, smoke = bench._dims(bench.FULL_SHAPES), bench._dims(bench.SMOKE_SHAPES)
+    assert len(full) == len(smoke) and max(smoke) <= 96
+    pairs = dict(zip(full, smoke))
+    assert len(set(pairs.values())) == len(pairs), pairs           # distinct stay distinct
+    for d, s in pairs.items():
+        assert 1 <= s <= d and (s == d or d > 64), (d, s)        # small ones unchanged
+        if d % 64:
+            assert s % 64, (d, s)                                   # off the tile grid stays off
+    assert bench.smoke_dim(10) == 10 and bench.smoke_dim(784) == 48
+    assert bench.SMOKE_SHAPES.copy_ceiling_bytes <= 2**20
+    assert bench.SMOKE_SHAPES.sgemm_ceiling_n <= 64
+
+
+def test_smoke_specs_are_the_full_figures_at_small_shapes():
+    def key(specs):
+        return [(s.name, p.name, p.target, s.tol, s.host_clock, bool(s.flops), bool(s.nbytes))
+                for s in specs for p in s.peers]
+    assert key(bench.specs(bench.SMOKE_SHAPES)) == key(bench.specs())
+    plans = bench.gemm_plan_specs(shapes=bench.SMOKE_SHAPES)
+    assert plans and all(s.name.startswith("gemm_plan_") for s in plans)
+    assert len({s.label for s in plans}) == len(plans)
+    assert plan_reps(1e-3, bench.SMOKE) == bench.SMOKE.max_reps == 2
+    assert plan_reps(10.0, bench.SMOKE) == 2
+
+
+def test_smoke_and_stand_in_outputs_stay_out_of_profiling_results():
+    import datetime
+    path = bench.default_out_path("fake cupy (CPU harness)", datetime.date(2026, 11, 24),
+                                  scratch=True)
+    assert "profiling" not in path.parts and path.name.endswith("-smoke.json")
 
 
 def test_gemm_plan_sweep_covers_every_tile_and_marks_the_launchers_choice():
@@ -437,3 +486,66 @@ def test_list_and_only_from_both_entry_points():
     assert none.returncode == 2 and "no figure matches" in none.stderr
     usage = _run("-m", "cugrad", "--help")
     assert "bench" in usage.stdout
+
+
+# ------------------------------------------- the whole suite, smoke-sized, on the stand-in
+
+# Figures the stand-in may skip, and why: CuPy's ElementwiseKernel (the peer's sigmoid) is
+# not imitated, nor DLPack export (PyTorch peers, where a CUDA PyTorch is installed). Any
+# other stand-in skip is a new gap in the smoke run's coverage.
+STAND_IN_SKIPS = {"linear_bias_sigmoid": "ElementwiseKernel", "PyTorch": "DLPack"}
+
+
+def test_smoke_run_on_the_cupy_stand_in(tmp_path):
+    """`python -m cugrad bench --smoke` end to end on the CPU stand-in for CuPy: every
+    figure is either checked and timed or skipped with its reason; the JSON says it is a
+    smoke run. Seconds with the harness's build cache warm, about 20 s cold (2 cores)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import cuda_harness as ch
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    if ch.compiler() is None:
+        pytest.skip("no host C++ compiler (g++): the CPU kernel harness behind the CuPy "
+                    "stand-in (tests/cuda_harness) cannot build")
+    out = tmp_path / "x.json"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CUGRAD_FORCE_CPU", "CUGRAD_FAKE_CUPY", "CUGRAD_POISON_OUTPUTS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "fake_cupy"), str(ROOT)])
+    proc = subprocess.run([sys.executable, "-m", "cugrad", "bench", "--smoke", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["smoke"] is True and data["cupy_stand_in"] is True
+    assert "mean nothing" in data["smoke_note"]
+    assert out.with_suffix(".md").read_text().count("SMOKE RUN, NOT A MEASUREMENT") == 1
+    assert "copy" in data["ceilings"] and "gbps" in data["ceilings"]["copy"], data["ceilings"]
+    assert "tflops" in data["ceilings"]["sgemm"], data["ceilings"]
+
+    expected = [(s.name, s.shape, p.name) for s in bench.specs(bench.SMOKE_SHAPES)
+                for p in s.peers]
+    figures = data["figures"]
+    assert [(f["name"], f["shape"], f["peer"]) for f in figures] == expected
+    timed = 0
+    for f in figures:
+        where = f"{f['name']} {f['shape']} vs {f['peer']}"
+        if f.get("skipped"):
+            reason = f["error"]
+            assert reason, where
+            if reason.startswith("PyTorch unavailable"):
+                assert f["peer"] == "PyTorch", (where, reason)
+                assert "ours ran once" in reason, (where, reason)   # our side still ran
+            else:
+                gap = STAND_IN_SKIPS.get(f["peer"] if f["peer"] == "PyTorch" else f["name"])
+                assert gap and gap in reason, (where, reason)
+                assert "CPU stand-in for CuPy cannot run this figure" in reason, (where, reason)
+            continue
+        assert f.get("error") is None, (where, f.get("error"))
+        assert f["ours_ms"] > 0 and f["peer_ms"] > 0 and f["speedup"] > 0, where
+        assert f["check_rel_err"] <= f["check_tol"], where
+        assert f["reps"]["ours"] == f["reps"]["peer"] == 2, where
+        assert 1 <= f["input_sets"] <= 2, where
+        timed += 1
+    # every figure without a PyTorch peer or an imitation gap was timed
+    assert timed == sum(1 for f in figures if f["peer"] != "PyTorch"
+                        and f["name"] != "linear_bias_sigmoid") > 20
