@@ -167,6 +167,8 @@ def test_reductions_are_device_arrays_and_results_live_in_pool_memory(cp):
     assert isinstance(s, cp.ndarray) and s.shape == () and float(s) == 12.0
     assert isinstance(cp.isfinite(x), cp.ndarray)
     assert isinstance(np.isfinite(x), cp.ndarray)      # NumPy's ufunc dispatches to cupy's
+    assert float(cp.max(x)) == 1.0 and float(cp.sum(x)) == 12.0
+    assert cp.ndarray((2, 3), np.float32, strides=(4, 8)).strides == (4, 8)   # uses sum()
     pool = cp.get_default_memory_pool()
     before = pool.used_bytes()
     y = cp.empty((1000,), np.float64)

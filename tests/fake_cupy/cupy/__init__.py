@@ -801,10 +801,15 @@ def __getattr__(name):
         raise FakeCupyError(f"fake cupy: cupy.{name} is not imitated") from None
     if isinstance(value, type) or not callable(value):
         return value
-    wrapped = functools.wraps(value)(
-        lambda *args, **kwargs: _compute(f"cupy.{name}", value, args, kwargs))
-    globals()[name] = wrapped
+    wrapped = _wrapped.get(name)
+    if wrapped is None:
+        # cached here, not in globals(): cupy.sum must not shadow the builtin sum in this module
+        wrapped = _wrapped[name] = functools.wraps(value)(
+            lambda *args, **kwargs: _compute(f"cupy.{name}", value, args, kwargs))
     return wrapped
+
+
+_wrapped: dict = {}
 
 
 def _source_digest(code: str) -> str:
