@@ -1,9 +1,10 @@
 # Two commands on a fresh machine (README.md):
 #   make demo   set up .venv and train the demo network (GPU if one works, else CPU)
-#   make test   set up .venv and run the test suite
+#   make test   set up .venv and run the test suite, then the GPU-marked tests on the CPU
+#               stand-in for CuPy (the second half alone: make fake-gpu-test)
 # `make gpu-venv` adds CuPy (CUDA 12 wheels) and nvtx to the same environment.
-# `make fake-gpu-test` runs the GPU-marked tests on the CPU stand-in for CuPy
-# (tests/fake_cupy/README.md): their host code, with the kernels on the CPU harness.
+# The stand-in (tests/fake_cupy/README.md) runs the GPU-marked tests' host code without a
+# GPU, with the kernels on the CPU harness; it is not a GPU run.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -23,6 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory fake-gpu-test
 
 fake-gpu-test: $(STAMP)
 	CUGRAD_FAKE_CUPY=1 $(PY) -m pytest -m "(gpu or fake_cupy) and not slow" $(PYTEST_ARGS)

@@ -156,6 +156,10 @@ def test_device_arrays_do_not_become_numpy_arrays_by_accident(cp):
         x.flags.writeable
     with pytest.raises(AttributeError):
         x.no_such_method()
+    with pytest.raises(AttributeError):
+        cp.cuda.Stream().no_such_attribute          # every stand-in class is as strict
+    with pytest.raises(cp.FakeCupyError, match="not imitated"):
+        x.data.copy_from_device_async               # CuPy has it; the stand-in says so
     assert x.flags.c_contiguous and x.T.flags.f_contiguous
     np.testing.assert_array_equal(x.get(), np.arange(6).reshape(2, 3))
 

@@ -61,6 +61,17 @@ def _check_surface(where: str, name: str) -> None:
                              f"{SURFACE['cupy_version']})")
 
 
+def _strict(key: str):
+    """A ``__getattr__`` for a stand-in class: a name the real class lacks is an
+    AttributeError, a name it has but the stand-in does not imitate is a FakeCupyError."""
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        _check_surface(key, name)
+        raise FakeCupyError(f"fake cupy: {key}.{name} is not imitated")
+    return __getattr__
+
+
 # --------------------------------------------------------------------------- the stream
 
 class _State(threading.local):
@@ -130,6 +141,8 @@ class _Memory:
 
 
 class _Pool:
+    __getattr__ = _strict("cupy.cuda.MemoryPool")
+
     def __init__(self):
         self._used = 0
 
@@ -167,6 +180,8 @@ class _Pool:
 class MemoryPointer:
     """cupy.cuda.MemoryPointer(mem, offset)."""
 
+    __getattr__ = _strict("cupy.cuda.MemoryPointer")
+
     def __init__(self, mem, offset):
         self.mem = mem
         self._offset = int(offset)
@@ -185,6 +200,8 @@ class MemoryPointer:
 
 class UnownedMemory:
     """cupy.cuda.UnownedMemory(ptr, size, owner, device_id=None): memory at an address."""
+
+    __getattr__ = _strict("cupy.cuda.UnownedMemory")
 
     def __init__(self, ptr, size, owner, device_id=None):
         self.ptr = int(ptr)
@@ -259,9 +276,7 @@ class _Flags:
         return {"C_CONTIGUOUS": self.c_contiguous, "F_CONTIGUOUS": self.f_contiguous,
                 "OWNDATA": self.owndata}[name]
 
-    def __getattr__(self, name):
-        _check_surface("flags", name)
-        raise FakeCupyError(f"fake cupy: flags.{name} is not imitated")
+    __getattr__ = _strict("flags")
 
 
 def _device_array(shape, dtype, order="C") -> "ndarray":

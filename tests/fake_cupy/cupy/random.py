@@ -18,7 +18,12 @@ class RandomState:
     def __getattr__(self, name):
         _check_surface("cupy.random.RandomState", name)
         fn = getattr(self._rs, name)
-        return lambda *args, **kwargs: _adopt(_np.asarray(fn(*args, **kwargs)))
+
+        def draw(*args, dtype=None, **kwargs):
+            # CuPy's generators take a dtype (float32 or float64) where NumPy's do not
+            out = _np.asarray(fn(*args, **kwargs))
+            return _adopt(out if dtype is None else out.astype(dtype))
+        return draw
 
 
 def default_rng(seed=None):

@@ -7,7 +7,7 @@ import itertools
 import time
 
 from .. import (MemoryPointer, UnownedMemory, _Pool, _check_surface, _host_sync, _state,
-                _submit)
+                _strict, _submit)
 from . import graph, profiler, runtime  # noqa: F401  (cupy.cuda.runtime etc.)
 
 _SM_COUNT = 132   # an H100 SXM, what cugrad's launch plans assume without a GPU
@@ -22,12 +22,16 @@ def __getattr__(name):
 class MemoryPool(_Pool):
     """cupy.cuda.MemoryPool(): counts the bytes of the live blocks it handed out."""
 
+    __getattr__ = _strict("cupy.cuda.MemoryPool")
+
     def __init__(self, allocator=None):
         super().__init__()
 
 
 class Device:
     """The one device, id 0 (another id is an error when used, as without that GPU)."""
+
+    __getattr__ = _strict("cupy.cuda.Device")
 
     def __init__(self, device=None):
         self.id = 0 if device is None else int(device)
@@ -86,6 +90,7 @@ class Stream:
     begin_capture and end_capture, is recorded into a Graph."""
 
     null: "Stream"
+    __getattr__ = _strict("cupy.cuda.Stream")
 
     def __init__(self, null=False, non_blocking=False, ptds=False, priority=0):
         self.ptr = 0 if null else next(_ptrs)
@@ -159,6 +164,8 @@ def get_current_stream(device_id=None):
 
 class Event:
     """An event: its time is taken when the work before it has run (all work runs in order)."""
+
+    __getattr__ = _strict("cupy.cuda.Event")
 
     def __init__(self, block=False, disable_timing=False, interprocess=False):
         self.ptr = next(_ptrs)

@@ -1,9 +1,11 @@
 """cupy.cuda.graph.Graph for the stand-in: the recorded work, replayed in order."""
 
-from .. import _current_stream
+from .. import _current_stream, _strict
 
 
 class Graph:
+    __getattr__ = _strict("cupy.cuda.graph.Graph")
+
     def __init__(self, work):
         self._work = list(work)
 

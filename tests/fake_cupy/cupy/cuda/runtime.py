@@ -15,7 +15,30 @@ def __getattr__(name):
     raise FakeCupyError(f"fake cupy: cupy.cuda.runtime.{name} is not imitated")
 
 
+# Device attributes: CuPy 14.2's cudaDevAttr* values (CUDA's enum), an H100 SXM's answers.
+cudaDevAttrClockRate = 13
+cudaDevAttrMultiProcessorCount = 16
+cudaDevAttrMemoryClockRate = 36
+cudaDevAttrGlobalMemoryBusWidth = 37
+cudaDevAttrL2CacheSize = 38
+cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+_ATTRIBUTES = {13: 1_980_000, 16: 132, 36: 2_619_000, 37: 5120, 38: 50 << 20, 97: 232448}
+
+
+def deviceGetAttribute(attrib, device):
+    if int(device) != 0:
+        raise CUDARuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
+    if attrib not in _ATTRIBUTES:
+        from .. import FakeCupyError
+        raise FakeCupyError(f"fake cupy: device attribute {attrib} is not imitated")
+    return _ATTRIBUTES[attrib]
+
+
 def getDeviceCount():
+    from .._kernels import _ch
+    if _ch.compiler() is None:   # no g++: the harness cannot build a kernel, so no "device"
+        raise CUDARuntimeError("cudaErrorNoDevice: fake cupy: no host C++ compiler (g++) for "
+                               "the CPU harness that runs its kernels")
     return 1
 
 
