@@ -176,7 +176,7 @@ def test_reductions_are_device_arrays_and_results_live_in_pool_memory(cp):
     pool = cp.get_default_memory_pool()
     before = pool.used_bytes()
     y = cp.empty((1000,), np.float64)
-    assert pool.used_bytes() - before == 8000 and y.data.ptr % 256 == 0
+    assert pool.used_bytes() - before == 8192 and y.data.ptr % 256 == 0   # 512-byte units
     del y
     assert pool.used_bytes() == before
 
@@ -207,10 +207,6 @@ def test_capture_records_device_work_and_refuses_host_sync(cp):
         stream.begin_capture()
         cp.copyto(x, src)                        # recorded, not run
         x += 1
-        with pytest.raises(cp.cuda.runtime.CUDARuntimeError, match="Capture"):
-            x.get()
-        with pytest.raises(cp.cuda.runtime.CUDARuntimeError, match="Capture"):
-            float(x[0])
         y = x * 2                                # a new array, computed at each replay
         graph = stream.end_capture()
     assert x.get().tolist() == [0.0, 0.0, 0.0]   # nothing ran yet
@@ -219,6 +215,39 @@ def test_capture_records_device_work_and_refuses_host_sync(cp):
     src.fill(1.0)
     graph.launch()                               # the replay reads src as it is now
     assert x.get().tolist() == [2.0, 2.0, 2.0] and y.get().tolist() == [4.0, 4.0, 4.0]
+
+
+@fake_only
+@pytest.mark.parametrize("what", ["get", "float", "mask", "unique", "device_sync"])
+def test_a_host_sync_in_a_capture_raises_and_invalidates_it(cp, what):
+    x = cp.ones((4,), np.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    sync = {"get": lambda: x.get(), "float": lambda: float(x[0]),
+            "mask": lambda: x[x > 0], "unique": lambda: cp.unique(x),
+            "device_sync": lambda: cp.cuda.Device().synchronize()}[what]
+    with stream:
+        stream.begin_capture()
+        with pytest.raises(cp.cuda.runtime.CUDARuntimeError, match="CaptureUnsupported"):
+            sync()
+        with pytest.raises(cp.cuda.runtime.CUDARuntimeError, match="Invalidated"):
+            stream.end_capture()
+
+
+@fake_only
+def test_host_data_in_a_capture_and_unwaited_events_are_refused(cp):
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        with pytest.raises(cp.FakeCupyError, match="host-to-device"):
+            cp.asarray(np.ones(3, np.float32))
+        stream.end_capture()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    end.record()
+    with pytest.raises(cp.cuda.runtime.CUDARuntimeError, match="NotReady"):
+        cp.cuda.get_elapsed_time(start, end)     # the host has not waited for `end`
+    end.synchronize()
+    assert cp.cuda.get_elapsed_time(start, end) >= 0.0
 
 
 @fake_only

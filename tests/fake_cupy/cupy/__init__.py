@@ -101,13 +101,29 @@ def _submit(work) -> None:
         work()
 
 
-def _host_sync(what: str) -> None:
-    """A host/device synchronisation: illegal while the current stream captures."""
+_sync_count = [0]   # host/device synchronisations so far (events completed by them)
+
+
+def _host_sync(what: str, device_wide: bool = False) -> None:
+    """A host/device synchronisation: illegal while the current stream captures (or, for a
+    device-wide one, while any stream does), and the capture is invalidated, as in CUDA."""
+    from .cuda import Stream, runtime
+    streams = Stream._capturing_streams if device_wide else [_current_stream()]
+    for stream in list(streams):
+        if stream._capture is not None:
+            stream._invalidated = True
+            raise runtime.CUDARuntimeError(
+                f"cudaErrorStreamCaptureUnsupported: operation not permitted when stream is "
+                f"capturing ({what})")
+    _sync_count[0] += 1
+
+
+def _host_to_device(what: str) -> None:
+    """A copy from host memory: in a capture, CuPy stages it in pinned memory that is
+    recycled, so replays would read whatever is there then. The stand-in refuses it."""
     if _capturing():
-        from .cuda import runtime
-        raise runtime.CUDARuntimeError(
-            f"cudaErrorStreamCaptureUnsupported: operation not permitted when stream is "
-            f"capturing ({what})")
+        raise FakeCupyError(f"fake cupy: {what}: a host-to-device copy during a stream capture "
+                            "(each replay would re-read a recycled pinned staging buffer)")
 
 
 def _eager(what: str) -> None:
@@ -120,6 +136,7 @@ def _eager(what: str) -> None:
 # --------------------------------------------------------------------------- memory
 
 _ALIGN = 256   # cudaMalloc's alignment
+_UNIT = 512    # CuPy's memory pool rounds every allocation up to this
 
 
 class _Memory:
@@ -133,8 +150,9 @@ class _Memory:
         self.ptr = self._buf.__array_interface__["data"][0] if self.size else 0
         self.device_id = 0
         if pool is not None:
-            pool._used += self.size
-            weakref.finalize(self, pool._release, self.size)
+            counted = -(-self.size // _UNIT) * _UNIT
+            pool._used += counted
+            weakref.finalize(self, pool._release, counted)
 
     def _view(self, offset: int, nbytes: int) -> _np.ndarray:
         return self._buf[offset:offset + nbytes]
@@ -241,8 +259,10 @@ def get_default_pinned_memory_pool():
 
 
 def _malloc(nbytes: int) -> MemoryPointer:
-    if _state.allocators and _state.allocators[-1] is not None:
-        return _state.allocators[-1](nbytes)
+    if _state.allocators:
+        allocator = _state.allocators[-1]
+        # using_allocator(None): CuPy allocates without a pool
+        return MemoryPointer(_Memory(nbytes), 0) if allocator is None else allocator(nbytes)
     return _default_pool.malloc(nbytes)
 
 
@@ -255,10 +275,11 @@ def _shape_tuple(shape) -> tuple:
 
 
 class _Flags:
-    __slots__ = ("_a",)
+    __slots__ = ("_a", "_own")
 
-    def __init__(self, a):
+    def __init__(self, a, own):
         self._a = a
+        self._own = own
 
     @property
     def c_contiguous(self):
@@ -270,7 +291,7 @@ class _Flags:
 
     @property
     def owndata(self):
-        return self._a.base is None
+        return self._own
 
     def __getitem__(self, name):
         return {"C_CONTIGUOUS": self.c_contiguous, "F_CONTIGUOUS": self.f_contiguous,
@@ -301,8 +322,10 @@ def _adopt(result, inputs=()) -> "ndarray":
 
 
 def _wrap(a: _np.ndarray) -> "ndarray":
+    """A view (of device memory another array owns)."""
     obj = object.__new__(ndarray)
     obj._a = a
+    obj._own = False
     return obj
 
 
@@ -373,7 +396,7 @@ class ndarray:
     """cupy.ndarray over host memory; the public constructor takes (shape, dtype, memptr)."""
 
     __array_priority__ = 100
-    __slots__ = ("_a", "_memptr", "__weakref__")
+    __slots__ = ("_a", "_memptr", "_own", "__weakref__")
 
     def __init__(self, shape, dtype=float, memptr=None, strides=None, order="C"):
         dtype = _np.dtype(dtype)
@@ -389,6 +412,7 @@ class ndarray:
         buf = memptr._view(nbytes)
         self._a = _np.ndarray(shape, dtype, buffer=buf, strides=strides, order=order)
         self._memptr = memptr
+        self._own = True
 
     # --- attributes
     shape = property(lambda self: self._a.shape)
@@ -398,7 +422,7 @@ class ndarray:
     nbytes = property(lambda self: self._a.nbytes)
     itemsize = property(lambda self: self._a.itemsize)
     strides = property(lambda self: self._a.strides)
-    flags = property(lambda self: _Flags(self._a))
+    flags = property(lambda self: _Flags(self._a, self._own))
     T = property(lambda self: _wrap(self._a.T))
     mT = property(lambda self: _wrap(_np.swapaxes(self._a, -1, -2)))
 
@@ -413,7 +437,9 @@ class ndarray:
 
     @property
     def base(self):
-        return None if self._a.base is None else _wrap(self._a.base)
+        if self._own:
+            return None
+        raise FakeCupyError("fake cupy: ndarray.base of a view is not imitated")
 
     @property
     def __cuda_array_interface__(self):
@@ -439,6 +465,7 @@ class ndarray:
             raise ValueError(f"Shape mismatch. Old shape: {self.shape}, new shape: {arr.shape}")
         if arr.dtype != self.dtype:
             raise TypeError(f"{arr.dtype} array cannot be set to {self.dtype} array")
+        _host_to_device("ndarray.set")
         src = arr.copy()
         _submit(lambda: self._a.__setitem__(Ellipsis, src))
 
@@ -516,6 +543,9 @@ class ndarray:
 
     def __getitem__(self, key):
         key = _index_key(key)
+        keys = key if isinstance(key, tuple) else (key,)
+        if any(isinstance(k, _np.ndarray) and k.dtype == bool for k in keys):
+            _host_sync("boolean-mask indexing (the result's size is read from the device)")
         return _compute("indexing", lambda a: a[key], (self,), {})
 
     # --- NumPy protocol: dispatch to this module's functions, as CuPy does
@@ -660,6 +690,7 @@ def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocki
         dst = out._a
         _submit(lambda: dst.__setitem__(Ellipsis, src))
         return out if not ndmin or out.ndim >= ndmin else out.reshape((1,) * (ndmin - out.ndim) + out.shape)
+    _host_to_device("cupy.array / cupy.asarray of host data")
     host = _np.array(_host_operand(obj), dtype=dtype, order=order, ndmin=ndmin)
     out = _device_array(host.shape, host.dtype,
                         "F" if host.flags.f_contiguous and not host.flags.c_contiguous else "C")
@@ -671,6 +702,8 @@ def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocki
 def ascontiguousarray(a, dtype=None):
     if not isinstance(a, ndarray):
         raise TypeError(f"Unsupported type {type(a)}")
+    if a.ndim == 0:                       # CuPy and NumPy: a 0-d array becomes shape (1,)
+        a = a.reshape(1)
     if a.flags.c_contiguous and (dtype is None or _np.dtype(dtype) == a.dtype):
         return a
     out = _device_array(a.shape, dtype or a.dtype)
@@ -683,6 +716,8 @@ def ascontiguousarray(a, dtype=None):
 def asfortranarray(a, dtype=None):
     if not isinstance(a, ndarray):
         raise TypeError(f"Unsupported type {type(a)}")
+    if a.ndim == 0:
+        a = a.reshape(1)
     if a.flags.f_contiguous and (dtype is None or _np.dtype(dtype) == a.dtype):
         return a
     out = _device_array(a.shape, dtype or a.dtype, order="F")
@@ -760,7 +795,13 @@ def copyto(dst, src, casting="same_kind", where=None):
     if isinstance(src, _np.ndarray):
         if src.size != 1:
             raise ValueError("non-scalar numpy.ndarray cannot be used for copyto")
+        if not _np.can_cast(src, dst.dtype, casting):
+            raise TypeError(f"Cannot cast {src.dtype} to {dst.dtype} in {casting} casting mode")
         src = src.squeeze()[()]
+    elif type(src) in (bool, int, float, complex):
+        _np.copyto(_np.empty((), dtype=dst.dtype), src, casting=casting)   # as CuPy checks
+    elif _np.isscalar(src) and not _np.can_cast(src, dst.dtype, casting):
+        raise TypeError(f"Cannot cast {src!r} to {dst.dtype} in {casting} casting mode")
     if isinstance(src, ndarray):
         if not _np.can_cast(src.dtype, dst.dtype, casting):
             raise TypeError(f"Cannot cast {src.dtype} to {dst.dtype} in {casting} casting mode")
@@ -816,6 +857,17 @@ def __getattr__(name):
         raise FakeCupyError(f"fake cupy: cupy.{name} is not imitated") from None
     if isinstance(value, type) or not callable(value):
         return value
+    if name in _SIZE_FROM_DEVICE:
+        inner = value
+
+        def value(*args, **kwargs):
+            _host_sync(f"cupy.{name} (the result's size is read from the device)")
+            return inner(*args, **kwargs)
+    elif name in _DEVICE_SCALAR:
+        inner_scalar = value
+
+        def value(*args, **kwargs):
+            return _np.asarray(inner_scalar(*args, **kwargs))   # CuPy: a 0-d device array
     wrapped = _wrapped.get(name)
     if wrapped is None:
         # cached here, not in globals(): cupy.sum must not shadow the builtin sum in this module
@@ -825,6 +877,10 @@ def __getattr__(name):
 
 
 _wrapped: dict = {}
+# functions whose output size depends on the data: CuPy reads it back (a synchronisation)
+_SIZE_FROM_DEVICE = {"unique", "nonzero", "flatnonzero", "argwhere", "compress", "extract"}
+# functions NumPy answers with a Python bool where CuPy returns a 0-d device array
+_DEVICE_SCALAR = {"array_equal", "array_equiv", "allclose"}
 
 
 def _source_digest(code: str) -> str:

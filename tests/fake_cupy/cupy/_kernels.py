@@ -52,12 +52,24 @@ def _source_file(code: str) -> Path:
     return path
 
 
+_DEFAULT_SMEM = 48 * 1024   # dynamic shared memory a launch gets without opting in
+
+
 class _Function:
     def __init__(self, kernel, name):
         self._kernel = kernel
         self.name = name
+        self.max_dynamic_shared_size_bytes = 0
 
     def __call__(self, grid, block, args, *, shared_mem=0, stream=None):
+        for what, v in (("grid", grid), ("block", block), ("args", args)):
+            if not isinstance(v, tuple):   # CuPy's Function.__call__ is typed `tuple`
+                raise TypeError(f"Argument '{what}' has incorrect type (expected tuple, got "
+                                f"{type(v).__name__})")
+        if shared_mem > max(_DEFAULT_SMEM, self.max_dynamic_shared_size_bytes):
+            from .cuda.runtime import CUDARuntimeError
+            raise CUDARuntimeError(f"cudaErrorInvalidValue: {shared_mem} bytes of dynamic shared "
+                                   "memory without max_dynamic_shared_size_bytes set")
         host_args = []
         for i, a in enumerate(args):
             if isinstance(a, ndarray):
@@ -86,8 +98,11 @@ class RawModule:
                  name_expressions=None, jitify=False):
         if code is None:
             code = Path(path).read_text()
+        if not isinstance(options, tuple):   # typed `tuple options` in CuPy
+            raise TypeError(f"Argument 'options' has incorrect type (expected tuple, got "
+                            f"{type(options).__name__})")
         self.code = code
-        self.options = tuple(options)
+        self.options = options
         self.name_expressions = tuple(name_expressions or ())
         self._source = None
         self._ctx = None

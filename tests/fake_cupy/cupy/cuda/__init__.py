@@ -7,7 +7,7 @@ import itertools
 import time
 
 from .. import (MemoryPointer, UnownedMemory, _Pool, _check_surface, _host_sync, _state,
-                _strict, _submit)
+                _strict, _submit, _sync_count)
 from . import graph, profiler, runtime  # noqa: F401  (cupy.cuda.runtime etc.)
 
 _SM_COUNT = 132   # an H100 SXM, what cugrad's launch plans assume without a GPU
@@ -57,7 +57,7 @@ class Device:
 
     def synchronize(self):
         self._check()
-        _host_sync("Device.synchronize")
+        _host_sync("Device.synchronize", device_wide=True)
 
     def use(self):
         self._check()
@@ -91,10 +91,12 @@ class Stream:
 
     null: "Stream"
     __getattr__ = _strict("cupy.cuda.Stream")
+    _capturing_streams: list = []
 
     def __init__(self, null=False, non_blocking=False, ptds=False, priority=0):
         self.ptr = 0 if null else next(_ptrs)
-        self.device_id = 0
+        self.device_id = -1 if null else 0      # as CuPy's null stream reports
+        self._invalidated = False
         self.is_non_blocking = bool(non_blocking)
         self.priority = priority
         self._capture = None
@@ -135,6 +137,8 @@ class Stream:
         if self._capture is not None:
             raise runtime.CUDARuntimeError("cudaErrorIllegalState: stream is already capturing")
         self._capture = []
+        self._invalidated = False
+        Stream._capturing_streams.append(self)
 
     def is_capturing(self):
         return self._capture is not None
@@ -143,6 +147,11 @@ class Stream:
         if self._capture is None:
             raise runtime.CUDARuntimeError("cudaErrorIllegalState: stream is not capturing")
         work, self._capture = self._capture, None
+        Stream._capturing_streams.remove(self)
+        if self._invalidated:   # something illegal happened during the capture
+            raise runtime.CUDARuntimeError("cudaErrorStreamCaptureInvalidated: the capture was "
+                                           "invalidated by an operation that is not permitted "
+                                           "while capturing")
         return graph.Graph(work)
 
     def __eq__(self, other):
@@ -171,12 +180,14 @@ class Event:
         self.ptr = next(_ptrs)
         self._disable_timing = disable_timing
         self._time = None
+        self._epoch = None     # synchronisations before it was recorded
 
     def record(self, stream=None):
         stream = get_current_stream() if stream is None else stream
 
         def stamp():
             self._time = time.perf_counter()
+            self._epoch = _sync_count[0]
         if stream._capture is not None:
             stream._capture.append(stamp)
         else:
@@ -187,16 +198,21 @@ class Event:
 
     @property
     def done(self):
-        return True
+        # all work runs at once, but CUDA says done only once the host has waited after it
+        return self._epoch is not None and self._epoch < _sync_count[0]
 
 
 def get_elapsed_time(start_event, end_event):
-    _host_sync("get_elapsed_time")
     for e in (start_event, end_event):
         if e._disable_timing:
             raise runtime.CUDARuntimeError("cudaErrorInvalidResourceHandle: timing disabled")
         if e._time is None:
             raise runtime.CUDARuntimeError("cudaErrorInvalidResourceHandle: event not recorded")
+        # cudaEventElapsedTime does not wait: an event the host has not waited for since it
+        # was recorded may not have happened yet
+        if not e.done:
+            raise runtime.CUDARuntimeError("cudaErrorNotReady: device not ready (no "
+                                           "synchronisation after the event was recorded)")
     return (end_event._time - start_event._time) * 1e3
 
 

@@ -64,7 +64,7 @@ def getDeviceProperties(device):
 
 def deviceSynchronize():
     from .. import _host_sync
-    _host_sync("deviceSynchronize")
+    _host_sync("deviceSynchronize", device_wide=True)
 
 
 def memGetInfo():
