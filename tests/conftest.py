@@ -12,10 +12,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cugrad._backend import env_flag
+
 # CUGRAD_FAKE_CUPY=1: `import cupy` finds the CPU stand-in of tests/fake_cupy (NumPy memory,
 # kernels on the CPU harness), so the GPU-marked tests run their host code here.
-FAKE_CUPY = os.environ.get("CUGRAD_FAKE_CUPY", "").strip().lower() not in (
-    "", "0", "false", "off", "no")
+FAKE_CUPY = env_flag("CUGRAD_FAKE_CUPY")   # the project's on/off reading (no CuPy import)
 if FAKE_CUPY:
     _FAKE_DIR = str(Path(__file__).resolve().parent / "fake_cupy")
     sys.path.insert(0, _FAKE_DIR)

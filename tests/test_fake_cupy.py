@@ -49,23 +49,25 @@ OWN_NAMES = {"FAKE", "FakeCupyError", "SURFACE", "CompileException"}
 HOOKS = {"__getattr__", "__slots__"}
 
 
-def _public_defs(tree: ast.Module):
-    """Top-level public functions/classes/assignments, and each class's public members."""
-    top, classes = set(), {}
-    for node in tree.body:
+def _defined(body) -> set:
+    """Names a block of statements defines: functions, classes, assigned names."""
+    names = set()
+    for node in body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            top.add(node.name)
+            names.add(node.name)
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            top.update(t.id for t in targets if isinstance(t, ast.Name))
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def _public_defs(tree: ast.Module):
+    """Top-level public functions/classes/assignments, and each class's public members."""
+    top, classes = _defined(tree.body), {}
+    for node in tree.body:
         if isinstance(node, ast.ClassDef):
-            members = set()
+            members = _defined(node.body)
             for item in node.body:
-                if isinstance(item, (ast.FunctionDef, ast.ClassDef)):
-                    members.add(item.name)
-                elif isinstance(item, (ast.Assign, ast.AnnAssign)):
-                    targets = item.targets if isinstance(item, ast.Assign) else [item.target]
-                    members.update(t.id for t in targets if isinstance(t, ast.Name))
                 if isinstance(item, ast.FunctionDef) and item.name == "__init__":
                     for sub in ast.walk(item):
                         if (isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store)
@@ -218,13 +220,15 @@ def test_capture_records_device_work_and_refuses_host_sync(cp):
 
 
 @fake_only
-@pytest.mark.parametrize("what", ["get", "float", "mask", "unique", "device_sync"])
+@pytest.mark.parametrize("what", ["get", "float", "mask", "unique", "device_sync",
+                                  "stream_sync"])
 def test_a_host_sync_in_a_capture_raises_and_invalidates_it(cp, what):
     x = cp.ones((4,), np.float32)
     stream = cp.cuda.Stream(non_blocking=True)
     sync = {"get": lambda: x.get(), "float": lambda: float(x[0]),
             "mask": lambda: x[x > 0], "unique": lambda: cp.unique(x),
-            "device_sync": lambda: cp.cuda.Device().synchronize()}[what]
+            "device_sync": lambda: cp.cuda.Device().synchronize(),
+            "stream_sync": lambda: stream.synchronize()}[what]
     with stream:
         stream.begin_capture()
         with pytest.raises(cp.cuda.runtime.CUDARuntimeError, match="CaptureUnsupported"):

@@ -31,14 +31,12 @@ host thread), device memory limits, and anything inside NVRTC or the CUDA driver
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
 import json
 import operator
 import threading
-import time
 import weakref
 from pathlib import Path
 
@@ -104,12 +102,11 @@ def _submit(work) -> None:
 _sync_count = [0]   # host/device synchronisations so far (events completed by them)
 
 
-def _host_sync(what: str, device_wide: bool = False) -> None:
-    """A host/device synchronisation: illegal while the current stream captures (or, for a
-    device-wide one, while any stream does), and the capture is invalidated, as in CUDA."""
-    from .cuda import Stream, runtime
-    streams = Stream._capturing_streams if device_wide else [_current_stream()]
-    for stream in list(streams):
+def _host_sync(what: str, streams=None) -> None:
+    """A host/device synchronisation with ``streams`` (default: the current one): illegal
+    while one of them captures, and that capture is invalidated, as in CUDA."""
+    from .cuda import runtime
+    for stream in list([_current_stream()] if streams is None else streams):
         if stream._capture is not None:
             stream._invalidated = True
             raise runtime.CUDARuntimeError(
@@ -300,6 +297,21 @@ class _Flags:
     __getattr__ = _strict("flags")
 
 
+def _span_bytes(shape, strides, itemsize: int) -> int:
+    """Bytes from an array's first element to the end of its last (C order without strides)."""
+    count = int(_np.prod(shape, dtype=_np.int64))
+    if strides is None or not count:
+        return count * itemsize
+    return sum((n - 1) * s for n, s in zip(shape, strides)) + itemsize
+
+
+def _layout(flags, order="K") -> str:
+    """The order of a new array like one with ``flags``: "F" when asked, or when ``order``
+    is "K"/"A" and the original is Fortran- but not C-contiguous; else "C"."""
+    keep_f = order in ("K", "A") and flags.f_contiguous and not flags.c_contiguous
+    return "F" if order == "F" or keep_f else "C"
+
+
 def _device_array(shape, dtype, order="C") -> "ndarray":
     dtype = _np.dtype(dtype)
     shape = _shape_tuple(shape)
@@ -315,8 +327,7 @@ def _adopt(result, inputs=()) -> "ndarray":
     for a in inputs:
         if isinstance(a, _np.ndarray) and result.size and _np.may_share_memory(result, a):
             return _wrap(result)
-    out = _device_array(result.shape, result.dtype,
-                        "F" if result.flags.f_contiguous and not result.flags.c_contiguous else "C")
+    out = _device_array(result.shape, result.dtype, _layout(result.flags))
     out._a[...] = result
     return out
 
@@ -401,12 +412,7 @@ class ndarray:
     def __init__(self, shape, dtype=float, memptr=None, strides=None, order="C"):
         dtype = _np.dtype(dtype)
         shape = _shape_tuple(shape)
-        count = int(_np.prod(shape, dtype=_np.int64))
-        if strides is None:
-            nbytes = count * dtype.itemsize
-        else:
-            nbytes = (sum((n - 1) * s for n, s in zip(shape, strides)) + dtype.itemsize
-                      if count else 0)
+        nbytes = _span_bytes(shape, strides, dtype.itemsize)
         if memptr is None:
             memptr = _malloc(nbytes)
         buf = memptr._view(nbytes)
@@ -591,9 +597,6 @@ _EXPLICIT: set[str] = set()
 
 def _binary(name):
     def method(self, other):
-        if isinstance(other, _np.ndarray):
-            raise TypeError(f"Unsupported type <class 'numpy.ndarray'> (fake cupy: {name} with "
-                            "a host array)")
         return _compute(name, getattr(operator, name), (self, other), {})
     method.__name__ = f"__{name}__"
     return method
@@ -601,9 +604,6 @@ def _binary(name):
 
 def _reflected(name):
     def method(self, other):
-        if isinstance(other, _np.ndarray):
-            raise TypeError(f"Unsupported type <class 'numpy.ndarray'> (fake cupy: {name} with "
-                            "a host array)")
         return _compute(name, getattr(operator, name), (other, self), {})
     method.__name__ = f"__r{name}__"
     return method
@@ -611,9 +611,6 @@ def _reflected(name):
 
 def _inplace(name):
     def method(self, other):
-        if isinstance(other, _np.ndarray):
-            raise TypeError(f"Unsupported type <class 'numpy.ndarray'> (fake cupy: {name} with "
-                            "a host array)")
         a, b = self._a, _unwrap(other, name)
         _submit(lambda: getattr(operator, f"i{name}")(a, b))
         return self
@@ -657,12 +654,7 @@ def _from_interface(obj) -> ndarray:
     dtype = _np.dtype(iface["typestr"])
     shape = tuple(iface["shape"])
     strides = iface.get("strides")
-    count = int(_np.prod(shape, dtype=_np.int64))
-    if strides is None:
-        nbytes = count * dtype.itemsize
-    else:
-        nbytes = sum((n - 1) * s for n, s in zip(shape, strides)) + dtype.itemsize if count else 0
-    mem = UnownedMemory(iface["data"][0], nbytes, obj)
+    mem = UnownedMemory(iface["data"][0], _span_bytes(shape, strides, dtype.itemsize), obj)
     return ndarray(shape, dtype, MemoryPointer(mem, 0), strides=strides)
 
 
@@ -685,45 +677,41 @@ def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocki
     if isinstance(obj, ndarray):
         src = obj._a
         out = _device_array(src.shape, src.dtype if dtype is None else dtype,
-                            "F" if order == "F" or (order in ("K", "A") and src.flags.f_contiguous
-                                                    and not src.flags.c_contiguous) else "C")
+                            _layout(src.flags, order))
         dst = out._a
         _submit(lambda: dst.__setitem__(Ellipsis, src))
         return out if not ndmin or out.ndim >= ndmin else out.reshape((1,) * (ndmin - out.ndim) + out.shape)
     _host_to_device("cupy.array / cupy.asarray of host data")
     host = _np.array(_host_operand(obj), dtype=dtype, order=order, ndmin=ndmin)
-    out = _device_array(host.shape, host.dtype,
-                        "F" if host.flags.f_contiguous and not host.flags.c_contiguous else "C")
+    out = _device_array(host.shape, host.dtype, _layout(host.flags))
     out._a[...] = host   # a host-to-device copy: allowed in a capture as cudaMemcpyAsync
+    return out
+
+
+def _contiguous(a, dtype, order: str):
+    """``a`` itself if already contiguous in ``order`` and of ``dtype``, else a copy (on the
+    stream). A 0-d array becomes shape (1,), as in CuPy and NumPy."""
+    if not isinstance(a, ndarray):
+        raise TypeError(f"Unsupported type {type(a)}")
+    if a.ndim == 0:
+        a = a.reshape(1)
+    contiguous = a.flags.f_contiguous if order == "F" else a.flags.c_contiguous
+    if contiguous and (dtype is None or _np.dtype(dtype) == a.dtype):
+        return a
+    out = _device_array(a.shape, dtype or a.dtype, order=order)
+    src, dst = a._a, out._a
+    _submit(lambda: dst.__setitem__(Ellipsis, src))
     return out
 
 
 @_explicit
 def ascontiguousarray(a, dtype=None):
-    if not isinstance(a, ndarray):
-        raise TypeError(f"Unsupported type {type(a)}")
-    if a.ndim == 0:                       # CuPy and NumPy: a 0-d array becomes shape (1,)
-        a = a.reshape(1)
-    if a.flags.c_contiguous and (dtype is None or _np.dtype(dtype) == a.dtype):
-        return a
-    out = _device_array(a.shape, dtype or a.dtype)
-    src, dst = a._a, out._a
-    _submit(lambda: dst.__setitem__(Ellipsis, src))
-    return out
+    return _contiguous(a, dtype, "C")
 
 
 @_explicit
 def asfortranarray(a, dtype=None):
-    if not isinstance(a, ndarray):
-        raise TypeError(f"Unsupported type {type(a)}")
-    if a.ndim == 0:
-        a = a.reshape(1)
-    if a.flags.f_contiguous and (dtype is None or _np.dtype(dtype) == a.dtype):
-        return a
-    out = _device_array(a.shape, dtype or a.dtype, order="F")
-    src, dst = a._a, out._a
-    _submit(lambda: dst.__setitem__(Ellipsis, src))
-    return out
+    return _contiguous(a, dtype, "F")
 
 
 @_explicit
@@ -758,8 +746,7 @@ def _like(a, dtype, order, shape):
     if not isinstance(a, ndarray):
         raise TypeError(f"Unsupported type {type(a)}")
     return _device_array(a.shape if shape is None else shape, a.dtype if dtype is None else dtype,
-                         "F" if order == "F" or (order in ("K", "A") and a.flags.f_contiguous
-                                                 and not a.flags.c_contiguous) else "C")
+                         _layout(a.flags, order))
 
 
 @_explicit

@@ -4,6 +4,7 @@ device arrays and NumPy scalars, like CuPy's, and go to the current stream."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from pathlib import Path
@@ -83,12 +84,8 @@ class _Function:
                                     "harness needs a NumPy scalar")
             else:
                 host_args.append(a)
-        kernel = self._kernel
-        grid, block, shared = tuple(grid), tuple(block), int(shared_mem)
-        if stream is not None:
-            with stream:
-                _submit(lambda: kernel(grid, block, host_args, shared))
-        else:
+        kernel, shared = self._kernel, int(shared_mem)
+        with stream if stream is not None else contextlib.nullcontext():
             _submit(lambda: kernel(grid, block, host_args, shared))
 
 

@@ -5,10 +5,18 @@ import numpy as _np
 from . import _adopt, _check_surface
 
 
+def _draw(fn):
+    """NumPy's generator function ``fn`` returning device arrays; like CuPy's it takes a
+    dtype (float32 or float64), which NumPy's RandomState methods do not."""
+    def draw(*args, dtype=None, **kwargs):
+        out = _np.asarray(fn(*args, **kwargs))
+        return _adopt(out if dtype is None else out.astype(dtype))
+    return draw
+
+
 def __getattr__(name):
     _check_surface("cupy.random", name)
-    fn = getattr(_np.random, name)
-    return lambda *args, **kwargs: _adopt(_np.asarray(fn(*args, **kwargs)))
+    return _draw(getattr(_np.random, name))
 
 
 class RandomState:
@@ -17,13 +25,7 @@ class RandomState:
 
     def __getattr__(self, name):
         _check_surface("cupy.random.RandomState", name)
-        fn = getattr(self._rs, name)
-
-        def draw(*args, dtype=None, **kwargs):
-            # CuPy's generators take a dtype (float32 or float64) where NumPy's do not
-            out = _np.asarray(fn(*args, **kwargs))
-            return _adopt(out if dtype is None else out.astype(dtype))
-        return draw
+        return _draw(getattr(self._rs, name))
 
 
 def default_rng(seed=None):
@@ -31,6 +33,5 @@ def default_rng(seed=None):
 
     class _Generator:
         def __getattr__(self, name):
-            fn = getattr(rng, name)
-            return lambda *args, **kwargs: _adopt(_np.asarray(fn(*args, **kwargs)))
+            return _draw(getattr(rng, name))
     return _Generator()

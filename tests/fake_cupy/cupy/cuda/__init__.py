@@ -57,7 +57,7 @@ class Device:
 
     def synchronize(self):
         self._check()
-        _host_sync("Device.synchronize", device_wide=True)
+        _host_sync("Device.synchronize", Stream._capturing_streams)
 
     def use(self):
         self._check()
@@ -118,10 +118,7 @@ class Stream:
         return True
 
     def synchronize(self):
-        if self._capture is not None:
-            raise runtime.CUDARuntimeError("cudaErrorStreamCaptureUnsupported: operation not "
-                                           "permitted when stream is capturing")
-        _host_sync("Stream.synchronize")
+        _host_sync("Stream.synchronize", [self])
 
     def record(self, event=None):
         event = Event() if event is None else event

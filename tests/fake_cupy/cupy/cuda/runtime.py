@@ -64,7 +64,8 @@ def getDeviceProperties(device):
 
 def deviceSynchronize():
     from .. import _host_sync
-    _host_sync("deviceSynchronize", device_wide=True)
+    from . import Stream
+    _host_sync("deviceSynchronize", Stream._capturing_streams)
 
 
 def memGetInfo():
