@@ -46,15 +46,23 @@ def load_digits_split(seed: int, test_fraction: float = 0.2):
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr (a terminal redraws it in place)."""
+    """A one-line progress bar on stderr. A terminal redraws it in place after every batch;
+    anything else (a log file, a pipe, CI) gets only the finished line of each epoch, so a
+    log holds one line per epoch instead of a carriage-return run per batch."""
 
-    def __init__(self, total: int, label: str, width: int = 30, stream=sys.stderr):
-        self.total, self.label, self.width, self.stream = total, label, width, stream
+    def __init__(self, total: int, label: str, width: int = 30, stream=None):
+        self.total, self.label, self.width = total, label, width
+        self.stream = sys.stderr if stream is None else stream
+        isatty = getattr(self.stream, "isatty", None)
+        self.redraw = bool(isatty and isatty())
 
     def update(self, done: int, info: str = "") -> None:
+        if not self.redraw and done != self.total:
+            return
         filled = int(self.width * done / self.total)
         bar = "#" * filled + "-" * (self.width - filled)
-        self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} {info}")
+        start = "\r" if self.redraw else ""
+        self.stream.write(f"{start}{self.label} [{bar}] {done}/{self.total} {info}")
         if done == self.total:
             self.stream.write("\n")
         self.stream.flush()
