@@ -52,6 +52,8 @@ OPS: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("logits", "target", "reduction"),
     "cross_entropy_backward": ("logits", "target", "reduction"),
     "cross_entropy_fwd_bwd": ("logits", "target", "reduction"),
+    # In place, total += grad (gradient accumulation; same shape, total C-contiguous).
+    "accumulate": ("total", "grad"),
     # In-place optimiser updates (PyTorch's rules). momentum_buf is None when momentum == 0.
     "sgd_step": ("param", "grad", "momentum_buf", "lr", "momentum", "weight_decay"),
     "adam_step": ("param", "grad", "exp_avg", "exp_avg_sq", "step", "lr", "beta1", "beta2",

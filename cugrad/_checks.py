@@ -215,18 +215,22 @@ def _extent(a) -> tuple[int, int]:
     return start, end + a.itemsize
 
 
+def shares_memory(a, b) -> bool:
+    """Whether two non-empty arrays of one device may share memory: NumPy's bounds test, or
+    the byte extents of device arrays."""
+    if isinstance(a, np.ndarray):
+        return bool(np.may_share_memory(a, b))
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    return a0 < b1 and b0 < a1
+
+
 def check_no_overlap(op: str, arrays: dict) -> None:
     """No two of ``arrays`` (name -> array or None, one device) share memory: in-place
     updates of aliased state would read what they have just written."""
     present = [(k, v) for k, v in arrays.items() if v is not None and v.size]
     for i, (name_a, a) in enumerate(present):
         for name_b, b in present[i + 1:]:
-            if isinstance(a, np.ndarray):
-                overlap = np.may_share_memory(a, b)
-            else:
-                (a0, a1), (b0, b1) = _extent(a), _extent(b)
-                overlap = a0 < b1 and b0 < a1
-            if overlap:
+            if shares_memory(a, b):
                 raise ValueError(
                     f"{op}: arguments {name_a!r} and {name_b!r} share memory ({describe(a)}; "
                     f"{describe(b)}); each state array is updated in place and must be its "

@@ -31,7 +31,7 @@ __all__ = [
     "matmul", "matmul_backward", "linear", "linear_backward", "bias_grad",
     "sigmoid", "sigmoid_backward", "tanh", "tanh_backward", "relu", "relu_backward",
     "softmax", "log_softmax", "mse_loss", "mse_loss_backward", "cross_entropy",
-    "cross_entropy_backward", "cross_entropy_with_grad", "sgd_step", "adam_step",
+    "cross_entropy_backward", "cross_entropy_with_grad", "accumulate", "sgd_step", "adam_step",
 ]
 
 
@@ -375,18 +375,33 @@ def cross_entropy_with_grad(logits, target, *, reduction="mean"):
 # --------------------------------------------------------------------------- optimisers
 
 def _inplace_args(op, arrays):
+    """Validate the arrays of an in-place update: every one has the shape of the first
+    (``param``, ``total``), every one but ``grad`` is written and so must be a writable
+    C-contiguous array, and none overlaps another."""
     backend, arr = prepare(op, arrays)
-    param = arr["param"]
+    ref_name = next(iter(arr))
+    ref = arr[ref_name]
     for name, a in arr.items():
         if a is None:
             continue
-        check_shape(op, name, a, param.shape, "the shape of param")
+        check_shape(op, name, a, ref.shape, f"the shape of {ref_name}")
         # CuPy's flags have no "writeable": device arrays are always writable.
         if name != "grad" and not (a.flags.c_contiguous and getattr(a.flags, "writeable", True)):
             raise ValueError(f"{op}: argument {name!r} is updated in place and must be a "
                              f"writable C-contiguous array, got {describe(a)}")
     check_no_overlap(op, arr)
     return backend, arr
+
+
+@_op("accumulate")
+def accumulate(total, grad):
+    """In place, ``total += grad``, with the backend's own kernel: gradient accumulation
+    (``Parameter.accumulate``, when a second backward runs before ``zero_grad``). Same shape,
+    dtype and device; ``total`` a writable C-contiguous array, ``grad`` any layout, the two
+    not overlapping."""
+    backend, arr = _inplace_args("accumulate", {"total": total, "grad": grad})
+    if arr["total"].size:
+        backend.ops.accumulate(arr["total"], arr["grad"])
 
 
 @_op("sgd_step")

@@ -35,7 +35,7 @@ import numpy as np
 from . import _backend
 from . import functional as F
 from ._arrays import asarray, to_numpy
-from ._checks import check_choice, check_flag, describe
+from ._checks import check_choice, check_flag, check_shape, describe, prepare, shares_memory
 from ._trace import op_range
 
 __all__ = ["Parameter", "Module", "Linear", "Sigmoid", "Tanh", "ReLU", "Sequential",
@@ -58,11 +58,30 @@ class Parameter:
     device = property(lambda self: _backend.device_of(self.data))
 
     def accumulate(self, grad) -> None:
-        # The first gradient is taken as is; later ones add to it.
+        """Add ``grad`` to ``.grad``: the first gradient after ``zero_grad`` is stored (as is
+        when it is a writable C-contiguous array not overlapping the parameter, else as a
+        copy), later ones are added in place by ``F.accumulate``, the backend's own kernel,
+        in the NVTX range ``accumulate``. ``grad`` must have the parameter's shape, dtype and
+        device (ValueError or TypeError otherwise; nothing broadcasts)."""
+        if self.grad is not None:
+            F.accumulate(self.grad, grad)
+            return
+        op = "Parameter.accumulate"
+        _, arr = prepare(op, {"param": self.data, "grad": grad})
+        check_shape(op, "grad", arr["grad"], self.shape, "the parameter's shape")
+        g = arr["grad"]
+        if (g.size and shares_memory(g, self.data)) or not (
+                g.flags.c_contiguous and getattr(g.flags, "writeable", True)):
+            g = g.copy()   # a view of the weights, or one the next F.accumulate cannot write
+        self.grad = g
+
+    def _accumulate_own(self, grad) -> None:
+        """``accumulate`` for a gradient a cugrad op has just returned (a new C-contiguous
+        array of the parameter's shape): stored without the checks."""
         if self.grad is None:
             self.grad = grad
         else:
-            self.grad += grad
+            F.accumulate(self.grad, grad)
 
     def __repr__(self):
         return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device!r})"
@@ -347,9 +366,9 @@ class Linear(Module):
                                        bias=self.bias is not None,
                                        activation=self.activation, out=y,
                                        input_grad=input_grad)
-        self.weight.accumulate(gw)
+        self.weight._accumulate_own(gw)
         if self.bias is not None:
-            self.bias.accumulate(gb)
+            self.bias._accumulate_own(gb)
         return gx
 
     def __repr__(self):

@@ -6,7 +6,7 @@
    system headers, no include guards needed beyond the one below.
 
    CUDA features used: __device__ __forceinline__, templates, float4/double2,
-   __shfl_xor_sync (full mask), expf/exp, tanhf/tanh, logf/log, sqrtf/sqrt, fabsf/fabs.
+   __shfl_xor_sync (full mask), expf/exp, tanhf/tanh, logf/log, log1pf/log1p, sqrtf/sqrt, fabsf/fabs.
 
    Float/double overloads (dexp, dlog, ...) keep every kernel a template over T without
    relying on C++ overloads of the C math functions, which a host shim may lack.
@@ -24,6 +24,8 @@ __device__ __forceinline__ float dexp(float x) { return expf(x); }
 __device__ __forceinline__ double dexp(double x) { return exp(x); }
 __device__ __forceinline__ float dlog(float x) { return logf(x); }
 __device__ __forceinline__ double dlog(double x) { return log(x); }
+__device__ __forceinline__ float dlog1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double dlog1p(double x) { return log1p(x); }
 __device__ __forceinline__ float dtanh(float x) { return tanhf(x); }
 __device__ __forceinline__ double dtanh(double x) { return tanh(x); }
 __device__ __forceinline__ float dsqrt(float x) { return sqrtf(x); }

@@ -2,11 +2,15 @@
 
    Row-wise over the last axis of x (rows, C), one warp per row (ROW_WARPS warps a block,
    grid-stride over rows), the row max subtracted first (no overflow):
-     ŷ_i = e^{z_i - max z} / Σ_j e^{z_j - max z},   log ŷ_i = z_i - max z - ln Σ_j e^{z_j - max z}
-   Cross-entropy per row, with s = Σ_j e^{z_j - max}, lse = max + ln s, targets t:
+     s = Σ_j e^{z_j - max z},  held as s - 1 (the terms equal to 1 counted, not added),
+     ŷ_i = e^{z_i - max z} / s,   log ŷ_i = (z_i - max z) - log1p(s - 1)
+   Cross-entropy per row, with lse = max + ln s, targets t:
      L_row = lse Σ_i t_i - Σ_i t_i z_i        (class index c: L_row = lse - z_c)
+           = log1p(s - 1) Σ_i t_i - Σ_i t_i (z_i - max z)
      dL/dz = (ŷ Σ_i t_i - t) · scale          (scale = 1/N for 'mean', 1 for 'sum';
-                                               Σ t = 1 for class indices: ŷ - t)
+           = ((e^{z - max} Σt - t) - t (s - 1)) / s · scale      Σ t = 1 for class indices: ŷ - t)
+   Keeping s - 1 makes a confident row exact: float32 logits [20, 0, 0], class 0, have
+   s - 1 = 4.1e-9; ln s and ŷ_0 - 1 formed from s round to 0, log1p(s - 1) and -(s - 1)/s do not.
    MSE, n elements, d = pred - target: L = scale Σ d² (scale 1/n, 1, 1/2),
      dL/dpred = 2 scale d.
    Scalars are reduced deterministically: fixed per-block ranges, fixed-order trees.
@@ -25,7 +29,7 @@
 
    CUDA features used: __global__, __device__ __forceinline__, static __shared__ arrays,
    __syncthreads, __shfl_xor_sync (full mask), templates, static_assert, expf/exp,
-   logf/log, fmaxf/fmax, sqrtf/sqrt.
+   logf/log, log1pf/log1p, fmaxf/fmax, sqrtf/sqrt.
 */
 #include "common.cuh"
 
@@ -39,16 +43,24 @@ static_assert(ROW_WARPS >= 1 && ROW_WARPS <= 32, "1 to 32 warps per block");
 static_assert((REDUCE_THREADS & (REDUCE_THREADS - 1)) == 0 && REDUCE_THREADS <= 1024,
               "REDUCE_THREADS: a power of two, at most 1024");
 
-// Row max and s = Σ exp(x - max) of one row, computed by a whole warp; every lane gets both.
+// Row max and r = s - 1 = Σ_j e^{x_j - max} - 1 of one row, computed by a whole warp; every
+// lane gets both. The terms equal to 1 (the max itself, and any tie) are counted rather than
+// added, so r keeps the small terms that 1 + r would round away: ln s = log1p(r) is then
+// accurate for a confident row (e.g. float32 [20, 0, 0]: r = 2e-9, s rounds to 1, so
+// ln s would be 0). A NaN (or +inf - +inf) term is added, not counted: it still propagates.
 // The max starts from x[0] (C >= 1), so no infinity is needed.
 template <typename T>
-__device__ __forceinline__ void row_max_sumexp(const T* __restrict__ x, int C, int lane, T& mx, T& s) {
+__device__ __forceinline__ void row_max_sumexp_m1(const T* __restrict__ x, int C, int lane, T& mx, T& r) {
     T m = x[0];
     for (int c = lane; c < C; c += 32) m = dmax(m, x[c]);
     mx = warp_max(m);
-    T acc = T(0);
-    for (int c = lane; c < C; c += 32) acc += dexp(x[c] - mx);
-    s = warp_sum(acc);
+    T acc = T(0), ones = T(0);
+    for (int c = lane; c < C; c += 32) {
+        const T e = dexp(x[c] - mx);
+        if (e == T(1)) ones += T(1);
+        else acc += e;
+    }
+    r = warp_sum(acc) + (warp_sum(ones) - T(1));
 }
 
 template <typename T, int LOG>
@@ -59,15 +71,15 @@ __global__ void softmax_rows(const T* __restrict__ x, T* __restrict__ y, long lo
     for (long long r = (long long)blockIdx.x * ROW_WARPS + threadIdx.x / 32; r < rows; r += warps) {
         const T* xr = x + r * C;
         T* yr = y + r * C;
-        T mx, s;
-        row_max_sumexp(xr, C, lane, mx, s);
+        T mx, sm1;
+        row_max_sumexp_m1(xr, C, lane, mx, sm1);
         if (LOG) {
-            // (x - max) - log s, as the NumPy backend: folding log s into max + log s first
-            // would round log s away when |max| is large (e.g. max = 1e30: every entry 0).
-            const T ls = dlog(s);
+            // (x - max) - log1p(s - 1), as the NumPy backend: folding it into max + log s
+            // first would round log s away when |max| is large (max = 1e30: every entry 0).
+            const T ls = dlog1p(sm1);
             for (int c = lane; c < C; c += 32) yr[c] = (xr[c] - mx) - ls;
         } else {
-            const T inv = T(1) / s;
+            const T inv = T(1) / (T(1) + sm1);
             for (int c = lane; c < C; c += 32) yr[c] = dexp(xr[c] - mx) * inv;
         }
     }
@@ -97,8 +109,8 @@ __global__ void softmax_xent_fwd_bwd(const T* __restrict__ logits, const Target*
     const long long warps = (long long)gridDim.x * ROW_WARPS;
     for (long long r = (long long)blockIdx.x * ROW_WARPS + threadIdx.x / 32; r < rows; r += warps) {
         const T* zr = logits + r * C;
-        T mx, s;
-        row_max_sumexp(zr, C, lane, mx, s);
+        T mx, sm1;
+        row_max_sumexp_m1(zr, C, lane, mx, sm1);
         const bool ok = valid_class(target, r, C);   // an out-of-range class gives NaN, no stray read
         T tsum = T(0), tz = T(0);
         for (int c = lane; c < C; c += 32) {
@@ -108,12 +120,16 @@ __global__ void softmax_xent_fwd_bwd(const T* __restrict__ logits, const Target*
         }
         tsum = warp_sum(tsum);
         tz = warp_sum(tz);
-        if (lane == 0) row_loss[r] = ok ? dlog(s) * tsum - tz : quiet_nan<T>();
+        if (lane == 0) row_loss[r] = ok ? dlog1p(sm1) * tsum - tz : quiet_nan<T>();
         if (GRAD) {
-            const T inv = T(1) / s;
+            // ŷ_c Σt - t_c = (e_c Σt - t_c s) / s, with t_c s taken as t_c + t_c (s - 1): for the
+            // target at the max (e_c = 1, class index) that is exactly -(s - 1) / s, where
+            // ŷ_c - 1 would round to 0 for a confident row.
+            const T inv = T(1) / (T(1) + sm1);
             T* gr = grad + r * C;
             for (int c = lane; c < C; c += 32) {
-                const T g = (dexp(zr[c] - mx) * inv * tsum - target_weight<T>(target, r, c, C)) * scale;
+                const T t = target_weight<T>(target, r, c, C);
+                const T g = ((dexp(zr[c] - mx) * tsum - t) - t * sm1) * inv * scale;
                 gr[c] = ok ? g : quiet_nan<T>();
             }
         }

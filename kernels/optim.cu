@@ -11,6 +11,9 @@
    device from a step counter in device memory (adam_step_counted), so that a CUDA graph
    replays a step whose t advances (counter_increment, launched before it, counts the step).
 
+   Gradient accumulation (a second backward before zero_grad, MATH.md §5):
+       total += grad
+
    Shapes: every array is a C-contiguous parameter-sized array of n elements; the counter is
    one int64.
 
@@ -19,6 +22,7 @@
      adam_step<T>                 p, grad, m, v; step_size and bc2_sqrt from the host
      adam_step_counted<T>         p, grad, m, v; t read from the counter
      counter_increment<I>         *counter += 1 (one thread)
+     accumulate<T>                total += grad
 
    CUDA features used: __global__, templates, sqrtf/sqrt (through common.cuh), pow (double).
 */
@@ -87,4 +91,12 @@ __global__ void counter_increment(I* counter) {
     // One thread adds 1; a launch of its own, so that every block of the kernel after it
     // reads the new count.
     if (blockIdx.x == 0 && threadIdx.x == 0) *counter += I(1);
+}
+
+template <typename T>
+__global__ void accumulate(T* __restrict__ total, const T* __restrict__ grad, long long n) {
+    // total, grad (n); total updated in place; any 1-D grid.
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        total[i] += grad[i];
 }

@@ -155,3 +155,35 @@ def rng():
 def randn(rng, *shape, dtype=np.float32, scale=1.0):
     """Random non-zero data (never zeros: an unwritten output must not pass)."""
     return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def confident_rows(dtype, c: int):
+    """Logit rows whose softmax is nearly one-hot, with their exact float64 results.
+
+    Each row holds b = 0 everywhere and a > 0 at its max positions (one, or a tie of two,
+    at the first, a middle or the last column). With k maxima, s = Σ e^{z - max} =
+    k + (c - k) e^{-a}; for k = 1, s - 1 = (c - 1) e^{-a} lies below half an ulp of 1 (float32:
+    a = 20, 26; float64: a = 40, 60), so anything formed from s itself (ln s, softmax - 1)
+    rounds to 0 while the true values are about s - 1. Returns (x, t, ref) with t the class
+    index of each row's first max and ref the float64 "loss_rows", "grad" (of the summed
+    loss), "softmax" and "log_softmax", from the closed forms (not from any ln s)."""
+    gaps = (20.0, 26.0) if np.dtype(dtype) == np.float32 else (40.0, 60.0)
+    layouts = [(0,), (c // 2,), (c - 1,)] + ([(0, c - 1)] if c > 1 else [])
+    rows = [(a, pos) for a in gaps for pos in layouts]
+    x = np.zeros((len(rows), c))
+    t = np.empty(len(rows), dtype=np.int64)
+    ref = {k: np.empty((len(rows), c)) for k in ("grad", "softmax", "log_softmax")}
+    ref["loss_rows"] = np.empty(len(rows))
+    for i, (a, pos) in enumerate(rows):
+        k, e = len(pos), np.exp(-a)
+        sm1 = (k - 1) + (c - k) * e            # s - 1, exact to rounding
+        s = 1.0 + sm1
+        x[i, list(pos)] = a
+        t[i] = pos[0]
+        is_max = x[i] == a
+        ref["softmax"][i] = np.where(is_max, 1.0, e) / s
+        ref["log_softmax"][i] = np.where(is_max, 0.0, -a) - np.log1p(sm1)
+        ref["loss_rows"][i] = np.log1p(sm1)
+        ref["grad"][i] = ref["softmax"][i]
+        ref["grad"][i, t[i]] = -sm1 / s
+    return x.astype(dtype), t, ref

@@ -101,7 +101,8 @@ def _every_op_call(dt):
         calls.append((op, (r(3, 3), target, red)))
     calls += [("sgd_step", (r(4), r(4), None, 0.1, 0.0, 0.0)),
               ("sgd_step", (r(4), r(4), r(4), 0.1, 0.9, 0.01)),
-              ("adam_step", (r(4), r(4), r(4), r(4), 3, 1e-3, 0.9, 0.999, 1e-8, 0.0))]
+              ("adam_step", (r(4), r(4), r(4), r(4), 3, 1e-3, 0.9, 0.999, 1e-8, 0.0)),
+              ("accumulate", (r(4), r(4))), ("accumulate", (r(4), r(8)[::2]))]
     return calls
 
 

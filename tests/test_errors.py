@@ -14,6 +14,11 @@ def a(*shape, dtype=f32):
     return np.ones(shape, dtype=dtype)
 
 
+def _overlapping_accumulate():
+    buf = a(8)
+    F.accumulate(buf[:6], buf[2:])
+
+
 CASES = [
     # (call, exception, pieces the message must contain)
     (lambda: F.matmul(a(3, 4), a(5, 2)), ValueError, ["inner dimensions", "(3, 4)", "(5, 2)"]),
@@ -54,6 +59,13 @@ CASES = [
     (lambda: F.sgd_step(a(3), a(3), lr=-0.1), ValueError, ["lr=-0.1"]),
     (lambda: F.adam_step(a(3), a(3), a(3), a(3), step=1, lr=0.1, beta1=1.5), ValueError, ["beta1=1.5"]),
     (lambda: F.adam_step(a(3), a(3), a(3), a(3), step=1, lr=0.1, beta2=-0.5), ValueError, ["beta2=-0.5"]),
+    (lambda: F.accumulate(a(3, 4), a(1, 4)), ValueError, ["accumulate", "'grad'", "(1, 4)", "shape of total", "(3, 4)"]),
+    (lambda: F.accumulate(a(3, 4), a(3, 4, dtype=np.float64)), TypeError, ["'grad'", "float64", "float32"]),
+    (lambda: F.accumulate(a(4, 3).T, a(3, 4)), ValueError, ["'total'", "C-contiguous"]),
+    (lambda: _overlapping_accumulate(), ValueError, ["'total'", "'grad'", "share memory"]),
+    (lambda: nn.Parameter(a(3, 4)).accumulate(a(4)), ValueError, ["Parameter.accumulate", "'grad'", "(4,)", "(3, 4)"]),
+    (lambda: nn.Parameter(a(3, 4)).accumulate(a(3, 4, dtype=np.float64)), TypeError, ["Parameter.accumulate", "float64"]),
+    (lambda: nn.Parameter(a(3, 4)).accumulate([[0.0] * 4] * 3), TypeError, ["'grad'", "list"]),
     (lambda: nn.Linear(0, 3), ValueError, ["in_features", "positive"]),
     (lambda: nn.Linear(3, 2, dtype="float16"), TypeError, ["float16"]),
     (lambda: nn.Linear(3, 2)(a(4, 5)), ValueError, ["x has 5 features"]),

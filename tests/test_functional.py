@@ -11,7 +11,7 @@ import pytest
 
 import cugrad.functional as F
 from cugrad import gradcheck
-from conftest import ODD, randn, rel_err, tol
+from conftest import ODD, confident_rows, randn, rel_err, tol
 
 LAYOUTS = list(itertools.product([False, True], repeat=2))      # NN, NT, TN, TT
 LAYOUT_IDS = ["NN", "NT", "TN", "TT"]
@@ -318,3 +318,37 @@ def test_integer_target_dtypes(backend, rng):
         t = rng.integers(0, 4, size=5).astype(int_dtype)
         ref, _ = xent_ref(z, t.astype(np.int64), "mean")
         assert rel_err(F.cross_entropy(backend.put(z), backend.put(t)), ref) < 1e-5
+
+
+def _elementwise_rel(out, ref):
+    out = np.asarray(out, dtype=np.float64)
+    return float(np.max(np.abs(out - ref) / np.abs(ref)))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("c", [1, 3, 37, 1000])
+def test_confident_rows_keep_their_small_loss(backend, dtype, c, reduction):
+    """A nearly one-hot softmax: loss ~ s - 1 (4e-9 in float32) and the target's gradient
+    -(s - 1)/s, where ln s and softmax - 1 round to 0. Every element to its own relative
+    tolerance (a normwise error would let the tiny entries go), for class indices and the
+    same targets as probability rows."""
+    x, t, ref = confident_rows(dtype, c)
+    n = len(t)
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    ref_loss = ref["loss_rows"].sum() * scale
+    xx = backend.put(x)
+    tol_e = tol(dtype, "elementwise")
+    for targets in (t, np.eye(c, dtype=dtype)[t]):
+        tt = backend.put(targets)
+        loss, grad = F.cross_entropy_with_grad(xx, tt, reduction=reduction)
+        if c == 1:   # one class: loss and gradient exactly 0
+            assert float(loss) == 0 and not np.any(backend.get(grad))
+            continue
+        assert abs(float(loss) - ref_loss) <= tol_e * ref_loss, (float(loss), ref_loss)
+        assert float(F.cross_entropy(xx, tt, reduction=reduction)) == float(loss)
+        assert _elementwise_rel(backend.get(grad), ref["grad"] * scale) <= tol_e
+        assert np.array_equal(backend.get(F.cross_entropy_backward(xx, tt, reduction=reduction)),
+                              backend.get(grad))
+    if c > 1:
+        assert _elementwise_rel(backend.get(F.softmax(xx)), ref["softmax"]) <= tol_e
+        assert _elementwise_rel(backend.get(F.log_softmax(xx)), ref["log_softmax"]) <= tol_e

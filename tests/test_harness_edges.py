@@ -32,7 +32,7 @@ if ch.compiler() is None:
     pytest.skip("no host C++ compiler (g++): the CPU kernel harness (tests/cuda_harness) cannot "
                 "build kernels/*.cu here", allow_module_level=True)
 
-from conftest import rel_err, tol  # noqa: E402
+from conftest import confident_rows, rel_err, tol  # noqa: E402
 from kernel_checks import (ACTS, CU, DTYPES, EPILOGUES, F32, F64, LAYOUTS, NP,  # noqa: E402
                            act64, check, data, log_softmax64, mse64, on_cpu, softmax64,
                            targets, xent64)
@@ -460,6 +460,30 @@ def test_softmax_and_cross_entropy_large_row_max(cpu, rng, rows, dtype):
     loss, grad = on_cpu(cpu, "cross_entropy_fwd_bwd", x, t, "sum")
     check_scalar(loss, loss_ref, dtype)
     check(grad, grad_ref, NP["cross_entropy_backward"](x, t, "sum"), dtype, "elementwise")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [2, 31, 32, 33, 1000])
+def test_confident_rows_through_the_row_kernels(cpu, dtype, c):
+    """softmax_rows and softmax_xent_fwd_bwd keep s - 1 (the terms equal to 1 counted, not
+    added): a confident row's loss log1p(s - 1) and target gradient -(s - 1)/s, each element
+    to its relative tolerance, with the max in every lane position the layouts give (first,
+    middle, last column, a tie) and rows around the warp width. Bitwise equal to the kernel
+    run without the gradient."""
+    x, t, ref = confident_rows(dtype, c)
+    tol_e = tol(dtype, "elementwise")
+
+    def rel(out, r):
+        return float(np.max(np.abs(np.asarray(out, np.float64) - r) / np.abs(r)))
+
+    assert rel(on_cpu(cpu, "softmax", x), ref["softmax"]) <= tol_e
+    assert rel(on_cpu(cpu, "log_softmax", x), ref["log_softmax"]) <= tol_e
+    for targets_ in (t, np.eye(c, dtype=dtype)[t]):
+        loss, grad = on_cpu(cpu, "cross_entropy_fwd_bwd", x, targets_, "sum")
+        assert rel(loss, ref["loss_rows"].sum()) <= tol_e
+        assert rel(grad, ref["grad"]) <= tol_e
+        np.testing.assert_array_equal(np.asarray(on_cpu(cpu, "cross_entropy", x, targets_, "sum")),
+                                      np.asarray(loss))
 
 
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])

@@ -276,6 +276,20 @@ def _f64(*arrays):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7, 33), (300, 7), (255,), (256,), (257,)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_accumulate(cpu, rng, shape, dtype):
+    """total += grad, twice (the second grad a transposed view, made contiguous by the
+    launcher): bitwise NumPy's sum, one rounding per element."""
+    total = data(rng, *shape, dtype=dtype)
+    expected = total.copy()
+    for grad in (data(rng, *shape, dtype=dtype), data(rng, *shape[::-1], dtype=dtype).T):
+        on_cpu(cpu, "accumulate", total, grad)
+        expected = expected + grad
+    np.testing.assert_array_equal(total, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("shape", [(1,), (7, 33), (300, 7)], ids=lambda s: "x".join(map(str, s)))

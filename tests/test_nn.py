@@ -92,6 +92,54 @@ def test_gradients_accumulate_until_zero_grad(backend, rng):
     assert layer.weight.grad is None and layer.bias.grad is None
 
 
+def test_accumulation_is_the_exact_sum_through_the_accumulate_op(backend, rng):
+    """A second backward before zero_grad adds its gradients with F.accumulate (cugrad's
+    own kernel on the GPU, not the array library's +=): bitwise the sum of the two
+    backwards' gradients, one accumulate range per parameter."""
+    layer = nn.Linear(5, 3, rng=0, device=backend.device)
+    xs = [backend.put(randn(rng, 4, 5)) for _ in range(2)]
+    gs = [backend.put(randn(rng, 4, 3)) for _ in range(2)]
+    alone = []
+    for x, g in zip(xs, gs):
+        layer.zero_grad()
+        layer(x)
+        layer.backward(g)
+        alone.append([backend.get(p.grad).copy() for p in layer.parameters()])
+    layer.zero_grad()
+    with cugrad.profile() as prof:
+        for x, g in zip(xs, gs):
+            layer(x)
+            layer.backward(g)
+    assert prof["accumulate"].calls == 2
+    for p, a, b in zip(layer.parameters(), *alone):
+        np.testing.assert_array_equal(backend.get(p.grad), a + b)
+
+
+def test_parameter_accumulate_stores_a_writable_contiguous_first_gradient(backend):
+    """The first gradient is kept as is when it can be added to in place later; a read-only
+    array, a transposed view or a view of the weights is copied, so the next accumulate
+    neither fails nor writes into the caller's array or the weights."""
+    data = np.arange(12, dtype=np.float32).reshape(3, 4)
+    p = nn.Parameter(backend.put(data.copy()))
+    g = backend.put(np.ones((3, 4), np.float32))
+    p.accumulate(g)
+    assert p.grad is g
+    cases = {"transposed view": backend.put(np.ones((4, 3), np.float32)).T,
+             "view of the weights": p.data}
+    if backend.device == "cpu":
+        readonly = np.ones((3, 4), np.float32)
+        readonly.flags.writeable = False
+        cases["read-only"] = readonly
+    for what, first in cases.items():
+        p.grad = None
+        before = backend.get(first).copy()
+        p.accumulate(first)
+        p.accumulate(backend.put(np.full((3, 4), 2.0, np.float32)))
+        np.testing.assert_array_equal(backend.get(p.grad), before + 2.0, err_msg=what)
+        np.testing.assert_array_equal(backend.get(first), before, err_msg=what)
+    np.testing.assert_array_equal(backend.get(p.data), data)
+
+
 def test_second_backward_without_forward_raises(backend, rng):
     model = nn.Sequential(nn.Linear(3, 2, rng=0), nn.ReLU()).to(backend.device)
     crit = nn.MSELoss()

@@ -33,6 +33,7 @@ def _train_setup(device="cpu"):
         x, y = cupy.asarray(x), cupy.asarray(y)
 
     def step():
+        opt.zero_grad()
         loss = loss_fn(model(x), y)
         model.backward(loss_fn.backward())
         opt.step()

@@ -97,18 +97,31 @@ def _relu_backward(grad_out, saved):
     return out
 
 
+def _shift_exp_sm1(x):
+    """Over the last axis: the shifted logits ``x - max``, their exponentials, and
+    ``s - 1`` with ``s = Σ exp(x - max)`` (keepdims). The terms equal to 1 (the max and any
+    tie) are counted rather than added, so ``s - 1`` keeps the small terms that ``s`` itself
+    would round away in a confident row: ``ln s = log1p(s - 1)`` (losses.cu does the same).
+    A NaN term is not equal to 1, so it is added and propagates."""
+    shifted = x - x.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    ones = exp == 1
+    sm1 = np.where(ones, 0, exp).sum(axis=-1, keepdims=True)
+    sm1 += (ones.sum(axis=-1, keepdims=True) - 1).astype(x.dtype)
+    return shifted, exp, sm1
+
+
 @implements(BACKEND, "softmax")
 def softmax(x):
-    out = x - x.max(axis=-1, keepdims=True)
-    np.exp(out, out=out)
-    out /= out.sum(axis=-1, keepdims=True)
+    _, out, sm1 = _shift_exp_sm1(x)
+    out /= 1 + sm1
     return out
 
 
 @implements(BACKEND, "log_softmax")
 def log_softmax(x):
-    out = x - x.max(axis=-1, keepdims=True)
-    out -= np.log(np.exp(out).sum(axis=-1, keepdims=True))
+    out, _, sm1 = _shift_exp_sm1(x)
+    out -= np.log1p(sm1)
     return out
 
 
@@ -136,18 +149,17 @@ def mse_loss_backward(pred, target, reduction):
 
 
 def _xent_parts(logits, target, reduction):
-    """Shared pass: shifted logits, log-sum-exp per row, and the reduction's scale."""
+    """Shared pass: shifted logits, their exponentials, s - 1 per row (``_shift_exp_sm1``),
+    and the reduction's scale."""
     n = logits.shape[0]
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    sumexp = exp.sum(axis=1, keepdims=True)
+    shifted, exp, sm1 = _shift_exp_sm1(logits)
     scale = 1.0 / n if reduction == "mean" else 1.0
-    return shifted, exp, sumexp, scale
+    return shifted, exp, sm1, scale
 
 
-def _xent_loss(shifted, sumexp, target, scale, dtype):
-    # L_row = logsumexp(z) - sum_i t_i z_i  (computed on the shifted logits)
-    lse = np.log(sumexp[:, 0])
+def _xent_loss(shifted, sm1, target, scale, dtype):
+    # L_row = logsumexp(z) - sum_i t_i z_i = log1p(s - 1) sum_i t_i - sum_i t_i (z_i - max)
+    lse = np.log1p(sm1[:, 0])
     if target.ndim == 1:
         picked = np.take_along_axis(shifted, target[:, None], axis=1)[:, 0]
         rows = lse - picked
@@ -159,16 +171,20 @@ def _xent_loss(shifted, sumexp, target, scale, dtype):
     return np.asarray(rows.sum() * scale, dtype=dtype)
 
 
-def _xent_grad(exp, sumexp, target, scale):
-    # dL/dz = (softmax(z) * sum_i t_i - t) * scale; exp is reused as the output buffer.
-    # (sum_i t_i = 1 for class indices and for proper probability rows: softmax - t.)
+def _xent_grad(exp, sm1, target, scale):
+    # dL/dz = (softmax(z) * sum_i t_i - t) * scale = ((e sum_i t_i - t) - t (s - 1)) / s * scale
+    # (sum_i t_i = 1 for class indices and proper probability rows: softmax - t). Taking t s
+    # as t + t (s - 1) keeps the target at the max exact: -(s - 1) / s, where softmax - 1
+    # rounds to 0 in a confident row. exp is reused as the output buffer.
     grad = exp
-    grad /= sumexp
     if target.ndim == 1:
-        grad[np.arange(grad.shape[0]), target] -= 1.0
+        rows = np.arange(grad.shape[0])
+        grad[rows, target] = (grad[rows, target] - 1) - sm1[:, 0]
     else:
         grad *= target.sum(axis=1, keepdims=True)
         grad -= target
+        grad -= target * sm1
+    grad /= 1 + sm1
     if scale != 1.0:
         grad *= scale
     return grad
@@ -176,24 +192,29 @@ def _xent_grad(exp, sumexp, target, scale):
 
 @implements(BACKEND, "cross_entropy")
 def cross_entropy(logits, target, reduction):
-    shifted, _, sumexp, scale = _xent_parts(logits, target, reduction)
-    return _xent_loss(shifted, sumexp, target, scale, logits.dtype)
+    shifted, _, sm1, scale = _xent_parts(logits, target, reduction)
+    return _xent_loss(shifted, sm1, target, scale, logits.dtype)
 
 
 @implements(BACKEND, "cross_entropy_backward")
 def cross_entropy_backward(logits, target, reduction):
-    _, exp, sumexp, scale = _xent_parts(logits, target, reduction)
-    return _xent_grad(exp, sumexp, target, scale)
+    _, exp, sm1, scale = _xent_parts(logits, target, reduction)
+    return _xent_grad(exp, sm1, target, scale)
 
 
 @implements(BACKEND, "cross_entropy_fwd_bwd")
 def cross_entropy_fwd_bwd(logits, target, reduction):
-    shifted, exp, sumexp, scale = _xent_parts(logits, target, reduction)
-    loss = _xent_loss(shifted, sumexp, target, scale, logits.dtype)
-    return loss, _xent_grad(exp, sumexp, target, scale)
+    shifted, exp, sm1, scale = _xent_parts(logits, target, reduction)
+    loss = _xent_loss(shifted, sm1, target, scale, logits.dtype)
+    return loss, _xent_grad(exp, sm1, target, scale)
 
 
 # --------------------------------------------------------------------------- optimisers
+
+@implements(BACKEND, "accumulate")
+def accumulate(total, grad):
+    np.add(total, grad, out=total)
+
 
 @implements(BACKEND, "sgd_step")
 def sgd_step(param, grad, momentum_buf, lr, momentum, weight_decay):

@@ -195,6 +195,10 @@ def adam_counted_name(dtype: str) -> str:
 COUNTER_INCREMENT = "counter_increment<long long>"
 
 
+def accumulate_name(dtype: str) -> str:
+    return f"accumulate<{CTYPES[dtype]}>"
+
+
 _EPILOGUES = [gemm_epilogue(bias, act) for bias in (False, True) for act in ACTIVATIONS]
 _BOOLS = (False, True)
 
@@ -226,7 +230,8 @@ def instantiations() -> list[tuple[str, list[str], list[str]]]:
         *(sgd_name(dt, mom) for dt, mom in itertools.product(DTYPES, _BOOLS)),
         *(adam_name(dt) for dt in DTYPES),
         *(adam_counted_name(dt) for dt in DTYPES),
-        COUNTER_INCREMENT]))
+        COUNTER_INCREMENT,
+        *(accumulate_name(dt) for dt in DTYPES)]))
     return table
 
 

@@ -307,6 +307,14 @@ def _check_in_place(**arrays) -> None:
             raise ValueError(f"cugrad: the optimiser updates {what} in place; it must be C-contiguous")
 
 
+@implements(BACKEND, "accumulate")
+def accumulate(total, grad):
+    ctx = current_context()
+    _check_in_place(total=total)
+    _launch_elementwise(ctx, "optim.cu", config.accumulate_name(total.dtype.name), total.size,
+                        (total, ctx.xp.ascontiguousarray(grad), np.int64(total.size)))
+
+
 @implements(BACKEND, "sgd_step")
 def sgd_step(param, grad, momentum_buf, lr, momentum, weight_decay):
     ctx = current_context()
