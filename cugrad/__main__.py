@@ -1,5 +1,5 @@
 """``python -m cugrad <command>``: demo (train an MLP), info (backends on this machine),
-bench (the benchmark suite, GPU)."""
+bench (the benchmark suite, GPU), compile (every kernel module ahead of use, GPU)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def info() -> int:
 
 COMMANDS = {"demo": "train an MLP on handwritten digits (GPU if available)",
             "info": "show which backends work here",
-            "bench": "run the benchmark suite against cuBLAS, PyTorch and copies (GPU)"}
+            "bench": "run the benchmark suite against cuBLAS, PyTorch and copies (GPU)",
+            "compile": "compile every kernel module now, into CuPy's disk cache (GPU)"}
 
 
 def main(argv=None) -> int:
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
                   f"{', '.join(COMMANDS)}", file=sys.stderr)
         print(f"usage: python -m cugrad {{{','.join(COMMANDS)}}} [options]\n")
         for name, text in COMMANDS.items():
-            print(f"  {name:6s} {text}")
+            print(f"  {name:7s} {text}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     if argv[0] == "demo":
         from .demo import main as demo_main
@@ -42,6 +43,9 @@ def main(argv=None) -> int:
     if argv[0] == "bench":
         from .bench import main as bench_main
         return bench_main(argv[1:])
+    if argv[0] == "compile":
+        from .backends.cuda.precompile import main as compile_main
+        return compile_main(argv[1:])
     return info()
 
 

@@ -3,10 +3,12 @@
 # machine (no package registry: the image's python3 with CuPy, PyTorch, pytest, hypothesis,
 # pytest-xdist; the nvtx package travels as a wheel in .whl/ when present).
 #
-#   OUT=/some/dir profiling/gpu_suite.sh [steps...]     steps: env suite demo bench plans
+#   OUT=/some/dir profiling/gpu_suite.sh [steps...]     steps: env warm suite demo bench plans
 #                                                              memcheck racecheck initcheck
 #                                                              synccheck
 #
+# warm: every kernel module compiled once, WARM_JOBS processes at once (default 12), into
+# CuPy's disk cache, so the suite's workers load them instead of each compiling them again.
 # bench: the benchmark suite (python -m cugrad bench, BENCH_SECONDS of figures, default 200;
 # BENCH_ARGS adds options, e.g. --quick); plans: its GEMM tile / split-K sweep (--gemm-plans).
 #
@@ -23,7 +25,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(env suite demo memcheck racecheck)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(env warm suite demo memcheck racecheck)
 SUMMARY=()
 
 # The GPU tests under compute-sanitizer, which follows every process (SAN_WORKERS sets
@@ -64,6 +66,10 @@ for step in "${STEPS[@]}"; do
             $PY -m cugrad info
         } > "$OUT/env.txt" 2>&1
         SUMMARY+=("env: $(sed -n 3p "$OUT/env.txt")")
+        ;;
+    warm)
+        timeout 300 $PY -m cugrad compile --jobs "${WARM_JOBS:-12}" > "$OUT/warm.log" 2>&1
+        SUMMARY+=("warm: rc=$?; $(tail -1 "$OUT/warm.log")")
         ;;
     suite)
         timeout "${SUITE_TIMEOUT:-300}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \

@@ -50,8 +50,60 @@ def test_unknown_command_says_so(capsys):
     assert main(["trian"]) == 2
     out, err = capsys.readouterr()
     assert "unknown command 'trian'" in err
-    assert "demo, info, bench" in err
+    assert "demo, info, bench, compile" in err
     assert "usage: python -m cugrad" in out
+
+
+def test_compile_without_the_cuda_backend_is_a_clean_error():
+    proc = run(["-m", "cugrad", "compile"], env={"CUGRAD_FORCE_CPU": "1"})
+    assert proc.returncode == 1, proc.stderr
+    assert "python -m cugrad compile: the CUDA backend does not work here" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_compile_lists_every_module_on_the_stand_in(tmp_path):
+    """`python -m cugrad compile --jobs 2` on the CPU stand-in for CuPy (tests/fake_cupy):
+    two spawned processes compile, then the command loads every module of
+    config.instantiations() itself and lists it."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import cuda_harness as ch
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    if ch.compiler() is None:
+        pytest.skip("no host C++ compiler (g++): the CuPy stand-in's kernel harness cannot build")
+    from cugrad.backends.cuda import config
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fake_cupy"), str(ROOT)]),
+           "CUGRAD_FORCE_CPU": "", "CUGRAD_FAKE_CUPY": ""}
+    proc = run(["-m", "cugrad", "compile", "--jobs", "2"], env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    modules = config.instantiations()
+    listed = [line for line in proc.stdout.splitlines() if " kernels (" in line]
+    assert len(listed) == len(modules), proc.stdout
+    for line, (file, _, names) in zip(listed, modules):
+        assert f"{file}" in line and f"{len(names)} kernels ({names[0]}, ...)" in line, line
+    assert f"compiling {len(modules)} kernel modules" in proc.stdout
+    assert "2 processes" in proc.stdout and "done in" in proc.stdout
+
+
+def test_compile_failure_shows_the_compiler_log(monkeypatch, capsys):
+    from cugrad.backends.cuda import precompile
+    from cugrad.backends.cuda.context import KernelCompileError
+
+    def fail(index):
+        raise KernelCompileError("gemm.cu", ["-DGEMM_X=1"], "error: the planted failure")
+    monkeypatch.setattr(_backend, "cuda_available", lambda: True)
+    monkeypatch.setattr(precompile, "compile_module", fail)
+    assert precompile.main([]) == 1
+    err = capsys.readouterr().err
+    assert "failed to compile kernels/gemm.cu with options -DGEMM_X=1" in err
+    assert "error: the planted failure" in err
+    # in a pool process the error comes back as its message (it does not pickle)
+    assert precompile._compile_in_child(0) == (0.0, str(KernelCompileError(
+        "gemm.cu", ["-DGEMM_X=1"], "error: the planted failure")))
+    with pytest.raises(SystemExit):
+        precompile.main(["--jobs", "0"])
+    assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [[], ["-h"], ["--help"]])
