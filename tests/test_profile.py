@@ -292,3 +292,51 @@ def test_device_clock_rows_are_kept_apart_from_host_rows(monkeypatch):
     text = str(prof)
     assert "device" in text.splitlines()[0]            # a device column with two clocks
     assert "device time (CUDA events)" in text and "profiled host time" in text
+
+
+def _public_op_calls():
+    """One valid call of every public op of cugrad.functional, with the range name it must
+    open (MATH.md's names; a backward is "<op>.backward")."""
+    r = np.random.default_rng(3)
+    a = lambda *s: r.standard_normal(s).astype(np.float32)  # noqa: E731
+    x, w, g = a(4, 5), a(3, 5), a(4, 3)
+    y = np.array([0, 2, 1, 2])
+    return {
+        "matmul": ("matmul", lambda: F.matmul(x, w, trans_b=True)),
+        "matmul_backward": ("matmul.backward", lambda: F.matmul_backward(g, x, w, trans_b=True)),
+        "linear": ("linear.forward", lambda: F.linear(x, w, a(3))),
+        "linear_backward": ("linear.backward", lambda: F.linear_backward(g, x, w)),
+        "bias_grad": ("bias_grad", lambda: F.bias_grad(g)),
+        "sigmoid": ("sigmoid", lambda: F.sigmoid(g)),
+        "sigmoid_backward": ("sigmoid.backward", lambda: F.sigmoid_backward(g, F.sigmoid(g))),
+        "tanh": ("tanh", lambda: F.tanh(g)),
+        "tanh_backward": ("tanh.backward", lambda: F.tanh_backward(g, F.tanh(g))),
+        "relu": ("relu", lambda: F.relu(g)),
+        "relu_backward": ("relu.backward", lambda: F.relu_backward(g, g)),
+        "softmax": ("softmax", lambda: F.softmax(g)),
+        "log_softmax": ("log_softmax", lambda: F.log_softmax(g)),
+        "mse_loss": ("mse_loss", lambda: F.mse_loss(g, g + 1)),
+        "mse_loss_backward": ("mse_loss.backward", lambda: F.mse_loss_backward(g, g + 1)),
+        "cross_entropy": ("cross_entropy", lambda: F.cross_entropy(g, y)),
+        "cross_entropy_backward": ("cross_entropy.backward",
+                                   lambda: F.cross_entropy_backward(g, y)),
+        "cross_entropy_with_grad": ("cross_entropy", lambda: F.cross_entropy_with_grad(g, y)),
+        "accumulate": ("accumulate", lambda: F.accumulate(a(3, 5), w)),
+        "sgd_step": ("sgd_step", lambda: F.sgd_step(a(3, 5), w, lr=0.1)),
+        "adam_step": ("adam_step", lambda: F.adam_step(a(3, 5), w, np.zeros((3, 5), np.float32),
+                                                       np.zeros((3, 5), np.float32), step=1,
+                                                       lr=0.1)),
+    }
+
+
+def test_every_public_op_runs_in_its_range():
+    """Each name in cugrad.functional.__all__ opens its range once per call (a new op without
+    a range, or without an entry here, fails)."""
+    calls = _public_op_calls()
+    assert set(calls) == set(F.__all__)
+    for fn_name, (range_name, call) in calls.items():
+        with profile() as prof:
+            call()
+        names = sorted(s.name for s in prof.stats())
+        assert range_name in names, (fn_name, names)
+        assert prof[range_name].calls == 1, (fn_name, prof[range_name])
