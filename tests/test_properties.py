@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import cugrad.functional as F
 from conftest import rel_err, tol
 from test_functional import ACT64, MSE_REF, op64, xent_ref
+from test_optim import adam_reference, sgd_reference
 
 settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -124,3 +125,47 @@ def test_activation_property(backend, shape, name, dtype, seed):
     deriv = {"sigmoid": zs * (1 - zs), "tanh": 1 - zs * zs,
              "relu": (x > 0).astype(np.float64)}[name]
     assert rel_err(bwd(backend.put(g), z), g * deriv) < tol(dtype, "elementwise")
+
+
+# In-place updates: random sizes (1-D and 2-D, so elementwise grid-stride loops see every
+# tail), hyperparameters drawn from their valid ranges, three steps against float64.
+shapes = st.one_of(st.tuples(dims), st.tuples(dims, dims))
+
+
+@given(shape=shapes, dtype=dtypes, seed=seeds)
+def test_accumulate_property(backend, shape, dtype, seed):
+    total = data(seed, *shape, dtype=dtype)
+    grads = [data(seed + i, *shape, dtype=dtype) for i in (1, 2, 3)]
+    t = backend.put(total.copy())
+    expected = total.copy()
+    for g in grads:
+        F.accumulate(t, backend.put(g))
+        expected = expected + g          # one rounding per element, in the array dtype
+    assert np.array_equal(backend.get(t), expected)
+
+
+@given(shape=shapes, dtype=dtypes, seed=seeds, lr=st.floats(1e-4, 1.0),
+       momentum=st.sampled_from([0.0, 0.5, 0.9]), wd=st.sampled_from([0.0, 1e-4, 0.1]))
+def test_sgd_step_property(backend, shape, dtype, seed, lr, momentum, wd):
+    p0 = data(seed, *shape, dtype=dtype)
+    grads = [data(seed + i, *shape, dtype=dtype) for i in (1, 2, 3)]
+    p, buf = backend.put(p0.copy()), backend.put(np.zeros(shape, dtype)) if momentum else None
+    for g in grads:
+        F.sgd_step(p, backend.put(g), buf, lr=lr, momentum=momentum, weight_decay=wd)
+    ref = sgd_reference(p0, grads, lr, momentum, wd)
+    assert rel_err(p, ref) < tol(dtype, "elementwise")
+
+
+@given(shape=shapes, dtype=dtypes, seed=seeds, lr=st.floats(1e-4, 0.1),
+       b1=st.sampled_from([0.0, 0.8, 0.9]), b2=st.sampled_from([0.9, 0.99, 0.999]),
+       wd=st.sampled_from([0.0, 0.05]))
+def test_adam_step_property(backend, shape, dtype, seed, lr, b1, b2, wd):
+    p0 = data(seed, *shape, dtype=dtype)
+    grads = [data(seed + i, *shape, dtype=dtype) for i in (1, 2, 3)]
+    p = backend.put(p0.copy())
+    m, v = (backend.put(np.zeros(shape, dtype)) for _ in range(2))
+    for step, g in enumerate(grads, start=1):
+        F.adam_step(p, backend.put(g), m, v, step=step, lr=lr, beta1=b1, beta2=b2, eps=1e-8,
+                    weight_decay=wd)
+    ref = adam_reference(p0, grads, lr, b1, b2, 1e-8, wd)
+    assert rel_err(p, ref) < tol(dtype, "elementwise")
