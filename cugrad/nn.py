@@ -63,17 +63,15 @@ class Parameter:
         copy), later ones are added in place by ``F.accumulate``, the backend's own kernel,
         in the NVTX range ``accumulate``. ``grad`` must have the parameter's shape, dtype and
         device (ValueError or TypeError otherwise; nothing broadcasts)."""
-        if self.grad is not None:
-            F.accumulate(self.grad, grad)
-            return
-        op = "Parameter.accumulate"
-        _, arr = prepare(op, {"param": self.data, "grad": grad})
-        check_shape(op, "grad", arr["grad"], self.shape, "the parameter's shape")
-        g = arr["grad"]
-        if (g.size and shares_memory(g, self.data)) or not (
-                g.flags.c_contiguous and getattr(g.flags, "writeable", True)):
-            g = g.copy()   # a view of the weights, or one the next F.accumulate cannot write
-        self.grad = g
+        if self.grad is None:
+            op = "Parameter.accumulate"
+            _, arr = prepare(op, {"param": self.data, "grad": grad})
+            check_shape(op, "grad", arr["grad"], self.shape, "the parameter's shape")
+            grad = arr["grad"]
+            if (grad.size and shares_memory(grad, self.data)) or not (
+                    grad.flags.c_contiguous and getattr(grad.flags, "writeable", True)):
+                grad = grad.copy()   # a view of the weights, or one F.accumulate cannot write
+        self._accumulate_own(grad)
 
     def _accumulate_own(self, grad) -> None:
         """``accumulate`` for a gradient a cugrad op has just returned (a new C-contiguous

@@ -157,6 +157,13 @@ def randn(rng, *shape, dtype=np.float32, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
+def elementwise_rel_err(out, ref) -> float:
+    """The largest |out - ref| / |ref| over the elements (ref nonzero everywhere): unlike
+    rel_err's norms, a tiny entry beside large ones cannot hide its error."""
+    out = np.asarray(to_numpy(out), dtype=np.float64)
+    return float(np.max(np.abs(out - ref) / np.abs(ref)))
+
+
 def confident_rows(dtype, c: int):
     """Logit rows whose softmax is nearly one-hot, with their exact float64 results.
 

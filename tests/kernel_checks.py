@@ -63,6 +63,23 @@ def check(out, ref64, ref_np, dtype, kind="product"):
     assert enp <= 2 * tol(dtype, kind), f"relative error vs the NumPy backend {enp:.3g}"
 
 
+def sgd_case(ctx, rng, shape, momentum, weight_decay, dtype):
+    """Three SGD steps of the CUDA backend's launcher on ``ctx``, checked against the NumPy
+    backend and float64 (parameter and momentum buffer)."""
+    p = data(rng, *shape, dtype=dtype)
+    buf = np.zeros(shape, dtype) if momentum else None
+    p_np, buf_np = p.copy(), None if buf is None else buf.copy()
+    p64, buf64 = p.astype(np.float64), None if buf is None else buf.astype(np.float64)
+    for _ in range(3):
+        g = data(rng, *shape, dtype=dtype)
+        on_cpu(ctx, "sgd_step", p, g, buf, 0.1, momentum, weight_decay)
+        NP["sgd_step"](p_np, g, buf_np, 0.1, momentum, weight_decay)
+        NP["sgd_step"](p64, g.astype(np.float64), buf64, 0.1, momentum, weight_decay)
+    check(p, p64, p_np, dtype, "elementwise")
+    if buf is not None:
+        check(buf, buf64, buf_np, dtype, "elementwise")
+
+
 # ----------------------------------------------------------------------------- references
 
 def act64(name, y):

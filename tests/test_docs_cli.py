@@ -90,7 +90,7 @@ def test_compile_failure_shows_the_compiler_log(monkeypatch, capsys):
     from cugrad.backends.cuda import precompile
     from cugrad.backends.cuda.context import KernelCompileError
 
-    def fail(index):
+    def fail(module):
         raise KernelCompileError("gemm.cu", ["-DGEMM_X=1"], "error: the planted failure")
     monkeypatch.setattr(_backend, "cuda_available", lambda: True)
     monkeypatch.setattr(precompile, "compile_module", fail)
@@ -99,7 +99,7 @@ def test_compile_failure_shows_the_compiler_log(monkeypatch, capsys):
     assert "failed to compile kernels/gemm.cu with options -DGEMM_X=1" in err
     assert "error: the planted failure" in err
     # in a pool process the error comes back as its message (it does not pickle)
-    assert precompile._compile_in_child(0) == (0.0, str(KernelCompileError(
+    assert precompile._compile_in_child(("gemm.cu", [], ["k"])) == (0.0, str(KernelCompileError(
         "gemm.cu", ["-DGEMM_X=1"], "error: the planted failure")))
     with pytest.raises(SystemExit):
         precompile.main(["--jobs", "0"])

@@ -32,10 +32,10 @@ if ch.compiler() is None:
     pytest.skip("no host C++ compiler (g++): the CPU kernel harness (tests/cuda_harness) cannot "
                 "build kernels/*.cu here", allow_module_level=True)
 
-from conftest import confident_rows, rel_err, tol  # noqa: E402
+from conftest import confident_rows, elementwise_rel_err, rel_err, tol  # noqa: E402
 from kernel_checks import (ACTS, CU, DTYPES, EPILOGUES, F32, F64, LAYOUTS, NP,  # noqa: E402
-                           act64, check, data, log_softmax64, mse64, on_cpu, softmax64,
-                           targets, xent64)
+                           act64, check, data, log_softmax64, mse64, on_cpu, sgd_case,
+                           softmax64, targets, xent64)
 
 from cugrad.backends.cuda import config, gemm_reference  # noqa: E402
 from cugrad.backends.cuda.context import use_context  # noqa: E402
@@ -472,16 +472,12 @@ def test_confident_rows_through_the_row_kernels(cpu, dtype, c):
     run without the gradient."""
     x, t, ref = confident_rows(dtype, c)
     tol_e = tol(dtype, "elementwise")
-
-    def rel(out, r):
-        return float(np.max(np.abs(np.asarray(out, np.float64) - r) / np.abs(r)))
-
-    assert rel(on_cpu(cpu, "softmax", x), ref["softmax"]) <= tol_e
-    assert rel(on_cpu(cpu, "log_softmax", x), ref["log_softmax"]) <= tol_e
+    assert elementwise_rel_err(on_cpu(cpu, "softmax", x), ref["softmax"]) <= tol_e
+    assert elementwise_rel_err(on_cpu(cpu, "log_softmax", x), ref["log_softmax"]) <= tol_e
     for targets_ in (t, np.eye(c, dtype=dtype)[t]):
         loss, grad = on_cpu(cpu, "cross_entropy_fwd_bwd", x, targets_, "sum")
-        assert rel(loss, ref["loss_rows"].sum()) <= tol_e
-        assert rel(grad, ref["grad"]) <= tol_e
+        assert elementwise_rel_err(loss, ref["loss_rows"].sum()) <= tol_e
+        assert elementwise_rel_err(grad, ref["grad"]) <= tol_e
         np.testing.assert_array_equal(np.asarray(on_cpu(cpu, "cross_entropy", x, targets_, "sum")),
                                       np.asarray(loss))
 
@@ -635,22 +631,7 @@ def test_sgd_step_sizes(cpu, rng, n, dtype):
     """Three SGD steps, with and without momentum and weight decay (looped)."""
     for momentum, weight_decay in [(0.0, 0.0), (0.0, 0.01), (0.9, 0.0), (0.9, 0.01)]:
         with case(f"momentum={momentum} weight_decay={weight_decay}"):
-            _sgd_case(cpu, rng, n, momentum, weight_decay, dtype)
-
-
-def _sgd_case(cpu, rng, n, momentum, weight_decay, dtype):
-    p = data(rng, n, dtype=dtype)
-    buf = np.zeros(n, dtype) if momentum else None
-    p_np, buf_np = p.copy(), None if buf is None else buf.copy()
-    p64, buf64 = p.astype(np.float64), None if buf is None else buf.astype(np.float64)
-    for _ in range(3):
-        g = data(rng, n, dtype=dtype)
-        on_cpu(cpu, "sgd_step", p, g, buf, 0.1, momentum, weight_decay)
-        NP["sgd_step"](p_np, g, buf_np, 0.1, momentum, weight_decay)
-        NP["sgd_step"](p64, g.astype(np.float64), buf64, 0.1, momentum, weight_decay)
-    check(p, p64, p_np, dtype, "elementwise")
-    if buf is not None:
-        check(buf, buf64, buf_np, dtype, "elementwise")
+            sgd_case(cpu, rng, (n,), momentum, weight_decay, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -30,7 +30,7 @@ if ch.compiler() is None:
 from conftest import rel_err, tol  # noqa: E402
 from kernel_checks import (ACTS, DTYPES, EPILOGUES, F32, F64, LAYOUTS, NP,  # noqa: E402
                            act64, act_bwd64, check, data, log_softmax64, mse64, on_cpu,
-                           softmax64, targets, xent64)
+                           sgd_case, softmax64, targets, xent64)
 
 from cugrad.backends.cuda import config, gemm_reference  # noqa: E402
 from cugrad.backends.cuda.context import use_context  # noqa: E402
@@ -294,18 +294,7 @@ def test_accumulate(cpu, rng, shape, dtype):
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("shape", [(1,), (7, 33), (300, 7)], ids=lambda s: "x".join(map(str, s)))
 def test_sgd_step(cpu, rng, shape, momentum, weight_decay, dtype):
-    p = data(rng, *shape, dtype=dtype)
-    buf = np.zeros(shape, dtype) if momentum else None
-    p_np, buf_np = p.copy(), None if buf is None else buf.copy()
-    p64, buf64 = _f64(p, buf)
-    for _ in range(3):
-        g = data(rng, *shape, dtype=dtype)
-        on_cpu(cpu, "sgd_step", p, g, buf, 0.1, momentum, weight_decay)
-        NP["sgd_step"](p_np, g, buf_np, 0.1, momentum, weight_decay)
-        NP["sgd_step"](p64, g.astype(np.float64), buf64, 0.1, momentum, weight_decay)
-    check(p, p64, p_np, dtype, "elementwise")
-    if buf is not None:
-        check(buf, buf64, buf_np, dtype, "elementwise")
+    sgd_case(cpu, rng, shape, momentum, weight_decay, dtype)
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")])

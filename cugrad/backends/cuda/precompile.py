@@ -25,25 +25,26 @@ from .context import KernelCompileError, current_context
 from .loader import read_source
 
 
-def compile_module(index: int) -> float:
-    """Compile module ``index`` of ``config.instantiations()`` in this process; its seconds."""
-    file, options, names = config.instantiations()[index]
+def compile_module(module: tuple[str, list[str], list[str]]) -> float:
+    """Compile one ``(file, options, names)`` entry of ``config.instantiations()`` in this
+    process; its seconds."""
+    file, options, names = module
     start = time.perf_counter()
     current_context().module(file, read_source(file), options, names)
     return time.perf_counter() - start
 
 
-def _compile_in_child(index: int) -> tuple[float, str | None]:
+def _compile_in_child(module) -> tuple[float, str | None]:
     """compile_module for a pool process: (seconds, the error's message or None); a
     KernelCompileError does not survive pickling back to the parent, its message does."""
     try:
-        return compile_module(index), None
+        return compile_module(module), None
     except KernelCompileError as exc:
         return 0.0, str(exc)
 
 
-def _label(index: int) -> str:
-    file, options, names = config.instantiations()[index]
+def _label(module) -> str:
+    file, options, names = module
     defines = "".join(f" {o[2:]}" for o in options if o.startswith("-D"))
     return f"{file}{defines}: {len(names)} kernels ({names[0]}, ...)"
 
@@ -51,20 +52,20 @@ def _label(index: int) -> str:
 def compile_all(jobs: int = 1, log=print) -> list[tuple[str, float]]:
     """Compile every module, ``jobs`` processes at once; [(module label, seconds)] of the
     compilation (or of the load from the disk cache, in this process, when jobs > 1)."""
-    count = len(config.instantiations())
-    seconds = {}
+    modules = config.instantiations()
+    seconds: list[float | None] = [None] * len(modules)
     if jobs > 1:
         # spawn: a forked child would inherit this process's CUDA context, which CUDA forbids.
         with concurrent.futures.ProcessPoolExecutor(
                 max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for index, (secs, error) in enumerate(pool.map(_compile_in_child, range(count))):
+            for index, (secs, error) in enumerate(pool.map(_compile_in_child, modules)):
                 if error is not None:
                     raise RuntimeError(error)
                 seconds[index] = secs
     results = []
-    for index in range(count):
-        loaded = compile_module(index)
-        results.append((_label(index), seconds.get(index, loaded)))
+    for module, secs in zip(modules, seconds):
+        loaded = compile_module(module)
+        results.append((_label(module), loaded if secs is None else secs))
         log(f"  {results[-1][1]:7.2f} s  {results[-1][0]}")
     return results
 
@@ -82,12 +83,13 @@ def main(argv=None) -> int:
               f"{_backend.cuda_unavailable_reason()}", file=sys.stderr)
         return 1
     start = time.perf_counter()
-    print(f"compiling {len(config.instantiations())} kernel modules "
-          f"({sum(len(n) for _, _, n in config.instantiations())} kernels), "
+    modules = config.instantiations()
+    print(f"compiling {len(modules)} kernel modules "
+          f"({sum(len(names) for _, _, names in modules)} kernels), "
           f"{args.jobs} process{'es' if args.jobs > 1 else ''}:")
     try:
         results = compile_all(args.jobs)
-    except (KernelCompileError, RuntimeError) as exc:
+    except RuntimeError as exc:   # a KernelCompileError, or its message from a pool process
         print(exc, file=sys.stderr)
         return 1
     print(f"done in {time.perf_counter() - start:.1f} s "
