@@ -3,7 +3,10 @@
 warp shuffles and votes, dynamic and static shared memory, atomics and aliasing work; and
 the bugs it exists to catch are caught - a removed barrier and a wrong shared-memory index
 give wrong results, out-of-bounds accesses are AddressSanitizer reports, a misaligned
-vector load is a UBSan report, a deadlock and a bad warp mask are harness faults.
+vector load is a UBSan report, a deadlock and a bad warp mask are harness faults. Built with
+ThreadSanitizer (CUGRAD_HARNESS_SANITIZE=thread, `make race-test`), races between the threads
+of a block are reports: the removed barrier, and two races (__syncwarp for __syncthreads, a
+shuffle for __syncwarp) that give the right answer under every schedule of the harness.
 """
 
 from __future__ import annotations
@@ -18,14 +21,27 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cuda_harness as ch  # noqa: E402
 
-if ch.compiler() is None:
-    pytest.skip("no host C++ compiler (g++): the CPU kernel harness cannot build", allow_module_level=True)
+if ch.unavailable():
+    pytest.skip(ch.unavailable(), allow_module_level=True)
 
 SELFTEST = ch.harness.HARNESS_DIR / "selftest"
 NAMES = ["block_sum<1>", "block_sum<0>", "warp_sum", "reverse_dyn", "votes", "scale_inplace",
          "oob_write", "dyn_smem_overrun", "misaligned_float4", "warp_deadlock", "atomic_hist",
-         "bad_mask", "uninit_shared", "shared_index_bug"]
-needs_asan = pytest.mark.skipif(not ch.sanitize(), reason="built without sanitizers (CUGRAD_HARNESS_SANITIZE=0)")
+         "bad_mask", "uninit_shared", "shared_index_bug", "cross_warp<1>", "cross_warp<0>",
+         "lane_exchange<1>", "lane_exchange<0>"]
+needs_asan = pytest.mark.skipif(not ch.sanitize(), reason="built without AddressSanitizer "
+                                "(CUGRAD_HARNESS_SANITIZE is 0 or thread)")
+TSAN = ch.sanitizer() == "thread"
+
+
+def assert_race_report(launch, line_of: str):
+    """Under ThreadSanitizer, launch() must die with a data-race report at the selftest.cu
+    line that holds `line_of`."""
+    src = (SELFTEST / "selftest.cu").read_text().splitlines()
+    line = next(i for i, text in enumerate(src, 1) if line_of in text)
+    with pytest.raises(ch.KernelFault, match="ThreadSanitizer: a data race") as info:
+        launch()
+    assert f"selftest.cu:{line}" in str(info.value), str(info.value)[-3000:]
 
 
 def context(schedule="random", seed=None):
@@ -60,12 +76,38 @@ def test_block_reduction_with_barriers_is_right_in_every_order(schedule, rng):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_removed_barrier_gives_a_wrong_result(seed, rng):
-    """block_sum<0> lacks the __syncthreads() inside its tree loop."""
+    """block_sum<0> lacks the __syncthreads() inside its tree loop: a wrong result, or under
+    ThreadSanitizer a race report on the tree's line."""
     x = rng.standard_normal((5, 1000)).astype(np.float32)
+    if TSAN:
+        assert_race_report(lambda: block_sums(context("random", seed), 0, x),
+                           "partial[threadIdx.x] += partial[threadIdx.x + stride]")
+        return
     out = block_sums(context("random", seed), 0, x)
     assert not np.allclose(out, x.astype(np.float64).sum(1), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("kernel, block, expected", [
+    ("cross_warp", 128, lambda n: np.tile(np.arange(n - 1, -1, -1, dtype=np.float32), 3)),
+    ("lane_exchange", 32, lambda n: (np.arange(31, -1, -1) + (np.arange(32) ^ 1)).astype(np.float32)),
+])
+@pytest.mark.parametrize("sync", [1, 0])
+def test_races_no_schedule_shows(kernel, block, expected, sync, ctx):
+    """With its barrier (SYNC=1) each kernel is right in every build. Without it (SYNC=0) it
+    is a race on a GPU, yet every schedule of the harness gives the right answer: only
+    ThreadSanitizer reports it (the line of the load)."""
+    grid = 3 if kernel == "cross_warp" else 1
+    out = ctx.empty((grid * block,), np.float32)
+    launch = lambda: ctx.function("selftest.cu", f"{kernel}<{sync}>")((grid, 1, 1), (block, 1, 1), (out,))  # noqa: E731
+    if sync == 0 and TSAN:
+        assert_race_report(launch, "v[n - 1 - t]" if kernel == "cross_warp" else "v[31 - lane]")
+        return
+    launch()
+    np.testing.assert_array_equal(out, expected(block))
+
+
+@pytest.mark.skipif(TSAN, reason="under ThreadSanitizer the racy block_sum<0> is a race report, "
+                    "not a result (test_a_removed_barrier_gives_a_wrong_result checks the report)")
 def test_the_schedule_is_deterministic(rng):
     x = rng.standard_normal((5, 1000)).astype(np.float32)
     first, again = block_sums(context("random", 5), 0, x), block_sums(context("random", 5), 0, x)

@@ -23,9 +23,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cuda_harness as ch  # noqa: E402
 
-if ch.compiler() is None:
-    pytest.skip("no host C++ compiler (g++): the CPU kernel harness (tests/cuda_harness) cannot "
-                "build kernels/*.cu here", allow_module_level=True)
+SANITIZER_NAMES = {"address": "ASan + UBSan(alignment)",
+                   "thread": "ThreadSanitizer (races between the threads of a block)", None: "off"}
+
+if ch.unavailable():
+    pytest.skip(ch.unavailable(), allow_module_level=True)
 
 from conftest import rel_err, tol  # noqa: E402
 from kernel_checks import (ACTS, DTYPES, EPILOGUES, F32, F64, LAYOUTS, NP,  # noqa: E402
@@ -51,7 +53,7 @@ class _Summary:
         skipped = {(f, n) for f, n, _ in gpu_only}
         launched = ctx.launched & all_names
         tr.write_line(f"g++ {ch.harness.opt_level()}, sanitizers: "
-                      f"{'ASan + UBSan(alignment)' if ch.sanitize() else 'off'}; "
+                      f"{SANITIZER_NAMES[ch.sanitizer()]}; "
                       f"schedule {ctx.schedule}, seed {ctx.seed}; "
                       f"modules built or found in the cache in {ctx.build_seconds:.1f} s")
         tr.write_line(f"instantiations run: {len(launched)} of {len(all_names - skipped)} CPU-runnable "

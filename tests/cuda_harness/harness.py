@@ -77,9 +77,49 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
+_probe_cache: dict[str, str | None] = {}
+
+
+def unavailable() -> str | None:
+    """Why the harness cannot run here (no g++; or, in the ThreadSanitizer build, a g++
+    without a working libtsan), or None. Test modules skip with this reason."""
+    cxx = compiler()
+    if cxx is None:
+        return "no host C++ compiler (g++): the CPU kernel harness cannot build kernels/*.cu here"
+    if sanitizer() != "thread":
+        return None
+    if "thread" not in _probe_cache:
+        with tempfile.TemporaryDirectory() as tmp:
+            src, exe = Path(tmp) / "probe.cpp", Path(tmp) / "probe"
+            src.write_text("int main() { return 0; }\n")
+            build = subprocess.run([cxx, "-fsanitize=thread", str(src), "-o", str(exe)],
+                                   capture_output=True, text=True)
+            run = subprocess.run([str(exe)], capture_output=True, text=True) if build.returncode == 0 else build
+            _probe_cache["thread"] = None if run.returncode == 0 else (
+                "CUGRAD_HARNESS_SANITIZE=thread, but g++ cannot build and run a ThreadSanitizer "
+                f"program here: {(run.stdout + run.stderr).strip()[-400:]}")
+    return _probe_cache["thread"]
+
+
+def sanitizer() -> str | None:
+    """The sanitizer the modules and the runner are built with, from CUGRAD_HARNESS_SANITIZE:
+    "address" (the default, also "1": AddressSanitizer + UBSan(alignment)), "thread"
+    (ThreadSanitizer: races between the threads of a block, the harness's racecheck; see
+    README.md) or None ("0" or empty: no sanitizer)."""
+    value = os.environ.get("CUGRAD_HARNESS_SANITIZE", "1").strip().lower()
+    if value in ("0", ""):
+        return None
+    if value in ("1", "address"):
+        return "address"
+    if value == "thread":
+        return "thread"
+    raise HarnessError(f"CUGRAD_HARNESS_SANITIZE={value!r}: expected 1 or address (the default), "
+                       "thread, or 0")
+
+
 def sanitize() -> bool:
-    """Build with AddressSanitizer + UBSan(alignment)? On unless CUGRAD_HARNESS_SANITIZE=0."""
-    return os.environ.get("CUGRAD_HARNESS_SANITIZE", "1").strip() not in ("0", "")
+    """Built with AddressSanitizer + UBSan(alignment) (out-of-bounds accesses are reported)?"""
+    return sanitizer() == "address"
 
 
 def opt_level() -> str:
@@ -91,8 +131,11 @@ def opt_level() -> str:
 def _base_flags() -> list[str]:
     flags = ["-std=c++20", opt_level(), "-g1", "-fno-strict-aliasing", "-fno-omit-frame-pointer",
              f"-I{INCLUDE_DIR}", f"-I{SRC_DIR}"]
-    if sanitize():
+    mode = sanitizer()
+    if mode == "address":
         flags += ["-fsanitize=address,alignment", "-fno-sanitize-recover=all"]
+    elif mode == "thread":
+        flags += ["-fsanitize=thread"]
     return flags
 
 
@@ -381,6 +424,8 @@ class Runner:
                                "detect_stack_use_after_return=0:allocator_may_return_null=0:"
                                + env.get("ASAN_OPTIONS", ""))
         env["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1:exitcode=67:" + env.get("UBSAN_OPTIONS", "")
+        env["TSAN_OPTIONS"] = ("halt_on_error=1:exitcode=68:report_signal_unsafe=0:"
+                               + env.get("TSAN_OPTIONS", ""))
         env.pop("LD_PRELOAD", None)
         # The runner appends to a file this process reads through its own descriptor (a
         # shared descriptor would share the file offset).
@@ -411,6 +456,7 @@ class Runner:
         self._proc = None
         self._modules.clear()
         cause = {66: "AddressSanitizer", 67: "UndefinedBehaviorSanitizer",
+                 68: "ThreadSanitizer: a data race between threads of one block",
                  86: "harness fault"}.get(rc, f"exit status {rc}")
         return KernelFault(f"{what}: the kernel runner died ({cause}).\n{report[-12000:]}")
 

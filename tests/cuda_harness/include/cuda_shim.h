@@ -162,25 +162,41 @@ static inline unsigned __reduce_or_sync(unsigned mask, unsigned v) { return (uns
 static inline unsigned __reduce_xor_sync(unsigned mask, unsigned v) { return (unsigned)cuh::warp_op(cuh::W_REDUCE_XOR, mask, v, 0, 32, 0); }
 
 // ---------------------------------------------------------------- atomics
-// One OS thread runs a block and blocks run one after another: a plain read-modify-write
-// is atomic here. They are still function calls, so a fiber never switches inside one.
-template <class T> static inline T __cuh_atomic_add(T* p, T v) { T old = *p; *p = old + v; return old; }
+// One OS thread runs a block and blocks run one after another, so any read-modify-write is
+// atomic here; they are still function calls, so a fiber never switches inside one. They
+// are written with GCC's __atomic built-ins (relaxed, as CUDA's atomics are) so that the
+// ThreadSanitizer build (CUGRAD_HARNESS_SANITIZE=thread) sees atomics, not data races, and
+// an atomic orders no other memory there, as on the GPU.
+template <class T, class F> static inline T __cuh_rmw(T* p, F f) {
+    T old;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);
+    T val = f(old);
+    while (!__atomic_compare_exchange(p, &old, &val, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) val = f(old);
+    return old;
+}
+template <class T> static inline T __cuh_atomic_add(T* p, T v) { return __cuh_rmw(p, [v](T o) { return (T)(o + v); }); }
 static inline float atomicAdd(float* p, float v) { return __cuh_atomic_add(p, v); }
 static inline double atomicAdd(double* p, double v) { return __cuh_atomic_add(p, v); }
 static inline int atomicAdd(int* p, int v) { return (int)__cuh_atomic_add((unsigned*)p, (unsigned)v); }
 static inline unsigned atomicAdd(unsigned* p, unsigned v) { return __cuh_atomic_add(p, v); }
 static inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return __cuh_atomic_add(p, v); }
-static inline float2 atomicAdd(float2* p, float2 v) { float2 o = *p; p->x += v.x; p->y += v.y; return o; }
-static inline float4 atomicAdd(float4* p, float4 v) { float4 o = *p; p->x += v.x; p->y += v.y; p->z += v.z; p->w += v.w; return o; }
-template <class T> static inline T atomicSub(T* p, T v) { T old = *p; *p = old - v; return old; }
-template <class T> static inline T atomicExch(T* p, T v) { T old = *p; *p = v; return old; }
-template <class T> static inline T atomicMax(T* p, T v) { T old = *p; if (v > old) *p = v; return old; }
-template <class T> static inline T atomicMin(T* p, T v) { T old = *p; if (v < old) *p = v; return old; }
-template <class T> static inline T atomicAnd(T* p, T v) { T old = *p; *p = old & v; return old; }
-template <class T> static inline T atomicOr(T* p, T v) { T old = *p; *p = old | v; return old; }
-template <class T> static inline T atomicXor(T* p, T v) { T old = *p; *p = old ^ v; return old; }
-template <class T> static inline T atomicCAS(T* p, T cmp, T v) { T old = *p; if (old == cmp) *p = v; return old; }
-static inline unsigned atomicInc(unsigned* p, unsigned lim) { unsigned o = *p; *p = (o >= lim) ? 0u : o + 1u; return o; }
+static inline float2 atomicAdd(float2* p, float2 v) {   // per component, as sm_90 does it
+    return make_float2(atomicAdd(&p->x, v.x), atomicAdd(&p->y, v.y));
+}
+static inline float4 atomicAdd(float4* p, float4 v) {
+    return make_float4(atomicAdd(&p->x, v.x), atomicAdd(&p->y, v.y), atomicAdd(&p->z, v.z), atomicAdd(&p->w, v.w));
+}
+template <class T> static inline T atomicSub(T* p, T v) { return __cuh_rmw(p, [v](T o) { return (T)(o - v); }); }
+template <class T> static inline T atomicExch(T* p, T v) { return __cuh_rmw(p, [v](T) { return v; }); }
+template <class T> static inline T atomicMax(T* p, T v) { return __cuh_rmw(p, [v](T o) { return v > o ? v : o; }); }
+template <class T> static inline T atomicMin(T* p, T v) { return __cuh_rmw(p, [v](T o) { return v < o ? v : o; }); }
+template <class T> static inline T atomicAnd(T* p, T v) { return __cuh_rmw(p, [v](T o) { return (T)(o & v); }); }
+template <class T> static inline T atomicOr(T* p, T v) { return __cuh_rmw(p, [v](T o) { return (T)(o | v); }); }
+template <class T> static inline T atomicXor(T* p, T v) { return __cuh_rmw(p, [v](T o) { return (T)(o ^ v); }); }
+template <class T> static inline T atomicCAS(T* p, T cmp, T v) { return __cuh_rmw(p, [cmp, v](T o) { return o == cmp ? v : o; }); }
+static inline unsigned atomicInc(unsigned* p, unsigned lim) {
+    return __cuh_rmw(p, [lim](unsigned o) { return (o >= lim) ? 0u : o + 1u; });
+}
 #define CUH_SCOPED(name) template <class... A> static inline auto name##_block(A... a) { return name(a...); } \
                          template <class... A> static inline auto name##_system(A... a) { return name(a...); }
 CUH_SCOPED(atomicAdd) CUH_SCOPED(atomicMax) CUH_SCOPED(atomicMin) CUH_SCOPED(atomicExch) CUH_SCOPED(atomicCAS)

@@ -13,6 +13,13 @@
  *   warp_deadlock          half a warp at __syncthreads, half in a full-mask shuffle
  *   atomic_hist            atomicAdd into a histogram
  *   bad_mask               a lane calls __shfl_sync with a mask that does not name itself
+ *   cross_warp<SYNC>       threads read what a thread of another warp stored in shared
+ *                          memory; SYNC=0 puts __syncwarp where __syncthreads belongs
+ *   lane_exchange<SYNC>    lanes of one warp exchange through shared memory; SYNC=0 has only
+ *                          a shuffle between the store and the load, no __syncwarp
+ * The two SYNC=0 kernels are races on a GPU that still give the right answer here under
+ * every schedule (each thread reaches the warp operation before any goes on): only the
+ * ThreadSanitizer build (CUGRAD_HARNESS_SANITIZE=thread) reports them.
  */
 
 template <int SYNC>
@@ -141,4 +148,29 @@ extern "C" __global__ void shared_index_bug(const float* __restrict__ x, float* 
     tile[threadIdx.x] = i < n ? x[i] : 0.0f;
     __syncthreads();
     if (i < n) y[i] = tile[threadIdx.x + 1];
+}
+
+template <int SYNC>
+__global__ void cross_warp(float* __restrict__ out) {
+    // grid (blocks,), block (n,), n a multiple of 32: out[b * n + t] = n - 1 - t, read from
+    // shared memory that thread n - 1 - t (another warp) stored. __syncwarp (SYNC=0) orders
+    // the lanes of one warp only: a race.
+    __shared__ float v[1024];
+    const int t = threadIdx.x, n = blockDim.x;
+    v[t] = (float)t;
+    if (SYNC) __syncthreads(); else __syncwarp();
+    out[blockIdx.x * n + t] = v[n - 1 - t];
+}
+
+template <int SYNC>
+__global__ void lane_exchange(float* __restrict__ out) {
+    // block (32,): out[l] = (31 - l) + (l ^ 1), the first term through shared memory. CUDA
+    // promises memory ordering for __syncwarp, not for shuffles: without it (SYNC=0) the
+    // load races with the other lane's store.
+    __shared__ float v[32];
+    const int lane = threadIdx.x;
+    v[lane] = (float)lane;
+    const float w = __shfl_xor_sync(0xffffffffu, (float)lane, 1);
+    if (SYNC) __syncwarp();
+    out[lane] = v[31 - lane] + w;
 }

@@ -47,6 +47,28 @@
 #define CUH_ASAN 0
 #endif
 
+// ThreadSanitizer build (CUGRAD_HARNESS_SANITIZE=thread): the racecheck of the harness. Each
+// CUDA thread is a TSan fiber; switching scheduler -> fiber synchronises (so a fiber sees
+// what the runner and the scheduler set up), switching back does not, and the only other
+// happens-before edges between the threads of a block are the ones CUDA gives:
+// __syncthreads* (among the threads that reach it) and __syncwarp (among its lanes).
+// Shuffles, votes and the other warp intrinsics exchange values but order no memory, as in
+// the CUDA memory model. A block's threads all happen before the next block's (blocks run
+// one after another here), so TSan reports races between threads of one block: a shared-
+// memory (or global) access that no barrier orders against another thread's write. The
+// harness's own bookkeeping is not instrumented (CUH_NO_TSAN), only the kernels are.
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#define CUH_TSAN 1
+#define CUH_NO_TSAN __attribute__((no_sanitize_thread))
+#else
+#define CUH_TSAN 0
+#define CUH_NO_TSAN
+#endif
+#if CUH_ASAN && CUH_TSAN
+#error "AddressSanitizer and ThreadSanitizer cannot be combined"
+#endif
+
 #if !defined(__x86_64__)
 #error "the cugrad CPU harness switches fibers with x86-64 assembly; port cuh_switch to this target"
 #endif
@@ -122,6 +144,8 @@ struct Fiber {
     unsigned mask = 0;
     unsigned long long bits = 0, result = 0;
     void* fake_stack = nullptr;   // ASan's fake stack while switched out
+    void* tsan = nullptr;         // TSan's fiber context (CUH_TSAN)
+    bool started = false;         // CUH_TSAN: fibers persist, parked after their body
 };
 
 constexpr size_t kStackSize = CUH_ASAN ? (512u << 10) : (128u << 10);
@@ -129,7 +153,7 @@ constexpr size_t kGuard = 4096;
 constexpr int kMaxThreads = 1024;
 constexpr unsigned long long kPoisonBits = ~0ull;   // NaN as float or double, -1 as an integer
 
-const char* op_name(int op) {
+CUH_NO_TSAN const char* op_name(int op) {
     static const char* names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
                                   "__ballot_sync", "__all_sync", "__any_sync", "__syncwarp",
                                   "__match_any_sync", "__reduce_add_sync", "__reduce_min_sync",
@@ -140,6 +164,7 @@ const char* op_name(int op) {
 
 struct Scheduler {
     std::vector<Fiber> fibers;   // sized to the block; stacks are kept between launches
+    Fiber* fb = nullptr;         // fibers.data(), for code that runs on a fiber
     std::vector<int> order;
     int nthreads = 0;
     Fiber* cur = nullptr;
@@ -156,10 +181,12 @@ struct Scheduler {
     unsigned char* tls_lo = nullptr;
     size_t tls_size = 0;
     unsigned char* dyn = nullptr;
+    void* tsan_sched = nullptr;   // TSan's context of the scheduler (the runner's thread)
+    char tsan_block_end = 0;      // sync object: every thread of a block -> the scheduler
 };
 Scheduler S;
 
-unsigned long long splitmix(unsigned long long& s) {
+CUH_NO_TSAN unsigned long long splitmix(unsigned long long& s) {
     unsigned long long z = (s += 0x9e3779b97f4a7c15ull);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
@@ -167,7 +194,7 @@ unsigned long long splitmix(unsigned long long& s) {
 }
 
 [[noreturn]] void fatal(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-[[noreturn]] void fatal(const char* fmt, ...) {
+[[noreturn]] CUH_NO_TSAN void fatal(const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     std::fprintf(stderr, "cuda_harness: FAULT: ");
@@ -180,10 +207,11 @@ unsigned long long splitmix(unsigned long long& s) {
     _exit(86);
 }
 
-void ensure_stacks(int n) {
+CUH_NO_TSAN void ensure_stacks(int n) {
     if ((int)S.fibers.size() >= n) return;
     int old = (int)S.fibers.size();
     S.fibers.resize(n);
+    S.fb = S.fibers.data();
     for (int i = old; i < n; ++i) {
         Fiber& f = S.fibers[i];
         void* mem = mmap(nullptr, kStackSize + kGuard, PROT_READ | PROT_WRITE,
@@ -192,11 +220,14 @@ void ensure_stacks(int n) {
         mprotect(mem, kGuard, PROT_NONE);   // a stack overflow faults instead of corrupting
         f.stack_lo = (char*)mem + kGuard;
         f.stack_size = kStackSize;
+#if CUH_TSAN
+        f.tsan = __tsan_create_fiber(0);   // named in run_block, after its CUDA thread
+#endif
     }
 }
 
 // x86-64 frame consumed by cuh_switch: [mxcsr|fpucw] r15 r14 r13 r12 rbx rbp ret
-void prepare(Fiber& f) {
+CUH_NO_TSAN void prepare(Fiber& f) {
     auto* top = (unsigned long long*)(f.stack_lo + f.stack_size - 64);
     auto* frame = top - 8;
     unsigned mxcsr; unsigned short fpucw;
@@ -210,11 +241,14 @@ void prepare(Fiber& f) {
     f.sp = frame;
 }
 
-void resume(Fiber& f) {
+CUH_NO_TSAN void resume(Fiber& f) {
     S.cur = &f;
     threadIdx = f.tid;
 #if CUH_ASAN
     __sanitizer_start_switch_fiber(&S.sched_fake, f.stack_lo, f.stack_size);
+#endif
+#if CUH_TSAN
+    __tsan_switch_to_fiber(f.tsan, 0);   // synchronising: the fiber sees the scheduler's writes
 #endif
     cuh_switch(&S.sched_sp, f.sp);
 #if CUH_ASAN
@@ -224,11 +258,14 @@ void resume(Fiber& f) {
 }
 
 // Called on the fiber: park (the state is already set) until the scheduler resumes it.
-void park() {
+CUH_NO_TSAN void park() {
     Fiber* f = S.cur;
 #if CUH_ASAN
     __sanitizer_start_switch_fiber(f->state == DONE ? nullptr : &f->fake_stack,
                                    S.sched_stack_bottom, S.sched_stack_size);
+#endif
+#if CUH_TSAN
+    __tsan_switch_to_fiber(S.tsan_sched, __tsan_switch_to_fiber_no_sync);   // orders nothing
 #endif
     cuh_switch(&f->sp, S.sched_sp);
 #if CUH_ASAN
@@ -236,7 +273,7 @@ void park() {
 #endif
 }
 
-void find_shared_memory() {
+CUH_NO_TSAN void find_shared_memory() {
     if (S.tls_lo) return;
     volatile unsigned char* touch = cuh_dyn_smem;   // make sure this thread's TLS block exists
     S.dyn = (unsigned char*)touch;
@@ -260,23 +297,57 @@ void find_shared_memory() {
 }
 
 // Every block starts with garbage in shared memory, as on a GPU: NaN for floats, -1 for ints.
-void poison_shared(unsigned dyn_bytes) {
+CUH_NO_TSAN void poison_shared(unsigned dyn_bytes) {
     std::memset(S.tls_lo, 0xff, (size_t)(S.dyn - S.tls_lo));
     unsigned char* dyn_end = S.dyn + CUH_DYN_SMEM_CAPACITY;
     std::memset(dyn_end, 0xff, (size_t)(S.tls_lo + S.tls_size - dyn_end));
     std::memset(S.dyn, 0xff, dyn_bytes);
 }
 
-unsigned live_lanes(int warp) {
+CUH_NO_TSAN unsigned live_lanes(int warp) {
     unsigned m = 0;
+    const Fiber* fb = S.fb;   // may run on a fiber (__activemask): no vector call
     for (int l = 0; l < 32; ++l) {
         int t = warp * 32 + l;
-        if (t < S.nthreads && S.fibers[t].state != DONE) m |= 1u << l;
+        if (t < S.nthreads && fb[t].state != DONE) m |= 1u << l;
     }
     return m;
 }
 
-int source_lane(const Fiber& f) {
+#if CUH_TSAN
+// The n threads in who[] synchronise with one another, as a barrier they all reached does:
+// each releases into a fresh sync object, then each acquires it. The scheduler does it in
+// each thread's TSan context at the moment the barrier opens, so a thread that runs ahead
+// afterwards cannot pass on what it did next. Raw arrays only: a libstdc++ call from this
+// uninstrumented code would be instrumented and record the harness's own accesses.
+Fiber* tsan_who[kMaxThreads];
+CUH_NO_TSAN void tsan_sync_among(Fiber* const* who, int n) {
+    void* obj = std::malloc(1);   // fresh: a reused object would carry earlier releases
+    for (int i = 0; i < n; ++i) {
+        __tsan_switch_to_fiber(who[i]->tsan, __tsan_switch_to_fiber_no_sync);
+        __tsan_release(obj);
+    }
+    for (int i = 0; i < n; ++i) {
+        __tsan_switch_to_fiber(who[i]->tsan, __tsan_switch_to_fiber_no_sync);
+        __tsan_acquire(obj);
+    }
+    __tsan_switch_to_fiber(S.tsan_sched, __tsan_switch_to_fiber_no_sync);
+    std::free(obj);
+}
+
+// The end of a block: everything its threads did happens before what the scheduler does
+// next (shared-memory poisoning, the next block, copying results back to the runner).
+CUH_NO_TSAN void tsan_block_end(Fiber* fb, int n) {
+    for (int t = 0; t < n; ++t) {
+        __tsan_switch_to_fiber(fb[t].tsan, __tsan_switch_to_fiber_no_sync);
+        __tsan_release(&S.tsan_block_end);
+    }
+    __tsan_switch_to_fiber(S.tsan_sched, __tsan_switch_to_fiber_no_sync);
+    __tsan_acquire(&S.tsan_block_end);
+}
+#endif
+
+CUH_NO_TSAN int source_lane(const Fiber& f) {
     int w = f.width, lane = f.lane;
     if (w <= 0 || w > 32 || (w & (w - 1))) fatal("%s with width %d (must be a power of 2 <= 32)", op_name(f.op), w);
     int seg = lane & ~(w - 1);
@@ -289,7 +360,7 @@ int source_lane(const Fiber& f) {
 }
 
 // Complete the warp operations whose lanes have all arrived. True if any fiber was released.
-bool resolve_warps() {
+CUH_NO_TSAN bool resolve_warps() {
     bool progress = false;
     int nwarps = (S.nthreads + 31) / 32;
     for (int w = 0; w < nwarps; ++w) {
@@ -337,6 +408,14 @@ bool resolve_warps() {
                 }
                 have = true;
             }
+#if CUH_TSAN
+            if (first.op == W_SYNC) {   // __syncwarp orders memory among its lanes; the others do not
+                int n = 0;
+                for (int j = 0; j < nl; ++j)
+                    if (need >> j & 1) tsan_who[n++] = &lanes[j];
+                tsan_sync_among(tsan_who, n);
+            }
+#endif
             for (int j = 0; j < nl; ++j) {
                 if (!(need >> j & 1)) continue;
                 Fiber& f = lanes[j];
@@ -377,7 +456,7 @@ bool resolve_warps() {
     return progress;
 }
 
-[[noreturn]] void deadlock() {
+[[noreturn]] CUH_NO_TSAN void deadlock() {
     int at_bar = 0, at_warp = 0, done = 0;
     std::string detail;
     for (int t = 0; t < S.nthreads; ++t) {
@@ -397,7 +476,7 @@ bool resolve_warps() {
           at_bar, at_warp, done, detail.c_str());
 }
 
-void run_block(unsigned long long block_seed) {
+CUH_NO_TSAN void run_block(unsigned long long block_seed) {
     int n = S.nthreads;
     for (int t = 0; t < n; ++t) {
         Fiber& f = S.fibers[t];
@@ -405,8 +484,19 @@ void run_block(unsigned long long block_seed) {
         f.lane = t % 32;
         f.warp = t / 32;
         f.state = RUNNABLE;
+#if CUH_TSAN
+        // A TSan fiber lives as long as the module: a finished thread waits in park() and
+        // runs its next block from there (restarting it would grow TSan's shadow stack).
+        if (!f.started) prepare(f);
+        f.started = true;
+        char name[64];   // what a race report calls the thread
+        std::snprintf(name, sizeof name, "threadIdx (%u,%u,%u) of blockIdx (%u,%u,%u)",
+                      f.tid.x, f.tid.y, f.tid.z, blockIdx.x, blockIdx.y, blockIdx.z);
+        __tsan_set_fiber_name(f.tsan, name);
+#else
         f.fake_stack = nullptr;
         prepare(f);
+#endif
     }
     unsigned long long rng = block_seed;
     for (;;) {
@@ -424,8 +514,21 @@ void run_block(unsigned long long block_seed) {
             if (f.state == DONE) ++done;
             else if (f.state == AT_BARRIER) { ++at_bar; pred_count += f.pred != 0; }
         }
-        if (done == n) return;
+        if (done == n) {
+#if CUH_TSAN
+            tsan_block_end(S.fb, n);
+#endif
+            return;
+        }
         if (done + at_bar != n) deadlock();
+#if CUH_TSAN
+        {   // the barrier orders memory among the threads that reached it
+            int k = 0;
+            for (int t = 0; t < n; ++t)
+                if (S.fb[t].state == AT_BARRIER) tsan_who[k++] = &S.fb[t];
+            tsan_sync_among(tsan_who, k);
+        }
+#endif
         for (int t = 0; t < n; ++t) {   // the barrier opens
             Fiber& f = S.fibers[t];
             if (f.state != AT_BARRIER) continue;
@@ -440,12 +543,12 @@ void run_block(unsigned long long block_seed) {
     }
 }
 
-int fail(char* err, size_t errlen, const char* msg) {
+CUH_NO_TSAN int fail(char* err, size_t errlen, const char* msg) {
     std::snprintf(err, errlen, "%s", msg);
     return 1;
 }
 
-int run_grid(const LaunchConfig& c, void (*body)(void**), void** args, char* err, size_t errlen) {
+CUH_NO_TSAN int run_grid(const LaunchConfig& c, void (*body)(void**), void** args, char* err, size_t errlen) {
     char msg[256];
     for (int i = 0; i < 3; ++i)
         if (c.grid[i] == 0 || c.block[i] == 0) return fail(err, errlen, "invalid configuration: a zero grid or block dimension");
@@ -471,6 +574,9 @@ int run_grid(const LaunchConfig& c, void (*body)(void**), void** args, char* err
         S.order[i] = c.schedule == SCHEDULE_REVERSE ? S.nthreads - 1 - i : i;
     S.body = body;
     S.args = args;
+#if CUH_TSAN
+    S.tsan_sched = __tsan_get_current_fiber();
+#endif
     S.schedule = c.schedule;
     S.warned_poison = 0;
     gridDim = dim3(c.grid[0], c.grid[1], c.grid[2]);
@@ -541,7 +647,7 @@ template <class... P, void (*K)(P...)> struct Launcher<K> {
 
 }  // namespace
 
-int block_sync(int kind, int pred) {
+CUH_NO_TSAN int block_sync(int kind, int pred) {
     Fiber* f = S.cur;
     f->state = AT_BARRIER;
     f->op = kind;
@@ -550,7 +656,7 @@ int block_sync(int kind, int pred) {
     return (int)f->result;
 }
 
-unsigned long long warp_op(int op, unsigned mask, unsigned long long bits, int arg, int width, int is_signed) {
+CUH_NO_TSAN unsigned long long warp_op(int op, unsigned mask, unsigned long long bits, int arg, int width, int is_signed) {
     Fiber* f = S.cur;
     f->state = AT_WARP;
     f->op = op;
@@ -563,25 +669,34 @@ unsigned long long warp_op(int op, unsigned mask, unsigned long long bits, int a
     return f->result;
 }
 
-unsigned active_mask() { return live_lanes(S.cur->warp); }
+CUH_NO_TSAN unsigned active_mask() { return live_lanes(S.cur->warp); }
 
-void trap(const char* what) { fatal("%s", what); }
+CUH_NO_TSAN void trap(const char* what) { fatal("%s", what); }
 
-unsigned long long clock_ticks() {
+CUH_NO_TSAN unsigned long long clock_ticks() {
     return (unsigned long long)std::chrono::steady_clock::now().time_since_epoch().count();
 }
 
 }  // namespace cuh
 
-extern "C" __attribute__((used)) void cuh_fiber_main(void* fiber) {
+extern "C" __attribute__((used)) CUH_NO_TSAN void cuh_fiber_main(void* fiber) {
     auto* f = static_cast<cuh::Fiber*>(fiber);
 #if CUH_ASAN
     __sanitizer_finish_switch_fiber(nullptr, &cuh::S.sched_stack_bottom, &cuh::S.sched_stack_size);
 #endif
+#if CUH_TSAN
+    (void)f;
+    for (;;) {   // see run_block: parked after each block, resumed for the next
+        cuh::S.body(cuh::S.args);
+        cuh::S.cur->state = cuh::DONE;   // not f: a larger launch may have moved the Fibers
+        cuh::park();
+    }
+#else
     cuh::S.body(cuh::S.args);
     f->state = cuh::DONE;
     cuh::park();
     __builtin_unreachable();
+#endif
 }
 
 #define CUH_BEGIN_ENTRIES                                                                       \
