@@ -3,7 +3,8 @@
 warp shuffles and votes, dynamic and static shared memory, atomics and aliasing work; and
 the bugs it exists to catch are caught - a removed barrier and a wrong shared-memory index
 give wrong results, out-of-bounds accesses are AddressSanitizer reports, a misaligned
-vector load is a UBSan report, a deadlock and a bad warp mask are harness faults. Built with
+vector load is a UBSan report, a deadlock, a divergent barrier and a bad warp mask are harness
+faults. Built with
 ThreadSanitizer (CUGRAD_HARNESS_SANITIZE=thread, `make race-test`), races between the threads
 of a block are reports: the removed barrier, and two races (__syncwarp for __syncthreads, a
 shuffle for __syncwarp) that give the right answer under every schedule of the harness.
@@ -28,7 +29,7 @@ SELFTEST = ch.harness.HARNESS_DIR / "selftest"
 NAMES = ["block_sum<1>", "block_sum<0>", "warp_sum", "reverse_dyn", "votes", "scale_inplace",
          "oob_write", "dyn_smem_overrun", "misaligned_float4", "warp_deadlock", "atomic_hist",
          "bad_mask", "uninit_shared", "shared_index_bug", "cross_warp<1>", "cross_warp<0>",
-         "lane_exchange<1>", "lane_exchange<0>"]
+         "lane_exchange<1>", "lane_exchange<0>", "divergent_barrier"]
 needs_asan = pytest.mark.skipif(not ch.sanitize(), reason="built without AddressSanitizer "
                                 "(CUGRAD_HARNESS_SANITIZE is 0 or thread)")
 TSAN = ch.sanitizer() == "thread"
@@ -191,6 +192,16 @@ def test_deadlock_is_reported(ctx):
     out = np.zeros(32, np.float32)
     with pytest.raises(ch.KernelFault, match="deadlock: 16 threads wait at __syncthreads"):
         ctx.function("selftest.cu", "warp_deadlock")((1, 1, 1), (32, 1, 1), (out,))
+
+
+def test_a_divergent_barrier_is_reported(ctx):
+    """Threads waiting at two different __syncthreads: a harness fault naming both lines."""
+    src = (SELFTEST / "selftest.cu").read_text().splitlines()
+    start = next(i for i, text in enumerate(src, 1) if "void divergent_barrier" in text)
+    lines = [i for i, text in enumerate(src, 1) if i > start and "__syncthreads();" in text][:2]
+    with pytest.raises(ch.KernelFault, match="divergent barrier") as info:
+        ctx.function("selftest.cu", "divergent_barrier")((1, 1, 1), (64, 1, 1), (ctx.empty((64,), np.float32),))
+    assert all(f"selftest.cu:{line}" in str(info.value) for line in lines), str(info.value)
 
 
 def test_inconsistent_warp_masks_are_reported(ctx):

@@ -88,8 +88,9 @@ enum WarpOp : int {
     W_MATCH_ANY, W_REDUCE_ADD, W_REDUCE_MIN, W_REDUCE_MAX, W_REDUCE_AND, W_REDUCE_OR, W_REDUCE_XOR,
 };
 enum BlockSync : int { B_PLAIN, B_COUNT, B_AND, B_OR };
-// Park the calling CUDA thread at a block barrier; returns the count/and/or result.
-int block_sync(int kind, int pred);
+// Park the calling CUDA thread at a block barrier (the one at file:line); returns the
+// count/and/or result.
+int block_sync(int kind, int pred, const char* file, int line);
 // Park at a warp-level operation over `mask`; returns this lane's result (raw bits).
 unsigned long long warp_op(int op, unsigned mask, unsigned long long bits, int arg, int width, int is_signed);
 unsigned active_mask();
@@ -104,10 +105,13 @@ extern dim3 gridDim;
 constexpr int warpSize = 32;
 
 // ---------------------------------------------------------------- synchronisation
-static inline void __syncthreads() { cuh::block_sync(cuh::B_PLAIN, 0); }
-static inline int __syncthreads_count(int p) { return cuh::block_sync(cuh::B_COUNT, p); }
-static inline int __syncthreads_and(int p) { return cuh::block_sync(cuh::B_AND, p); }
-static inline int __syncthreads_or(int p) { return cuh::block_sync(cuh::B_OR, p); }
+// Macros, so that a barrier knows its source line: the threads of a block waiting at
+// different __syncthreads (a barrier in divergent code, undefined behaviour in CUDA, which
+// compute-sanitizer's synccheck reports) are a harness fault.
+#define __syncthreads() ((void)cuh::block_sync(cuh::B_PLAIN, 0, __FILE__, __LINE__))
+#define __syncthreads_count(p) cuh::block_sync(cuh::B_COUNT, (p) ? 1 : 0, __FILE__, __LINE__)
+#define __syncthreads_and(p) cuh::block_sync(cuh::B_AND, (p) ? 1 : 0, __FILE__, __LINE__)
+#define __syncthreads_or(p) cuh::block_sync(cuh::B_OR, (p) ? 1 : 0, __FILE__, __LINE__)
 static inline void __syncwarp(unsigned mask = 0xffffffffu) { cuh::warp_op(cuh::W_SYNC, mask, 0, 0, 32, 0); }
 static inline void __threadfence() {}
 static inline void __threadfence_block() {}

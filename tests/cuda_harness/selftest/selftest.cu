@@ -17,6 +17,7 @@
  *                          memory; SYNC=0 puts __syncwarp where __syncthreads belongs
  *   lane_exchange<SYNC>    lanes of one warp exchange through shared memory; SYNC=0 has only
  *                          a shuffle between the store and the load, no __syncwarp
+ *   divergent_barrier      threads of one block wait at two different __syncthreads
  * The two SYNC=0 kernels are races on a GPU that still give the right answer here under
  * every schedule (each thread reaches the warp operation before any goes on): only the
  * ThreadSanitizer build (CUGRAD_HARNESS_SANITIZE=thread) reports them.
@@ -173,4 +174,15 @@ __global__ void lane_exchange(float* __restrict__ out) {
     const float w = __shfl_xor_sync(0xffffffffu, (float)lane, 1);
     if (SYNC) __syncwarp();
     out[lane] = v[31 - lane] + w;
+}
+
+extern "C" __global__ void divergent_barrier(float* out) {
+    // block (64,): the first warp and the second reach different barriers (undefined in CUDA).
+    if (threadIdx.x < 32) {
+        out[threadIdx.x] = 1.0f;
+        __syncthreads();
+    } else {
+        out[threadIdx.x] = 2.0f;
+        __syncthreads();
+    }
 }

@@ -144,6 +144,8 @@ struct Fiber {
     unsigned mask = 0;
     unsigned long long bits = 0, result = 0;
     void* fake_stack = nullptr;   // ASan's fake stack while switched out
+    const char* bar_file = "";    // the __syncthreads this thread waits at (AT_BARRIER)
+    int bar_line = 0;
     void* tsan = nullptr;         // TSan's fiber context (CUH_TSAN)
     bool started = false;         // CUH_TSAN: fibers persist, parked after their body
 };
@@ -476,6 +478,27 @@ CUH_NO_TSAN bool resolve_warps() {
           at_bar, at_warp, done, detail.c_str());
 }
 
+CUH_NO_TSAN const char* barrier_name(int op) {
+    static const char* names[] = {"__syncthreads", "__syncthreads_count", "__syncthreads_and", "__syncthreads_or"};
+    return (op >= 0 && op < 4) ? names[op] : "?";
+}
+
+// Every thread waiting at a barrier must wait at the same one (file, line and kind): threads
+// at two different __syncthreads are a barrier in divergent code, undefined in CUDA.
+CUH_NO_TSAN void check_one_barrier() {
+    const Fiber* first = nullptr;
+    for (int t = 0; t < S.nthreads; ++t) {
+        const Fiber& f = S.fb[t];
+        if (f.state != AT_BARRIER) continue;
+        if (!first) { first = &f; continue; }
+        if (f.bar_line != first->bar_line || f.op != first->op || std::strcmp(f.bar_file, first->bar_file) != 0)
+            fatal("divergent barrier: thread (%u,%u,%u) waits at %s (%s:%d) while thread (%u,%u,%u) waits at "
+                  "%s (%s:%d); every thread of a block that reaches a barrier must reach the same one",
+                  first->tid.x, first->tid.y, first->tid.z, barrier_name(first->op), first->bar_file,
+                  first->bar_line, f.tid.x, f.tid.y, f.tid.z, barrier_name(f.op), f.bar_file, f.bar_line);
+    }
+}
+
 CUH_NO_TSAN void run_block(unsigned long long block_seed) {
     int n = S.nthreads;
     for (int t = 0; t < n; ++t) {
@@ -521,6 +544,7 @@ CUH_NO_TSAN void run_block(unsigned long long block_seed) {
             return;
         }
         if (done + at_bar != n) deadlock();
+        check_one_barrier();
 #if CUH_TSAN
         {   // the barrier orders memory among the threads that reached it
             int k = 0;
@@ -647,11 +671,13 @@ template <class... P, void (*K)(P...)> struct Launcher<K> {
 
 }  // namespace
 
-CUH_NO_TSAN int block_sync(int kind, int pred) {
+CUH_NO_TSAN int block_sync(int kind, int pred, const char* file, int line) {
     Fiber* f = S.cur;
     f->state = AT_BARRIER;
     f->op = kind;
     f->pred = pred;
+    f->bar_file = file;
+    f->bar_line = line;
     park();
     return (int)f->result;
 }
