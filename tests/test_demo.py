@@ -56,3 +56,46 @@ def test_progress_bar_writes_one_line_per_epoch_to_a_log():
     # A pipe or a file (CI, a GPU run's log): no carriage returns, only finished epochs.
     assert _run_bar(io.StringIO()) == ("epoch 1/2 [##########] 5/5 loss 0.5\n"
                                        "epoch 2/2 [##########] 5/5 loss 0.5\n")
+
+
+def test_progress_bar_redraws_a_terminal_at_most_every_min_interval():
+    """The demo asks due() before it reads the running loss (a wait for the GPU): on a
+    terminal only when min_interval has passed since the last draw, and always at the end."""
+    now = [0.0]
+    stream = _Terminal()
+    bar = ProgressBar(6, "epoch 1/1", width=6, stream=stream, min_interval=1.0, clock=lambda: now[0])
+    drawn = []
+    for b, t in zip(range(1, 7), [0.0, 0.5, 1.0, 1.2, 2.5, 2.6]):
+        now[0] = t
+        if bar.due(b):
+            bar.update(b)
+            drawn.append(b)
+    assert drawn == [1, 3, 5, 6]
+    assert stream.getvalue().count("\r") == 4
+
+
+def test_progress_bar_is_due_only_at_the_end_in_a_log():
+    bar = ProgressBar(3, "epoch 1/1", stream=io.StringIO())
+    assert [bar.due(b) for b in (1, 2, 3)] == [False, False, True]
+
+
+def test_demo_epoch_loss_is_the_mean_of_its_batch_losses(monkeypatch):
+    """The loss summed on the device (F.accumulate) equals the mean of the per-batch losses
+    read one by one: the demo reads it once per epoch, not after every batch."""
+    need_sklearn()
+    import cugrad
+    from cugrad import demo
+    seen = []
+    real = cugrad.nn.CrossEntropyLoss.__call__
+
+    def spy(self, logits, target):
+        loss = real(self, logits, target)
+        seen.append(float(loss))
+        return loss
+
+    monkeypatch.setattr(cugrad.nn.CrossEntropyLoss, "__call__", spy)
+    result = demo.train(epochs=2, progress=False, device="cpu", log=lambda *a: None)
+    batches = len(seen) // 2
+    for epoch, loss in enumerate(result["losses"]):
+        per_batch = seen[epoch * batches:(epoch + 1) * batches]
+        assert loss == pytest.approx(sum(per_batch) / batches, rel=1e-6)
