@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import functools
 import hashlib
 import json
 import os
@@ -77,28 +78,28 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-_probe_cache: dict[str, str | None] = {}
-
-
 def unavailable() -> str | None:
     """Why the harness cannot run here (no g++; or, in the ThreadSanitizer build, a g++
     without a working libtsan), or None. Test modules skip with this reason."""
     cxx = compiler()
     if cxx is None:
         return "no host C++ compiler (g++): the CPU kernel harness cannot build kernels/*.cu here"
-    if sanitizer() != "thread":
+    return _tsan_problem(cxx) if sanitizer() == "thread" else None
+
+
+@functools.lru_cache(maxsize=None)
+def _tsan_problem(cxx: str) -> str | None:
+    """None if `cxx` builds and runs a ThreadSanitizer program, else what went wrong."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp) / "probe.cpp", Path(tmp) / "probe"
+        src.write_text("int main() { return 0; }\n")
+        build = subprocess.run([cxx, "-fsanitize=thread", str(src), "-o", str(exe)],
+                               capture_output=True, text=True)
+        run = subprocess.run([str(exe)], capture_output=True, text=True) if build.returncode == 0 else build
+    if run.returncode == 0:
         return None
-    if "thread" not in _probe_cache:
-        with tempfile.TemporaryDirectory() as tmp:
-            src, exe = Path(tmp) / "probe.cpp", Path(tmp) / "probe"
-            src.write_text("int main() { return 0; }\n")
-            build = subprocess.run([cxx, "-fsanitize=thread", str(src), "-o", str(exe)],
-                                   capture_output=True, text=True)
-            run = subprocess.run([str(exe)], capture_output=True, text=True) if build.returncode == 0 else build
-            _probe_cache["thread"] = None if run.returncode == 0 else (
-                "CUGRAD_HARNESS_SANITIZE=thread, but g++ cannot build and run a ThreadSanitizer "
-                f"program here: {(run.stdout + run.stderr).strip()[-400:]}")
-    return _probe_cache["thread"]
+    return ("CUGRAD_HARNESS_SANITIZE=thread, but g++ cannot build and run a ThreadSanitizer "
+            f"program here: {(run.stdout + run.stderr).strip()[-400:]}")
 
 
 def sanitizer() -> str | None:

@@ -705,21 +705,21 @@ CUH_NO_TSAN unsigned long long clock_ticks() {
 
 }  // namespace cuh
 
-extern "C" __attribute__((used)) CUH_NO_TSAN void cuh_fiber_main(void* fiber) {
-    auto* f = static_cast<cuh::Fiber*>(fiber);
+// The state is set through S.cur, the fiber being run, not through the argument: a larger
+// launch may have moved the Fibers since this one started (CUH_TSAN keeps fibers alive).
+extern "C" __attribute__((used)) CUH_NO_TSAN void cuh_fiber_main(void* /*fiber*/) {
 #if CUH_ASAN
     __sanitizer_finish_switch_fiber(nullptr, &cuh::S.sched_stack_bottom, &cuh::S.sched_stack_size);
 #endif
 #if CUH_TSAN
-    (void)f;
     for (;;) {   // see run_block: parked after each block, resumed for the next
         cuh::S.body(cuh::S.args);
-        cuh::S.cur->state = cuh::DONE;   // not f: a larger launch may have moved the Fibers
+        cuh::S.cur->state = cuh::DONE;
         cuh::park();
     }
 #else
     cuh::S.body(cuh::S.args);
-    f->state = cuh::DONE;
+    cuh::S.cur->state = cuh::DONE;
     cuh::park();
     __builtin_unreachable();
 #endif
