@@ -126,7 +126,8 @@ def linear(x, weight, bias=None, *, activation=None):
     """``act(x @ weight.T + bias)``: x (N, in), weight (out, in), bias (out,) or None,
     activation None | "sigmoid" | "tanh" | "relu". One fused product on the GPU."""
     _check_activation("linear", activation)
-    backend, arr = prepare("linear", {"x": x, "weight": weight, "bias": bias})
+    backend, arr = prepare("linear", {"x": x, "weight": weight, "bias": bias},
+                           optional=("bias",))
     x, weight, bias = arr["x"], arr["weight"], arr["bias"]
     _linear_shapes("linear", x, weight, bias)
     return _gemm(backend, x, weight, False, True, bias, activation)
@@ -149,7 +150,8 @@ def linear_backward(grad_y, x, weight, *, bias=True, activation=None, out=None,
         raise ValueError(f"{op}: activation={activation!r} needs out=, the saved forward "
                          "output of linear(..., activation=...)")
     backend, arr = prepare(op, {"grad_y": grad_y, "x": x, "weight": weight,
-                                "out": out if activation is not None else None})
+                                "out": out if activation is not None else None},
+                           optional=("out",))
     g, x, weight = arr["grad_y"], arr["x"], arr["weight"]
     _linear_shapes(op, x, weight, None)
     check_ndim(op, "grad_y", g, 2, "(batch, out_features)")
@@ -374,11 +376,12 @@ def cross_entropy_with_grad(logits, target, *, reduction="mean"):
 
 # --------------------------------------------------------------------------- optimisers
 
-def _inplace_args(op, arrays):
+def _inplace_args(op, arrays, optional=()):
     """Validate the arrays of an in-place update: every one has the shape of the first
     (``param``, ``total``), every one but ``grad`` is written and so must be a writable
-    C-contiguous array, and none overlaps another."""
-    backend, arr = prepare(op, arrays)
+    C-contiguous array, and none overlaps another. Only those named in ``optional`` may be
+    None."""
+    backend, arr = prepare(op, arrays, optional=optional)
     ref_name = next(iter(arr))
     ref = arr[ref_name]
     for name, a in arr.items():
@@ -418,7 +421,8 @@ def sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, weight_decay=0
                          f"(momentum={momentum}, momentum_buf is "
                          f"{'None' if momentum_buf is None else 'given'})")
     backend, arr = _inplace_args(op, {"param": param, "grad": grad,
-                                      "momentum_buf": momentum_buf})
+                                      "momentum_buf": momentum_buf},
+                                 optional=("momentum_buf",))
     if arr["param"].size:
         backend.ops.sgd_step(arr["param"], arr["grad"], arr["momentum_buf"], lr, momentum,
                              weight_decay)

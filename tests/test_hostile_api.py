@@ -347,3 +347,60 @@ def test_results_never_alias_inputs(rng):
     x = randn(rng, 3, 4)
     for out in (F.relu(x), F.sigmoid(x), F.softmax(x), F.matmul(x, x, trans_b=True)):
         assert not np.shares_memory(to_numpy(out), x)
+
+
+# ------------------------------------------------------------- None for a required array
+
+def _none_cases():
+    """(op, name of the argument given None, call with that argument None): array
+    arguments of every public op that have no default of None (linear_backward's ``out``
+    with an activation has its own message: test_functional)."""
+    m, v, i = np.ones((2, 3), f32), np.ones(3, f32), np.array([0, 2])
+    w = np.ones((3, 3), f32)
+    cases = [
+        ("matmul", "a", lambda n: F.matmul(n, m.T)), ("matmul", "b", lambda n: F.matmul(m, n)),
+        ("matmul_backward", "grad_c", lambda n: F.matmul_backward(n, m, w)),
+        ("matmul_backward", "b", lambda n: F.matmul_backward(m, m, n)),
+        ("linear", "x", lambda n: F.linear(n, w, v)), ("linear", "weight", lambda n: F.linear(m, n)),
+        ("linear_backward", "grad_y", lambda n: F.linear_backward(n, m, w)),
+        ("linear_backward", "x", lambda n: F.linear_backward(m, n, w)),
+        ("bias_grad", "grad_y", lambda n: F.bias_grad(n)),
+        ("log_softmax", "x", lambda n: F.log_softmax(n)),
+        ("tanh_backward", "grad_out", lambda n: F.tanh_backward(n, m)),
+        ("sigmoid_backward", "out", lambda n: F.sigmoid_backward(m, n)),
+        ("mse_loss_backward", "pred", lambda n: F.mse_loss_backward(n, m)),
+        ("cross_entropy", "logits", lambda n: F.cross_entropy(n, i)),
+        ("cross_entropy_backward", "target", lambda n: F.cross_entropy_backward(m, n)),
+        ("accumulate", "total", lambda n: F.accumulate(n, m)),
+        ("sgd_step", "grad", lambda n: F.sgd_step(m.copy(), n, lr=0.1)),
+        ("adam_step", "exp_avg_sq", lambda n: F.adam_step(m.copy(), m, m * 0, n, step=1,
+                                                          lr=0.1)),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("op, name, call", _none_cases(),
+                         ids=lambda c: c if isinstance(c, str) else "")
+def test_none_for_a_required_array_names_the_argument(op, name, call):
+    """None where an array is required is a TypeError naming the op and the argument (it
+    was an AttributeError, an IndexError or NumPy's object-dtype error from inside)."""
+    with pytest.raises(TypeError, match=rf"^{op}: argument {name!r} is required: expected a "
+                                        r"NumPy or CuPy array, got None$"):
+        call(None)
+
+
+def test_the_optional_arrays_may_be_none(rng):
+    x, w = randn(rng, 4, 3), randn(rng, 2, 3)
+    assert F.linear(x, w, None).shape == (4, 2)
+    gx, gw, gb = F.linear_backward(randn(rng, 4, 2), x, w, bias=False, out=None)
+    assert gb is None and gw.shape == (2, 3)
+    p = np.ones((2, 3), f32)
+    F.sgd_step(p, np.ones((2, 3), f32), None, lr=0.5)
+    np.testing.assert_array_equal(p, np.full((2, 3), 0.5, f32))
+
+
+def test_linear_backward_with_an_activation_needs_the_saved_output(rng):
+    with pytest.raises(ValueError, match=r"^linear_backward: activation='relu' needs out=, the "
+                                         r"saved forward output"):
+        F.linear_backward(randn(rng, 4, 2), randn(rng, 4, 3), randn(rng, 2, 3),
+                          activation="relu")
