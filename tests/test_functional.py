@@ -194,6 +194,31 @@ def test_relu_backward_is_a_select_not_a_product(backend, dtype):
     assert np.array_equal(out, np.array([[3.0, 0.0, 0.0, 0.0]], dtype)), out
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+def test_linear_backward_relu_select_in_the_fused_pass(backend, dtype):
+    """The fused activation backward + bias gradient keeps the select: a non-finite dY under
+    the mask contributes 0 to dW and db (the NumPy backend finds such a column through its
+    non-finite sum); a column whose finite terms overflow keeps its terms and sums to inf."""
+    inf, nan, big = np.inf, np.nan, np.finfo(dtype).max
+    out = np.array([[0.0, 1.0, 2.0, 0.0], [3.0, 0.0, 1.0, 1.0]], dtype)   # saved relu output
+    g = np.array([[inf, nan, 1.0, big], [2.0, -inf, 3.0, big]], dtype)
+    x = np.array([[1.0, 2.0], [3.0, 4.0]], dtype)
+    w = np.ones((4, 2), dtype)
+    sel = np.where(out > 0, g, 0).astype(np.float64)    # [[0, nan, 1, 0], [2, 0, 3, big]]
+    gx, gw, gb = (backend.get(a) for a in F.linear_backward(
+        backend.put(g), backend.put(x), backend.put(w), activation="relu", out=backend.put(out)))
+    assert np.array_equal(gb, sel.sum(axis=0).astype(dtype), equal_nan=True), gb
+    assert np.array_equal(gw, (sel.T @ x).astype(dtype), equal_nan=True), gw
+    g2 = np.array([[big, 1.0, 1.0, 1.0], [big, 1.0, 1.0, 1.0]], dtype)
+    ones = np.ones((2, 4), dtype)
+    gx, gw, gb = (backend.get(a) for a in F.linear_backward(
+        backend.put(g2), backend.put(x), backend.put(w), activation="relu",
+        out=backend.put(ones)))
+    assert np.array_equal(gb, np.array([inf, 2.0, 2.0, 2.0], dtype)), gb
+    assert np.isinf(gw[0]).all() and np.array_equal(gw[1:], np.tile([4.0, 6.0], (3, 1))), gw
+
+
 @pytest.mark.parametrize("name", list(ACT_OPS))
 def test_activation_gradcheck(backend, rng, name):
     fwd, bwd = ACT_OPS[name]

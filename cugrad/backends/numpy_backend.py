@@ -58,6 +58,16 @@ def bias_grad(grad):
 
 @implements(BACKEND, "activation_backward_bias_grad")
 def activation_backward_bias_grad(name, grad_out, saved):
+    if name == "relu":
+        # The column sums say whether every masked product is finite (an infinite or NaN
+        # term makes its column's sum non-finite), so the select's fallback needs no pass of
+        # its own; a sum that overflows from finite terms only takes the fallback needlessly.
+        grad_in = _relu_mask_product(grad_out, saved)
+        grad_b = grad_in.sum(axis=0)
+        if not np.isfinite(grad_b).all():
+            grad_in = _relu_select(grad_out, saved)
+            grad_b = grad_in.sum(axis=0)
+        return grad_in, grad_b
     grad_in = activation_backward(name, grad_out, saved)
     return grad_in, grad_in.sum(axis=0)
 
@@ -88,13 +98,23 @@ def _relu_backward(grad_out, saved):
     as the kernels' select does). Multiplying by the 0/1 mask is 3-10x faster than
     ``np.where`` and equal to the select whenever the product is finite (a NaN z gives mask
     0); a non-finite product, rare, falls back to the select itself."""
+    out = _relu_mask_product(grad_out, saved)
+    if not np.isfinite(out).all():
+        return _relu_select(grad_out, saved)
+    return out
+
+
+def _relu_mask_product(grad_out, saved):
+    """``dZ * [z > 0]``: the select wherever the product is finite."""
     out = np.empty_like(grad_out)
     np.greater(saved, 0, out=out)
-    with np.errstate(invalid="ignore"):      # inf * 0: replaced by the select below
+    with np.errstate(invalid="ignore"):      # inf * 0: the caller falls back to the select
         out *= grad_out
-    if not np.isfinite(out).all():
-        return np.where(saved > 0, grad_out, np.zeros((), grad_out.dtype))
     return out
+
+
+def _relu_select(grad_out, saved):
+    return np.where(saved > 0, grad_out, np.zeros((), grad_out.dtype))
 
 
 def _shift_exp_sm1(x):
@@ -106,8 +126,12 @@ def _shift_exp_sm1(x):
     shifted = x - x.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     ones = exp == 1
-    sm1 = np.where(ones, 0, exp).sum(axis=-1, keepdims=True)
-    sm1 += (ones.sum(axis=-1, keepdims=True) - 1).astype(x.dtype)
+    sm1 = np.subtract(exp, ones, dtype=x.dtype).sum(axis=-1, keepdims=True)
+    # Each row's count of ones, less 1, is added; it is 0 when every row has one 1: as many
+    # ones as rows and no NaN row (only a row holding NaN or ±inf has no 1, and its s - 1 is
+    # NaN), which two whole-array tests tell without a per-row count.
+    if np.count_nonzero(ones) != sm1.size or not np.isfinite(sm1).all():
+        sm1 += (ones.sum(axis=-1, keepdims=True) - 1).astype(x.dtype)
     return shifted, exp, sm1
 
 
@@ -157,28 +181,29 @@ def _xent_parts(logits, target, reduction):
     return shifted, exp, sm1, scale
 
 
-def _xent_loss(shifted, sm1, target, scale, dtype):
+def _xent_loss(shifted, sm1, target, scale, dtype, rows=None):
     # L_row = logsumexp(z) - sum_i t_i z_i = log1p(s - 1) sum_i t_i - sum_i t_i (z_i - max)
     lse = np.log1p(sm1[:, 0])
     if target.ndim == 1:
-        picked = np.take_along_axis(shifted, target[:, None], axis=1)[:, 0]
-        rows = lse - picked
+        rows = np.arange(len(target)) if rows is None else rows
+        lse -= shifted[rows, target]
     else:
         # A class of probability 0 contributes nothing, even at a logit of -inf (0·log 0 = 0,
         # as the kernel's skip of t = 0 terms gives): mask it before the product.
         picked = np.einsum("ij,ij->i", target, np.where(target != 0, shifted, 0))
-        rows = lse * target.sum(axis=1) - picked
-    return np.asarray(rows.sum() * scale, dtype=dtype)
+        lse *= target.sum(axis=1)
+        lse -= picked
+    return np.asarray(lse.sum() * scale, dtype=dtype)
 
 
-def _xent_grad(exp, sm1, target, scale):
+def _xent_grad(exp, sm1, target, scale, rows=None):
     # dL/dz = (softmax(z) * sum_i t_i - t) * scale = ((e sum_i t_i - t) - t (s - 1)) / s * scale
     # (sum_i t_i = 1 for class indices and proper probability rows: softmax - t). Taking t s
     # as t + t (s - 1) keeps the target at the max exact: -(s - 1) / s, where softmax - 1
     # rounds to 0 in a confident row. exp is reused as the output buffer.
     grad = exp
     if target.ndim == 1:
-        rows = np.arange(grad.shape[0])
+        rows = np.arange(grad.shape[0]) if rows is None else rows
         grad[rows, target] = (grad[rows, target] - 1) - sm1[:, 0]
     else:
         grad *= target.sum(axis=1, keepdims=True)
@@ -205,8 +230,9 @@ def cross_entropy_backward(logits, target, reduction):
 @implements(BACKEND, "cross_entropy_fwd_bwd")
 def cross_entropy_fwd_bwd(logits, target, reduction):
     shifted, exp, sm1, scale = _xent_parts(logits, target, reduction)
-    loss = _xent_loss(shifted, sm1, target, scale, logits.dtype)
-    return loss, _xent_grad(exp, sm1, target, scale)
+    rows = np.arange(len(target)) if target.ndim == 1 else None
+    loss = _xent_loss(shifted, sm1, target, scale, logits.dtype, rows)
+    return loss, _xent_grad(exp, sm1, target, scale, rows)
 
 
 # --------------------------------------------------------------------------- optimisers
