@@ -211,6 +211,9 @@ def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
 def check_scalar(op: str, name: str, value, *, low: float = 0.0, high: float = math.inf,
                  low_open: bool = False, high_open: bool = False) -> float:
     """A finite real scalar in [low, high] (either bound open when asked), as a float."""
+    if (type(value) is float and -math.inf < value < math.inf   # the common case, finite
+            and (low < value < high or (value == low and not low_open))):
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} "
                         f"{value!r}")

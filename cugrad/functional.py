@@ -17,7 +17,7 @@ import numbers
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _trace
 from ._checks import (check_choice, check_class_indices, check_flag, check_min_ndim,
                       check_ndim, check_no_nan, check_no_overlap, check_scalar, check_shape,
                       describe, prepare)
@@ -40,6 +40,8 @@ def _op(name: str):
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            if _trace._quiet:      # nothing listens (the usual case): no range to open
+                return fn(*args, **kwargs)
             with op_range(name, _backend.device_of(args[0]) if args else None):
                 return fn(*args, **kwargs)
         return wrapper

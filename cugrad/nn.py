@@ -32,7 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _trace
 from . import functional as F
 from ._arrays import asarray, to_numpy
 from ._checks import check_choice, check_flag, check_shape, describe, prepare, shares_memory
@@ -90,9 +90,12 @@ def _ranged_backward(backward):
     backward returns, so a backward that raises (a wrong grad_out, say) can be retried."""
     @functools.wraps(backward)
     def wrapper(self, *args, **kwargs):
-        device = _backend.device_of(args[0]) if args else self.device
-        with op_range(f"{self._range_name}.backward", device):
+        if _trace._quiet:          # nothing listens: no range to open
             result = backward(self, *args, **kwargs)
+        else:
+            device = _backend.device_of(args[0]) if args else self.device
+            with op_range(f"{self._range_name}.backward", device):
+                result = backward(self, *args, **kwargs)
         self._saved = None
         return result
     return wrapper
@@ -134,6 +137,8 @@ class Module:
 
     # -- forward / backward plumbing ------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        if _trace._quiet:          # nothing listens: no range to open
+            return self.forward(*args, **kwargs)
         device = _backend.device_of(args[0]) if args else self.device
         with op_range(f"{self._range_name}.forward", device):
             return self.forward(*args, **kwargs)

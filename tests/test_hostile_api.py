@@ -404,3 +404,25 @@ def test_linear_backward_with_an_activation_needs_the_saved_output(rng):
                                          r"saved forward output"):
         F.linear_backward(randn(rng, 4, 2), randn(rng, 4, 3), randn(rng, 2, 3),
                           activation="relu")
+
+
+_BOUNDS = [dict(), dict(low_open=True), dict(high=1.0, high_open=True), dict(high=1.0),
+           dict(low=-1.0, high=1.0), dict(low=-np.inf), dict(low=1.0, high=1.0)]
+_SCALARS = [0.0, -0.0, 1.0, -1.0, 0.5, 5e-324, -5e-324, 1e308, np.inf, -np.inf, np.nan,
+            np.nextafter(1.0, 2.0), np.nextafter(1.0, 0.0), 2.0]
+
+
+@pytest.mark.parametrize("bounds", _BOUNDS, ids=str)
+@pytest.mark.parametrize("value", _SCALARS, ids=repr)
+def test_check_scalar_accepts_exactly_the_finite_values_in_its_interval(value, bounds):
+    """Hyper-parameters (lr, momentum, betas, eps): a float is accepted, unchanged, exactly
+    when it is finite and inside the interval (its fast path for plain floats included)."""
+    low, high = bounds.get("low", 0.0), bounds.get("high", np.inf)
+    ok = (np.isfinite(value) and (low < value or (value == low and not bounds.get("low_open")))
+          and (value < high or (value == high and not bounds.get("high_open"))))
+    if ok:
+        got = _checks.check_scalar("op", "lr", value, **bounds)
+        assert type(got) is float and got == value and np.signbit(got) == np.signbit(value)
+    else:
+        with pytest.raises(ValueError, match=r"^op: lr=.* is out of range; expected a finite"):
+            _checks.check_scalar("op", "lr", value, **bounds)
