@@ -58,20 +58,38 @@ class Parameter:
     device = property(lambda self: _backend.device_of(self.data))
 
     def accumulate(self, grad) -> None:
-        """Add ``grad`` to ``.grad``: the first gradient after ``zero_grad`` is stored (as is
-        when it is a writable C-contiguous array not overlapping the parameter, else as a
-        copy), later ones are added in place by ``F.accumulate``, the backend's own kernel,
-        in the NVTX range ``accumulate``. ``grad`` must have the parameter's shape, dtype and
-        device (ValueError or TypeError otherwise; nothing broadcasts)."""
+        """Add ``grad`` to ``.grad``: the first gradient after ``zero_grad`` is stored as a
+        copy (the caller's array stays the caller's: one array handed to two parameters, or
+        changed later, must not become or change their gradients), later ones are added in
+        place by ``F.accumulate``, the backend's own kernel, in the NVTX range
+        ``accumulate``. ``grad`` must have the parameter's shape, dtype and device
+        (ValueError or TypeError otherwise; nothing broadcasts)."""
         if self.grad is None:
             op = "Parameter.accumulate"
             _, arr = prepare(op, {"param": self.data, "grad": grad})
             check_shape(op, "grad", arr["grad"], self.shape, "the parameter's shape")
-            grad = arr["grad"]
-            if (grad.size and shares_memory(grad, self.data)) or not (
-                    grad.flags.c_contiguous and getattr(grad.flags, "writeable", True)):
-                grad = grad.copy()   # a view of the weights, or one F.accumulate cannot write
+            grad = arr["grad"].copy()     # C-contiguous, writable, the parameter's own
         self._accumulate_own(grad)
+
+    def _check_accumulable(self, op: str, name: str, grad) -> None:
+        """Raise, changing nothing, where ``_accumulate_own(grad)`` would fail: a ``.grad``
+        already held (``name``, e.g. "bias.grad") that ``grad`` cannot be added into."""
+        if self.grad is None:
+            return
+        total = self.grad
+        same = (getattr(total, "dtype", None) == grad.dtype
+                and _backend.device_of(total) == _backend.device_of(grad))
+        if not same or tuple(getattr(total, "shape", ())) != tuple(grad.shape):
+            raise (ValueError if same else TypeError)(
+                f"{op}: {name} holds {describe(total)} but the gradient to add to it is "
+                f"{describe(grad)}; set {name} to None (zero_grad) or to an array like the "
+                "gradient")
+        if not (total.flags.c_contiguous and getattr(total.flags, "writeable", True)):
+            raise ValueError(f"{op}: {name} is added to in place and must be a writable "
+                             f"C-contiguous array, got {describe(total)}")
+        if total.size and shares_memory(total, grad):
+            raise ValueError(f"{op}: {name} shares memory with the new gradient "
+                             f"({describe(total)}); set it to None (zero_grad) first")
 
     def _accumulate_own(self, grad) -> None:
         """``accumulate`` for a gradient a cugrad op has just returned (a new C-contiguous
@@ -317,6 +335,7 @@ class Linear(Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  device="cpu", dtype="float32", rng=None, activation=None):
         super().__init__()
+        bias = check_flag("Linear", "bias", bias)
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"Linear: {name} must be a positive integer, got {v!r}")
@@ -369,6 +388,12 @@ class Linear(Module):
                                        bias=self.bias is not None,
                                        activation=self.activation, out=y,
                                        input_grad=input_grad)
+        # Both checked before either is added: a backward that raises changes no gradient,
+        # so its retry counts each once.
+        op = f"{self._range_name}.backward"
+        self.weight._check_accumulable(op, "weight.grad", gw)
+        if self.bias is not None:
+            self.bias._check_accumulable(op, "bias.grad", gb)
         self.weight._accumulate_own(gw)
         if self.bias is not None:
             self.bias._accumulate_own(gb)
@@ -468,7 +493,13 @@ class Sequential(Module):
             try:
                 x = m(x)
             except Exception as exc:
-                _add_note(exc, f"(in Sequential layer {i}: {m!r})")
+                # The layers before it saved this batch, those after it the last one: a
+                # backward now would mix two batches. Nothing is saved instead, so backward
+                # raises until the next forward.
+                for _, sub in _module_tree(self, ""):
+                    sub._saved = None
+                _add_note(exc, f"(in Sequential layer {i}: {m!r}; nothing is saved for a "
+                               "backward until the next forward)")
                 raise
         return x
 
@@ -481,8 +512,9 @@ class Sequential(Module):
                 _add_note(exc, f"(in Sequential layer {i}: {self.layers[i]!r}; the layers "
                                "after it have already accumulated their parameter gradients)")
                 raise
-        if not self.layers:
-            return grad_out if input_grad else None
+        if not self.layers:     # the identity: its gradient passes, once checked
+            _, arr = prepare(f"{self._range_name}.backward", {"grad_out": grad_out})
+            return arr["grad_out"] if input_grad else None
         return run_backward(self.layers[0], grad_out, input_grad)
 
     def __repr__(self):

@@ -290,6 +290,73 @@ def test_a_failed_backward_can_be_retried(rng):
         lin.backward(g)
 
 
+@pytest.mark.parametrize("bad", ["bias", "weight"])
+def test_a_backward_that_cannot_accumulate_changes_no_gradient(rng, bad):
+    """A .grad that the new gradient cannot be added to (here float64 in a float32 layer) is
+    found before either gradient is added: the error names it, no .grad changes, and the
+    retry after mending it counts each gradient once."""
+    lin = _linear(0, 4, 3)
+    x, g = randn(rng, 5, 4), randn(rng, 5, 3)
+    lin(x)
+    held = np.zeros((3, 4) if bad == "weight" else 3)        # float64
+    getattr(lin, bad).grad = held
+    with pytest.raises(TypeError, match=rf"^Linear\.backward: {bad}\.grad holds numpy.ndarray of "
+                                        r"shape .*, dtype float64, on cpu but the gradient to "
+                                        r"add to it is .* dtype float32"):
+        lin.backward(g)
+    other = "weight" if bad == "bias" else "bias"
+    assert getattr(lin, other).grad is None and getattr(lin, bad).grad is held
+    assert not held.any()
+    getattr(lin, bad).grad = None
+    lin.backward(g)
+    ref_w = g.astype(np.float64).T @ x
+    assert rel_err(lin.weight.grad, ref_w) < 1e-5
+    assert rel_err(lin.bias.grad, g.astype(np.float64).sum(axis=0)) < 1e-5
+
+
+def test_a_failed_sequential_forward_leaves_nothing_to_differentiate(rng):
+    """Layer 0 saw the failed batch, layer 2 the previous one: a backward would mix the
+    two. After a failed forward every layer has nothing saved, so backward raises."""
+    class NoNaN(nn.Module):
+        def forward(self, x):
+            if np.isnan(x).any():
+                raise ValueError("NaN input")
+            self._save(x.shape)
+            return x
+
+        def backward(self, g, *, input_grad=True):
+            self._take_saved()
+            return g
+
+    inner = nn.Sequential(_linear(2, 3, 3))
+    model = nn.Sequential(_linear(0, 4, 3), inner, NoNaN(), _linear(1, 3, 2))
+    x = randn(rng, 5, 4)
+    model(x)
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN input"):
+        model(bad)
+    with pytest.raises(RuntimeError, match="nothing saved to differentiate"):
+        model.backward(np.ones((5, 2), f32))
+    assert all(p.grad is None for p in model.parameters())
+    model(x)                                   # the next forward saves again
+    model.backward(np.ones((5, 2), f32))
+    assert np.isfinite(model[0].weight.grad).all()
+
+
+def test_linear_bias_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"^Linear: bias must be a bool, got str 'no'"):
+        nn.Linear(3, 2, bias="no")
+
+
+def test_an_empty_sequential_checks_the_gradient_it_passes():
+    with pytest.raises(TypeError, match=r"Sequential\.backward: argument 'grad_out' must be"):
+        nn.Sequential().backward([1.0, 2.0])
+    g = np.ones((2, 3), f32)
+    assert nn.Sequential().backward(g) is g
+    assert nn.Sequential().backward(g, input_grad=False) is None
+
+
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
 def test_sequential_says_which_layer_failed():
     model = nn.Sequential(_linear(0, 3, 4), nn.ReLU(), _linear(1, 5, 2))

@@ -115,15 +115,21 @@ def test_accumulation_is_the_exact_sum_through_the_accumulate_op(backend, rng):
         np.testing.assert_array_equal(backend.get(p.grad), a + b)
 
 
-def test_parameter_accumulate_stores_a_writable_contiguous_first_gradient(backend):
-    """The first gradient is kept as is when it can be added to in place later; a read-only
-    array, a transposed view or a view of the weights is copied, so the next accumulate
-    neither fails nor writes into the caller's array or the weights."""
+def test_parameter_accumulate_stores_a_copy_of_the_first_gradient(backend):
+    """The first gradient is stored as a copy, whatever its layout: the caller's array (a
+    plain one, a read-only array, a transposed view, a view of the weights) is never added
+    to later, and one array handed to two parameters gives each its own gradient."""
     data = np.arange(12, dtype=np.float32).reshape(3, 4)
     p = nn.Parameter(backend.put(data.copy()))
-    g = backend.put(np.ones((3, 4), np.float32))
-    p.accumulate(g)
-    assert p.grad is g
+    q = nn.Parameter(backend.put(data.copy()))
+    for _ in range(2):           # y = x + p + q: the same gradient array for both, twice
+        g = backend.put(np.ones((3, 4), np.float32))
+        p.accumulate(g)
+        q.accumulate(g)
+        assert p.grad is not g and q.grad is not g and p.grad is not q.grad
+        np.testing.assert_array_equal(backend.get(g), np.ones((3, 4), np.float32))
+    np.testing.assert_array_equal(backend.get(p.grad), np.full((3, 4), 2.0, np.float32))
+    np.testing.assert_array_equal(backend.get(q.grad), np.full((3, 4), 2.0, np.float32))
     cases = {"transposed view": backend.put(np.ones((4, 3), np.float32)).T,
              "view of the weights": p.data}
     if backend.device == "cpu":
