@@ -414,6 +414,14 @@ def sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, weight_decay=0
     """In place, PyTorch's SGD: g = grad + wd·param; with momentum, buf = momentum·buf + g
     (buf starts at zero) and g = buf; param -= lr·g. ``momentum_buf`` is required exactly
     when momentum > 0."""
+    _checked_sgd_step(param, grad, momentum_buf, lr=lr, momentum=momentum,
+                     weight_decay=weight_decay)()
+
+
+def _checked_sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, weight_decay=0.0):
+    """``sgd_step``'s validation alone: raises as ``sgd_step`` would, else returns the update
+    as a function of no arguments (no range of its own). An optimiser checks every
+    parameter this way before it updates any."""
     op = "sgd_step"
     lr = check_scalar(op, "lr", lr)
     momentum = check_scalar(op, "momentum", momentum)
@@ -425,9 +433,14 @@ def sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, weight_decay=0
     backend, arr = _inplace_args(op, {"param": param, "grad": grad,
                                       "momentum_buf": momentum_buf},
                                  optional=("momentum_buf",))
-    if arr["param"].size:
-        backend.ops.sgd_step(arr["param"], arr["grad"], arr["momentum_buf"], lr, momentum,
-                             weight_decay)
+    if not arr["param"].size:
+        return _nothing
+    return functools.partial(backend.ops.sgd_step, arr["param"], arr["grad"],
+                             arr["momentum_buf"], lr, momentum, weight_decay)
+
+
+def _nothing():
+    pass
 
 
 @_op("adam_step")
@@ -439,6 +452,14 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.
     far, which the op increments in place and then uses as t. A counter is read on the
     device, so a CUDA graph's replays advance it (``optim.Adam(capturable=True)``); its value
     is not checked on the GPU (that would wait for the device): it must be >= 0."""
+    _checked_adam_step(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1,
+                      beta2=beta2, eps=eps, weight_decay=weight_decay)()
+
+
+def _checked_adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999,
+                      eps=1e-8, weight_decay=0.0):
+    """``adam_step``'s validation alone, as ``_checked_sgd_step``: the update (and a
+    counter's increment) happens only when the returned function is called."""
     op = "adam_step"
     counter = not isinstance(step, numbers.Integral) and hasattr(step, "dtype")
     if not counter and (isinstance(step, bool) or not isinstance(step, numbers.Integral)
@@ -454,9 +475,11 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.
                                       "exp_avg_sq": exp_avg_sq})
     if counter:
         step = _step_counter(op, step, arr["param"], backend)
-    if arr["param"].size or counter:   # an empty parameter's counter still counts the step
-        backend.ops.adam_step(arr["param"], arr["grad"], arr["exp_avg"], arr["exp_avg_sq"],
-                              step if counter else int(step), lr, beta1, beta2, eps, weight_decay)
+    if not (arr["param"].size or counter):   # an empty parameter's counter still counts
+        return _nothing
+    return functools.partial(backend.ops.adam_step, arr["param"], arr["grad"], arr["exp_avg"],
+                             arr["exp_avg_sq"], step if counter else int(step), lr, beta1,
+                             beta2, eps, weight_decay)
 
 
 _STEP_MAX = 2**63 - 1       # the largest count an int64 step counter holds

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+from . import _trace
 from . import functional as F
 from ._arrays import asarray
 from ._backend import backend_for_device, device_of
@@ -10,6 +13,21 @@ from ._trace import op_range
 from .nn import Module, Parameter
 
 __all__ = ["Optimizer", "SGD", "Adam"]
+
+
+def _in_range(name, device, update):
+    """Run one parameter's update in its op's NVTX range (the range ``F.sgd_step`` /
+    ``F.adam_step`` would open)."""
+    if _trace._quiet:
+        update()
+        return
+    with op_range(name, device):
+        update()
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):        # Python >= 3.11
+        exc.add_note(note)
 
 
 class Optimizer:
@@ -43,22 +61,42 @@ class Optimizer:
             p.grad = None
 
     def step(self) -> None:
+        """Update every parameter that has a gradient. All of them are checked first: a step
+        that raises (a gradient of the wrong dtype or shape, a hyper-parameter set out of
+        range) has updated none of them, and the error says which parameter it was."""
         with op_range(self._range, self.params[0].device):
-            for p in self.params:
-                if p.grad is not None:
-                    self._update(p, self.state[id(p)])
+            updates = []
+            for i, p in enumerate(self.params):
+                if p.grad is None:
+                    continue
+                try:
+                    updates.append(self._check(p, self.state[id(p)]))
+                except (TypeError, ValueError) as exc:
+                    _add_note(exc, f"(in {type(self).__name__}.step, params[{i}]: {p!r}; "
+                                   "no parameter was updated)")
+                    raise
+            for update in updates:
+                update()
 
-    def _update(self, p: Parameter, state: dict) -> None:
+    def _check(self, p: Parameter, state: dict):
+        """Validate p's update and return it as a function of no arguments that makes it
+        (and records any per-step state) inside the op's range."""
         raise NotImplementedError
 
-    @staticmethod
-    def _buffer(p: Parameter, state: dict, name: str):
-        """A zero buffer like p, made on first use; it follows p if p moved device."""
+    def _buffer(self, p: Parameter, state: dict, name: str):
+        """A zero buffer like p, made on first use; it follows p to another device or dtype
+        (as loading PyTorch's optimiser state casts it to the parameter's). A parameter
+        whose shape changed is a new parameter: its state cannot follow."""
         buf = state.get(name)
         if buf is None:
-            buf = state[name] = backend_for_device(p.device).xp.zeros_like(p.data)
-        elif device_of(buf) != p.device:
-            buf = state[name] = asarray(buf, device=p.device)
+            return state.setdefault(name, backend_for_device(p.device).xp.zeros_like(p.data))
+        if tuple(buf.shape) != p.shape:
+            raise ValueError(
+                f"{type(self).__name__}: a parameter of shape {p.shape} has optimiser state "
+                f"{name!r} of shape {tuple(buf.shape)}: it changed shape since its state was "
+                "made; create a new optimiser for it")
+        if device_of(buf) != p.device or buf.dtype != p.dtype:
+            buf = state[name] = asarray(buf, device=p.device, dtype=p.dtype)
         return buf
 
 
@@ -74,10 +112,11 @@ class SGD(Optimizer):
         self.momentum = check_scalar("SGD", "momentum", momentum)
         self.weight_decay = check_scalar("SGD", "weight_decay", weight_decay)
 
-    def _update(self, p, state):
+    def _check(self, p, state):
         buf = self._buffer(p, state, "momentum_buf") if self.momentum else None
-        F.sgd_step(p.data, p.grad, buf, lr=self.lr, momentum=self.momentum,
-                   weight_decay=self.weight_decay)
+        update = F._checked_sgd_step(p.data, p.grad, buf, lr=self.lr, momentum=self.momentum,
+                                     weight_decay=self.weight_decay)
+        return functools.partial(_in_range, "sgd_step", p.device, update)
 
 
 class Adam(Optimizer):
@@ -105,15 +144,21 @@ class Adam(Optimizer):
         self.eps = check_scalar("Adam", "eps", eps, low_open=True)   # eps = 0: 0/0 at a zero gradient
         self.weight_decay = check_scalar("Adam", "weight_decay", weight_decay)
 
-    def _update(self, p, state):
+    def _check(self, p, state):
         if self.capturable:            # the op counts the step on the device
             step = self._counter(p, state)
-        else:
-            step = state["step"] = state.get("step", 0) + 1
-        F.adam_step(p.data, p.grad, self._buffer(p, state, "exp_avg"),
-                    self._buffer(p, state, "exp_avg_sq"), step=step, lr=self.lr,
-                    beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-                    weight_decay=self.weight_decay)
+        else:                          # counted when the update is made, not before
+            step = state.get("step", 0) + 1
+        update = F._checked_adam_step(
+            p.data, p.grad, self._buffer(p, state, "exp_avg"),
+            self._buffer(p, state, "exp_avg_sq"), step=step, lr=self.lr, beta1=self.betas[0],
+            beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay)
+
+        def count_and_update():
+            if not self.capturable:
+                state["step"] = step
+            update()
+        return functools.partial(_in_range, "adam_step", p.device, count_and_update)
 
     @staticmethod
     def _counter(p, state):

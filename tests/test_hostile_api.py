@@ -493,3 +493,70 @@ def test_check_scalar_accepts_exactly_the_finite_values_in_its_interval(value, b
     else:
         with pytest.raises(ValueError, match=r"^op: lr=.* is out of range; expected a finite"):
             _checks.check_scalar("op", "lr", value, **bounds)
+
+
+# ------------------------------------------------------- optimiser steps that raise
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_a_failed_adam_step_does_not_count_as_a_step(capturable):
+    """The bias corrections use t = the steps actually taken: a step that raised (lr set to
+    NaN) leaves the count where it was, so the first real update is lr·sign(g) (t = 1)."""
+    p = nn.Parameter(np.zeros(3, f32))
+    p.grad = np.ones(3, f32)
+    opt = optim.Adam([p], lr=0.1, capturable=capturable)
+    opt.lr = float("nan")
+    with pytest.raises(ValueError, match="lr=nan is out of range"):
+        opt.step()
+    assert int(opt.state[id(p)].get("step", 0)) == 0
+    opt.lr = 0.1
+    opt.step()
+    np.testing.assert_allclose(p.data, np.full(3, -0.1, f32), rtol=1e-6)
+    assert int(opt.state[id(p)]["step"]) == 1
+
+
+@pytest.mark.parametrize("make", [lambda ps: optim.SGD(ps, lr=1.0, momentum=0.9),
+                                  lambda ps: optim.Adam(ps, lr=0.1)], ids=["SGD", "Adam"])
+def test_a_step_that_fails_on_a_later_parameter_updates_none(make):
+    """Every parameter is checked before any is updated: a bad gradient on the second
+    leaves the first as it was (a retry would have updated it twice), and the error says
+    which parameter it was."""
+    a, b = nn.Parameter(np.zeros((2, 2), f32)), nn.Parameter(np.zeros((2, 2), f32))
+    a.grad, b.grad = np.ones((2, 2), f32), np.ones((2, 2), np.float64)
+    opt = make([a, b])
+    with pytest.raises(TypeError, match="dtype float64") as info:
+        opt.step()
+    np.testing.assert_array_equal(a.data, np.zeros((2, 2), f32))
+    assert "step" not in opt.state[id(a)]
+    if sys.version_info >= (3, 11):
+        assert any("params[1]" in n and "no parameter was updated" in n
+                   for n in info.value.__notes__)
+    b.grad = np.ones((2, 2), f32)
+    opt.step()
+    assert np.array_equal(a.data, b.data) and (a.data < 0).all()
+
+
+@pytest.mark.parametrize("make, buffers", [
+    (lambda ps: optim.SGD(ps, lr=0.5, momentum=0.5), ["momentum_buf"]),
+    (lambda ps: optim.Adam(ps, lr=0.1), ["exp_avg", "exp_avg_sq"])], ids=["SGD", "Adam"])
+def test_optimiser_state_follows_a_dtype_change_and_refuses_a_shape_change(make, buffers):
+    p = nn.Parameter(np.ones((2, 2), f32))
+    p.grad = np.ones((2, 2), f32)
+    opt = make([p])
+    opt.step()
+    before = {k: opt.state[id(p)][k].copy() for k in buffers}
+    p.data, p.grad = p.data.astype(np.float64), np.ones((2, 2))
+    opt.step()                                  # the state is converted, not refused
+    for k in buffers:
+        assert opt.state[id(p)][k].dtype == np.float64, k
+    assert p.data.dtype == np.float64 and np.isfinite(p.data).all()
+    # the same two steps in float64 from the start give the same parameter
+    q = nn.Parameter(np.ones((2, 2)))
+    q.grad = np.ones((2, 2))
+    ref = make([q])
+    ref.step()
+    for k in buffers:
+        assert np.array_equal(ref.state[id(q)][k].astype(f32), before[k]), k
+    p.data, p.grad = np.ones((3, 3)), np.ones((3, 3))
+    with pytest.raises(ValueError, match=r"changed shape since its state was made; create a "
+                                         r"new optimiser"):
+        opt.step()
