@@ -153,7 +153,10 @@ def check_flag(op: str, name: str, value) -> bool:
 
 
 def check_choice(op: str, name: str, value, choices) -> None:
-    if value not in choices:
+    """``value`` is one of ``choices`` (strings, and None where allowed): compared only when
+    it is a str or None, so an array or another object is refused, not compared
+    element-wise."""
+    if not (value is None or isinstance(value, str)) or value not in choices:
         raise ValueError(
             f"{op}: {name}={value!r} is not supported; expected one of "
             f"{', '.join(repr(c) for c in choices)}")

@@ -151,6 +151,10 @@ def linear_backward(grad_y, x, weight, *, bias=True, activation=None, out=None,
     if activation is not None and out is None:
         raise ValueError(f"{op}: activation={activation!r} needs out=, the saved forward "
                          "output of linear(..., activation=...)")
+    if activation is None and out is not None:
+        raise ValueError(f"{op}: out= is the saved output of an activation and is used only "
+                         "with activation=; got out= without it (did the forward have an "
+                         "activation?)")
     backend, arr = prepare(op, {"grad_y": grad_y, "x": x, "weight": weight,
                                 "out": out if activation is not None else None},
                            optional=("out",))
@@ -372,7 +376,7 @@ def cross_entropy_backward(logits, target, *, reduction="mean"):
 @_op("cross_entropy")
 def cross_entropy_with_grad(logits, target, *, reduction="mean"):
     """``(cross_entropy(...), cross_entropy_backward(...))`` from one pass over the logits."""
-    backend, z, t = _xent_args("cross_entropy", logits, target, reduction)
+    backend, z, t = _xent_args("cross_entropy_with_grad", logits, target, reduction)
     return backend.ops.cross_entropy_fwd_bwd(z, t, reduction)
 
 

@@ -353,7 +353,7 @@ class Linear(Module):
         if activation is not None:
             check_choice("Linear", "activation", activation, F.ACTIVATIONS)
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.activation = activation
+        self.activation = None if activation is None else str(activation)
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         bound = 1.0 / np.sqrt(in_features)
         weight = rng.uniform(-bound, bound, size=(out_features, in_features))

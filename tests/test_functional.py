@@ -138,7 +138,8 @@ def test_linear_gradcheck(backend, rng, activation):
 
     def backward(g, x, w, b):
         y = F.linear(x, w, b, activation=activation)
-        return F.linear_backward(g, x, w, bias=True, activation=activation, out=y)
+        return F.linear_backward(g, x, w, bias=True, activation=activation,
+                                 out=y if activation else None)
 
     gradcheck(lambda x, w, b: F.linear(x, w, b, activation=activation),
               backend.put(x), backend.put(w), backend.put(b), backward=backward)

@@ -560,3 +560,40 @@ def test_optimiser_state_follows_a_dtype_change_and_refuses_a_shape_change(make,
     with pytest.raises(ValueError, match=r"changed shape since its state was made; create a "
                                          r"new optimiser"):
         opt.step()
+
+
+@pytest.mark.parametrize("call", [
+    lambda v: F.linear(np.ones((3, 4), f32), np.ones((2, 4), f32), activation=v),
+    lambda v: F.mse_loss(np.ones(3, f32), np.ones(3, f32), reduction=v),
+    lambda v: F.cross_entropy(np.ones((2, 3), f32), np.array([0, 1]), reduction=v),
+    lambda v: nn.Linear(4, 2, activation=v),
+    lambda v: nn.MSELoss(reduction=v),
+])
+@pytest.mark.parametrize("value", [np.array(["relu", "tanh"]), np.array("relu"), ["mean"], 3],
+                         ids=["array", "0-d array", "list", "int"])
+def test_a_choice_that_is_not_a_string_is_refused_by_name(call, value):
+    """activation= / reduction= take a string: an array is not compared element-wise (that
+    raised NumPy's 'truth value ... is ambiguous', or kept the array in the layer)."""
+    with pytest.raises(ValueError, match=r"^\w+: (activation|reduction)=.* is not supported; "
+                                         r"expected one of"):
+        call(value)
+
+
+def test_linear_keeps_a_numpy_string_activation_as_a_str():
+    lin = nn.Linear(4, 2, activation=np.str_("relu"))
+    assert type(lin.activation) is str and "activation='relu'" in repr(lin)
+
+
+def test_linear_backward_refuses_out_without_its_activation(rng):
+    """out= without activation= was ignored, so a forgotten activation gave the gradient of
+    the linear map silently."""
+    x, w = randn(rng, 3, 4), randn(rng, 2, 4)
+    y = F.linear(x, w, activation="sigmoid")
+    with pytest.raises(ValueError, match=r"^linear_backward: out= is the saved output of an "
+                                         r"activation and is used only with activation="):
+        F.linear_backward(np.ones_like(y), x, w, out=y)
+
+
+def test_cross_entropy_with_grad_names_itself():
+    with pytest.raises(ValueError, match=r"^cross_entropy_with_grad: reduction='x'"):
+        F.cross_entropy_with_grad(np.ones((2, 3), f32), np.array([0, 1]), reduction="x")
