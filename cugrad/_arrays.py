@@ -23,7 +23,9 @@ def asarray(x, *, device=None, dtype=None):
     dtype the ops take: float32 and float64 data keep theirs, in native byte order ('>f4'
     becomes float32); a wider float (longdouble) becomes float64; anything else (float16,
     integers, bools) becomes float32. An explicit numeric ``dtype`` is used as given (int64
-    for class indices). Copies only when the device, dtype or byte order changes. An ndarray
+    for class indices), for values it can hold: a ValueError, not a wrapped or truncated
+    value, for a whole number outside an integer dtype's range, NaN, inf or a fraction into
+    an integer dtype, or a finite value that a narrower float would make infinite. Copies only when the device, dtype or byte order changes. An ndarray
     subclass comes back as a plain ndarray (np.matrix: its 2-D data, without a copy).
 
     TypeError for data that is not real numbers (None, strings, objects that are not
@@ -50,6 +52,7 @@ def asarray(x, *, device=None, dtype=None):
     arr = _real_numbers(x, arr, dtype)
     if dtype is None:
         dtype = _op_dtype(arr.dtype)
+    _check_representable(arr, dtype)
     target = _backend.device_of(arr) if device is None else _backend.normalize_device(device)
     if target == "cpu":
         return to_numpy(arr).astype(dtype, copy=False)
@@ -73,8 +76,44 @@ def _real_numbers(x, arr, dtype):
         if inferred.dtype.kind in "biuf":
             return inferred
         if all(isinstance(v, numbers.Real) for v in arr.flat):    # Fraction, huge ints
-            return arr.astype(np.float64)
+            try:
+                return arr.astype(np.float64)
+            except OverflowError:   # an int beyond float64's range
+                raise ValueError(f"asarray: argument 'x' holds a number beyond float64's "
+                                 f"range ({_what(x)})") from None
     raise TypeError(f"asarray: argument 'x' must hold real numbers, got {_what(x)}")
+
+
+def _check_representable(arr, dtype: np.dtype) -> None:
+    """ValueError unless every value of ``arr`` survives the conversion to ``dtype``: an
+    integer dtype takes only whole numbers in its range (no NaN, inf or fraction: a label
+    -1 cast to uint8 would be the valid class 255), a float dtype keeps every finite value
+    finite. A cast NumPy calls safe (float32 to float64, int32 to int64) is not read."""
+    src = arr.dtype
+    if (dtype.kind in "bc" or src.kind == "b" or not arr.size
+            or np.can_cast(src, dtype, "safe")):
+        return
+    xp = np if isinstance(arr, np.ndarray) else _backend.cuda_backend().xp
+    problem = None
+    if dtype.kind in "iu":
+        if src.kind == "f":
+            if not bool(xp.isfinite(arr).all()):
+                problem = "NaN or infinity"
+            elif not bool((arr == xp.trunc(arr)).all()):
+                problem = "a fraction"
+        if problem is None:
+            info = np.iinfo(dtype)
+            lo, hi = arr.min().item(), arr.max().item()     # Python numbers: exact compares
+            if lo < info.min or hi > info.max:
+                problem = (f"{lo if lo < info.min else hi}, outside its range [{info.min}, "
+                           f"{info.max}]")
+    elif dtype.kind == "f" and src.kind == "f":
+        finite = arr[xp.isfinite(arr)]
+        if finite.size and float(xp.abs(finite).max()) > float(np.finfo(dtype).max):
+            problem = "a finite value too large for it (it would become infinity)"
+    if problem is not None:
+        raise ValueError(f"asarray: argument 'x' ({_what(arr)}) cannot be converted to "
+                         f"{dtype}: it holds {problem}")
 
 
 def _op_dtype(dt: np.dtype) -> np.dtype:

@@ -269,15 +269,13 @@ class Module:
             # An own, C-contiguous array of the parameter's dtype and device, never a view
             # of the caller's array (the optimisers update it in place).
             xp = _backend.backend_for_device(p.device).xp
-            with np.errstate(over="ignore"):        # an overflow is reported below
-                cast = xp.array(asarray(value, device=p.device, dtype=p.dtype), order="C",
-                                copy=True)
-            if np.dtype(dtype).kind == "f" and np.dtype(dtype).itemsize > cast.dtype.itemsize:
-                src = asarray(value, device=p.device, dtype=dtype)     # narrowing: none lost?
-                if int(xp.isfinite(src).sum()) != int(xp.isfinite(cast).sum()):
-                    raise ValueError(f"load_state_dict: key {name!r} holds values beyond "
-                                     f"{p.dtype}'s range (they would become inf): "
-                                     f"{describe(value)}")
+            try:           # asarray refuses a finite value the dtype would make infinite
+                converted = asarray(value, device=p.device, dtype=p.dtype)
+            except ValueError:
+                raise ValueError(f"load_state_dict: key {name!r} holds values beyond "
+                                 f"{p.dtype}'s range (they would become inf): "
+                                 f"{describe(value)}") from None
+            cast = xp.array(converted, order="C", copy=True)
             new[name] = cast
         for name, p in params.items():          # only now: all or nothing
             p.data = new[name]

@@ -310,3 +310,38 @@ def test_asarray_keeps_an_explicit_numeric_dtype_and_rejects_others():
 def test_asarray_of_a_ragged_list_is_a_value_error_naming_x():
     with pytest.raises(ValueError, match="asarray: argument 'x'.*not a rectangular array"):
         cugrad.asarray([[1.0, 2.0], [3.0]])
+
+
+@pytest.mark.parametrize("x, dtype, says", [
+    (np.array([-1, 300]), np.uint8, r"-1, outside its range \[0, 255\]"),
+    (np.array([3, 200]), np.int8, r"200, outside its range \[-128, 127\]"),
+    ([0.0, np.nan], np.int64, "NaN or infinity"),
+    ([1.7, -2.5], np.int64, "a fraction"),
+    ([2.0 ** 63], np.int64, r"9.22.*e\+18, outside its range"),
+    (np.array([2 ** 63], np.uint64), np.int64, r"9223372036854775808, outside"),
+    (np.array([1e300, 1.0]), np.float32, "a finite value too large for it"),
+], ids=["-1 to uint8", "200 to int8", "nan to int", "fraction to int", "2^63 to int64",
+        "uint64 to int64", "1e300 to float32"])
+def test_asarray_refuses_a_value_its_dtype_cannot_hold(backend, x, dtype, says):
+    """An explicit dtype converts values, never wraps or truncates them: a label -1 cast to
+    uint8 was the valid class 255, NaN became INT64_MIN, 1e300 became inf."""
+    src = backend.put(np.asarray(x))
+    with pytest.raises(ValueError, match=rf"^asarray: argument 'x' \(.*\) cannot be converted "
+                                         rf"to {np.dtype(dtype)}: it holds {says}"):
+        cugrad.asarray(src, dtype=dtype)
+
+
+@pytest.mark.parametrize("x, dtype", [
+    ([1.0, -2.0, 0.0], np.int64), (np.array([3, -4], np.int64), np.int8),
+    ([np.inf, -np.inf, np.nan, 1e30], np.float32), (np.array([255, 0]), np.uint8),
+    (np.array([1, 2], np.int32), np.int64)], ids=repr)
+def test_asarray_converts_what_its_dtype_can_hold(x, dtype):
+    got = cugrad.asarray(x, dtype=dtype)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, np.asarray(x).astype(dtype))
+
+
+def test_asarray_of_an_int_beyond_float64_is_a_value_error():
+    with pytest.raises(ValueError, match=r"^asarray: argument 'x' holds a number beyond "
+                                         r"float64's range"):
+        cugrad.asarray([10 ** 400])
