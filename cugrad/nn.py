@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import secrets
 import zipfile
@@ -244,11 +245,7 @@ class Module:
             raise TypeError(f"load_state_dict: state must be a mapping of parameter name to "
                             f"array (as state_dict() returns), got {type(state).__name__}")
         params = dict(self.named_parameters())
-        missing = [k for k in params if k not in state]
-        unexpected = [k for k in state if k not in params]
-        if missing or unexpected:
-            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys "
-                           f"{unexpected} (expected exactly {list(params)})")
+        _check_keys(params, state)
         new = {}
         for name, p in params.items():
             value = state[name]
@@ -306,17 +303,36 @@ class Module:
 
     def load(self, path) -> "Module":
         """Read weights written by ``save`` (never unpickles); on a missing key, a shape
-        mismatch or an unreadable file, raises and leaves the weights as they were."""
+        mismatch or an unreadable file, raises and leaves the weights as they were. Each
+        member's header is checked against its parameter (shape, a plain numeric dtype, a
+        member long enough for its data) before its data is read, so a corrupted or hostile
+        header cannot make the load allocate what it claims."""
+        where = f"{type(self).__name__}.load"
+        params = dict(self.named_parameters())
+        name = None
         try:
-            loaded = np.load(os.fspath(path), allow_pickle=False)
-            if not isinstance(loaded, np.lib.npyio.NpzFile):
-                raise ValueError(f"not an .npz archive (a single {type(loaded).__name__}); "
-                                 "Module.save writes .npz archives")
-            with loaded as archive:
-                state = {name: archive[name] for name in archive.files}
+            with open(os.fspath(path), "rb") as f:
+                if f.read(6) == b"\x93NUMPY":
+                    raise ValueError("not an .npz archive (a single .npy array); Module.save "
+                                     "writes .npz archives")
+            state = {}
+            with zipfile.ZipFile(os.fspath(path)) as archive:
+                infos = {}
+                for info in archive.infolist():
+                    if not info.filename.endswith(".npy"):
+                        raise ValueError(f"member {info.filename!r} is not a .npy array")
+                    infos[info.filename[:-4]] = info
+                _check_keys(params, infos)
+                for name, info in infos.items():
+                    with archive.open(info) as member:
+                        _check_npy_header(member, info, params[name].shape)
+                    with archive.open(info) as member:
+                        state[name] = np.lib.format.read_array(member, allow_pickle=False)
+                name = None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"{type(self).__name__}.load: cannot read weights from "
-                             f"{os.fspath(path)!r}: {type(exc).__name__}: {exc}") from exc
+            key = f" (key {name!r})" if name is not None else ""
+            raise ValueError(f"{where}: cannot read weights from {os.fspath(path)!r}{key}: "
+                             f"{type(exc).__name__}: {exc}") from exc
         return self.load_state_dict(state)
 
     def __repr__(self):
@@ -434,6 +450,36 @@ class ReLU(_Activation):
     """``max(x, 0)``."""
     _forward = staticmethod(F.relu)
     _backward = staticmethod(F.relu_backward)
+
+
+def _check_keys(params: dict, state) -> None:
+    missing = [k for k in params if k not in state]
+    unexpected = [k for k in state if k not in params]
+    if missing or unexpected:
+        raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys "
+                       f"{unexpected} (expected exactly {list(params)})")
+
+
+def _check_npy_header(member, info: zipfile.ZipInfo, shape: tuple) -> None:
+    """A .npy member's header, read before its data: format 1.0 or 2.0 (what NumPy writes),
+    a real numeric dtype (never objects), the parameter's shape, and a member long enough to
+    hold the data it declares."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        got, _, dtype = np.lib.format.read_array_header_1_0(member)
+    elif version == (2, 0):
+        got, _, dtype = np.lib.format.read_array_header_2_0(member)
+    else:
+        raise ValueError(f".npy format {version} is not one Module.save writes")
+    if dtype.kind not in "fiu":
+        raise ValueError(f"dtype {dtype} is not a real numeric dtype (object arrays are "
+                         "never unpickled)")
+    if tuple(got) != tuple(shape):
+        raise ValueError(f"shape {tuple(got)} in the file, expected {tuple(shape)}")
+    need = math.prod(got) * dtype.itemsize
+    have = info.file_size - member.tell()
+    if have < need:
+        raise ValueError(f"the member holds {have} bytes of data, its header declares {need}")
 
 
 def _add_note(exc: BaseException, note: str) -> None:

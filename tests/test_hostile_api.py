@@ -6,6 +6,7 @@ Each case is correct or a clear TypeError/ValueError; none changes state before 
 from __future__ import annotations
 
 import os
+import zipfile
 import sys
 from types import SimpleNamespace
 
@@ -597,3 +598,32 @@ def test_linear_backward_refuses_out_without_its_activation(rng):
 def test_cross_entropy_with_grad_names_itself():
     with pytest.raises(ValueError, match=r"^cross_entropy_with_grad: reduction='x'"):
         F.cross_entropy_with_grad(np.ones((2, 3), f32), np.array([0, 1]), reduction="x")
+
+
+def _npy_bytes(shape, payload: bytes, descr="<f4") -> bytes:
+    """A .npy member by hand: a header that may lie about the data that follows."""
+    h = repr({"descr": descr, "fortran_order": False, "shape": shape}).encode()
+    h += b" " * (64 - (10 + len(h) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(h).to_bytes(2, "little") + h + payload
+
+
+@pytest.mark.parametrize("weight_member, says", [
+    (_npy_bytes((10 ** 12,), b"\0" * 4), r"key 'weight'.*shape \(1000000000000,\) in the file, "
+                                         r"expected \(2, 2\)"),
+    (_npy_bytes((2, 2), b"\0" * 4), r"key 'weight'.*holds 4 bytes of data, its header "
+                                    r"declares 16"),
+    (_npy_bytes((2, 2), b"\0" * 16, descr="|O"), r"key 'weight'.*dtype object is not a real "
+                                                 r"numeric dtype"),
+], ids=["4 TB claimed", "short data", "object dtype"])
+def test_load_reads_each_header_before_its_data(tmp_path, weight_member, says):
+    """A few hundred bytes claiming a huge array made NumPy allocate it (a MemoryError, or
+    the allocation of whatever smaller size was claimed) before finding the data missing."""
+    path = tmp_path / "bad.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("weight.npy", weight_member)
+        zf.writestr("bias.npy", _npy_bytes((2,), b"\0" * 8))
+    lin = nn.Linear(2, 2, rng=0)
+    before = lin.weight.data.copy()
+    with pytest.raises(ValueError, match=rf"^Linear\.load: cannot read weights from .*{says}"):
+        lin.load(path)
+    np.testing.assert_array_equal(lin.weight.data, before)
