@@ -160,8 +160,11 @@ def _mse_scale(reduction: str, n: int) -> float:
 
 @implements(BACKEND, "mse_loss")
 def mse_loss(pred, target, reduction):
+    # NumPy's pairwise sum, not np.dot: BLAS dots accumulate float32 in float32 (relative
+    # error ~2e-4 at 5e7 elements, against ~3e-8 for the pairwise sum).
     d = (pred - target).ravel()
-    return np.asarray(np.dot(d, d) * _mse_scale(reduction, d.size), dtype=pred.dtype)
+    np.multiply(d, d, out=d)
+    return np.asarray(d.sum() * _mse_scale(reduction, d.size), dtype=pred.dtype)
 
 
 @implements(BACKEND, "mse_loss_backward")
