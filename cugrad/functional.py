@@ -396,8 +396,10 @@ def _inplace_args(op, arrays, optional=()):
         check_shape(op, name, a, ref.shape, f"the shape of {ref_name}")
         # CuPy's flags have no "writeable": device arrays are always writable.
         if name != "grad" and not (a.flags.c_contiguous and getattr(a.flags, "writeable", True)):
+            why = ("it is read-only" if not getattr(a.flags, "writeable", True)
+                   else f"it is not C-contiguous (strides {tuple(a.strides)})")
             raise ValueError(f"{op}: argument {name!r} is updated in place and must be a "
-                             f"writable C-contiguous array, got {describe(a)}")
+                             f"writable C-contiguous array, but {why}: {describe(a)}")
     check_no_overlap(op, arr)
     return backend, arr
 

@@ -123,6 +123,15 @@ def gradcheck(fn, *inputs, backward, grad_output=None, eps=1e-6, atol=1e-5, rtol
     eps = _check_eps(op, eps)
     atol = check_scalar(op, "atol", atol)
     rtol = check_scalar(op, "rtol", rtol)
+    if not callable(fn):
+        raise TypeError(f"{op}: fn must be a function of the inputs, got "
+                        f"{type(fn).__name__} {fn!r}")
+    if not callable(backward):
+        raise TypeError(f"{op}: backward must be a function (grad_output, *inputs) -> "
+                        f"gradients, got {type(backward).__name__} {backward!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise TypeError(f"{op}: seed must be a non-negative int (it seeds the default "
+                        f"grad_output), got {type(seed).__name__} {seed!r}")
     xs = _float64_copies(op, inputs)
     y = _output(op, fn(*xs))
     y_host = np.asarray(to_numpy(y), dtype=np.float64)

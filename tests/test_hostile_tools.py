@@ -345,3 +345,31 @@ def test_asarray_of_an_int_beyond_float64_is_a_value_error():
     with pytest.raises(ValueError, match=r"^asarray: argument 'x' holds a number beyond "
                                          r"float64's range"):
         cugrad.asarray([10 ** 400])
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    (dict(seed="a"), r"seed must be a non-negative int.*got str 'a'"),
+    (dict(seed=-1), r"seed must be a non-negative int.*got int -1"),
+    (dict(seed=True), r"seed must be a non-negative int"),
+    (dict(backward=None), r"backward must be a function.*got NoneType None"),
+], ids=["str seed", "negative seed", "bool seed", "no backward"])
+def test_gradcheck_names_a_bad_seed_or_backward(kwargs, says):
+    args = dict(backward=lambda g, x: g * 2.0)
+    args.update(kwargs)
+    with pytest.raises(TypeError, match=rf"^gradcheck: {says}"):
+        gradcheck(lambda x: x * 2.0, np.ones(3), **args)
+
+
+@pytest.mark.parametrize("how, says", [
+    ("read-only", "but it is read-only"),
+    ("fortran", r"but it is not C-contiguous \(strides \(4, 12\)\)"),
+    ("reversed", r"but it is not C-contiguous \(strides \(-4,\)\)"),
+], ids=str)
+def test_an_in_place_target_says_which_rule_it_breaks(how, says):
+    p = {"read-only": np.ones((3, 4), np.float32), "fortran": np.ones((3, 4), np.float32, order="F"),
+         "reversed": np.ones(5, np.float32)[::-1]}[how]
+    if how == "read-only":
+        p.flags.writeable = False
+    with pytest.raises(ValueError, match=rf"^sgd_step: argument 'param' is updated in place and "
+                                         rf"must be a writable C-contiguous array, {says}"):
+        F.sgd_step(p, np.ones(p.shape, np.float32), lr=0.1)
