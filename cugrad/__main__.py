@@ -6,8 +6,14 @@ from __future__ import annotations
 import sys
 
 
-def info() -> int:
+def info(argv=()) -> int:
+    import argparse
+
     import numpy as np
+
+    argparse.ArgumentParser(prog="python -m cugrad info", description=COMMANDS["info"] +
+                            " (cugrad and NumPy versions, the CUDA backend's state); "
+                            "no options").parse_args(list(argv))
 
     import cugrad
     print(f"cugrad {cugrad.__version__}, NumPy {np.__version__}")
@@ -46,7 +52,7 @@ def main(argv=None) -> int:
     if argv[0] == "compile":
         from .backends.cuda.precompile import main as compile_main
         return compile_main(argv[1:])
-    return info()
+    return info(argv[1:])
 
 
 if __name__ == "__main__":

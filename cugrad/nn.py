@@ -239,8 +239,10 @@ class Module:
         return {name: p.data for name, p in self.named_parameters()}
 
     def load_state_dict(self, state: dict) -> "Module":
-        """Copy ``state`` into the parameters. Every key must be present with the right
-        shape; on any error nothing is changed and the message names the key."""
+        """Replace each parameter's array with an own C-contiguous copy of ``state[name]``
+        in the parameter's dtype and device (arrays taken earlier from ``state_dict()``
+        keep the old values). Every key must be present with the right shape; on any error
+        nothing is changed and the message names the key."""
         if not isinstance(state, Mapping):
             raise TypeError(f"load_state_dict: state must be a mapping of parameter name to "
                             f"array (as state_dict() returns), got {type(state).__name__}")

@@ -75,7 +75,7 @@ def median_ms(fn, repeats):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--sizes", default="784,256,256,10")
     p.add_argument("--repeats", type=int, default=200)

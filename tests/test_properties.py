@@ -59,12 +59,12 @@ def test_linear_forward_backward_property(backend, n, d_in, d_out, act, with_bia
     # The backward's contract is f' from the SAVED output (MATH.md §3): near saturation
     # 1 − z² cancels, so the reference takes f' from the output the op returned.
     zs = backend.get(y).astype(np.float64)
-    dpre = gy * {None: 1.0, "sigmoid": zs * (1 - zs), "tanh": 1 - zs * zs,
+    dpre = gy * {None: 1.0, "sigmoid": zs * (1 - zs), "tanh": (1 - zs) * (1 + zs),
                  "relu": (zs > 0).astype(np.float64)}[act]
-    assert rel_err(gx, dpre @ w.astype(np.float64)) < 10 * tol(dtype)
-    assert rel_err(gw, dpre.T @ x.astype(np.float64)) < 10 * tol(dtype)
+    assert rel_err(gx, dpre @ w.astype(np.float64)) < tol(dtype)
+    assert rel_err(gw, dpre.T @ x.astype(np.float64)) < tol(dtype)
     if with_bias:
-        assert rel_err(gb, dpre.sum(axis=0)) < 10 * tol(dtype)
+        assert rel_err(gb, dpre.sum(axis=0)) < tol(dtype)
 
 
 @given(m=dims, n=dims, dtype=dtypes, seed=seeds)
@@ -107,8 +107,7 @@ def test_cross_entropy_property(backend, n, c, reduction, kind, dtype, seed):
     ref_loss, ref_grad = xent_ref(z, t, reduction)
     loss, grad = F.cross_entropy_with_grad(backend.put(z), backend.put(t), reduction=reduction)
     assert abs(float(loss) - ref_loss) <= tol(dtype) * max(1.0, abs(ref_loss))
-    assert np.abs(backend.get(grad) - ref_grad).max() <= 10 * tol(dtype, "elementwise") * \
-        max(1.0, np.abs(ref_grad).max())
+    assert rel_err(grad, ref_grad) < tol(dtype, "elementwise")
 
 
 @given(shape=st.tuples(dims, dims), name=st.sampled_from(["sigmoid", "tanh", "relu"]),

@@ -8,6 +8,7 @@ not import CuPy (the context imports it lazily, at the first launch).
     loader.py    reads the .cu sources (source checkout or installed package data)
     ops.py       one typed launcher per kernel family; the registered ops
     interop.py   zero-copy exchange with PyTorch and other GPU array libraries
+    precompile.py  ``python -m cugrad compile``: every module compiled ahead of use
 """
 
 from . import ops  # noqa: F401  (registers the ops)
