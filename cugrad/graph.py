@@ -58,7 +58,7 @@ _OP = "capture_train_step"
 def capture_train_step(model, loss_fn, optimizer, x_example, y_example, *, warmup=3):
     """Capture one training step of ``model`` as a CUDA graph; returns a ``TrainStepGraph``.
 
-    The step is ``optimizer.zero_grad(); loss = loss_fn(model(x), y);
+    The step is ``optimizer.zero_grad(); model.zero_grad(); loss = loss_fn(model(x), y);
     model.backward(loss_fn.backward(), input_grad=False); optimizer.step()`` (no gradient
     for the input batch; a model whose ``backward`` has no ``input_grad`` computes it and
     it is dropped). ``x_example`` and ``y_example`` (CUDA arrays) fix the shapes and dtypes
@@ -104,7 +104,8 @@ class TrainStepGraph:
     that stream; nothing waits for the device). It returns the loss as a 0-d device array
     that is a static buffer: the next call overwrites it, so copy it (``float(loss)``,
     ``loss.copy()``) to keep a value. Afterwards each parameter's ``.grad`` is the
-    gradient of this step (also a buffer the next call overwrites). Every replay uses the
+    gradient of this step (also a buffer the next call overwrites), for the parameters the
+    optimiser leaves alone too: a replayed step does not accumulate gradients over steps. Every replay uses the
     same buffers: calls on different streams must be ordered by the caller.
     """
 
@@ -139,7 +140,11 @@ class TrainStepGraph:
                 cupy.copyto(self._y, y_example)
 
                 def train_step():
+                    # Every parameter's gradient is this step's: the model's too, where the
+                    # optimiser updates only some (a frozen layer's would otherwise
+                    # accumulate over the warm-ups and every replay).
                     optimizer.zero_grad()
+                    model.zero_grad()
                     loss = loss_fn(model(self._x), self._y)
                     run_backward(model, loss_fn.backward(), input_grad=False)
                     optimizer.step()

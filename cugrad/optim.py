@@ -80,7 +80,14 @@ class Optimizer:
 
     def _check(self, p: Parameter, state: dict):
         """Validate p's update and return it as a function of no arguments that makes it
-        (and records any per-step state) inside the op's range."""
+        (and records any per-step state) inside the op's range. A subclass written for the
+        earlier hook, ``_update(p, state)`` (check and update in one), still works, without
+        the all-or-nothing step."""
+        if type(self)._update is not Optimizer._update:
+            return functools.partial(self._update, p, state)
+        raise NotImplementedError(f"{type(self).__name__} defines neither _check nor _update")
+
+    def _update(self, p: Parameter, state: dict) -> None:
         raise NotImplementedError
 
     def _buffer(self, p: Parameter, state: dict, name: str):

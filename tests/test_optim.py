@@ -164,3 +164,17 @@ def test_functional_steps_validate_in_place_arrays():
         F.adam_step(p, p.copy(), p.copy(), p.copy(), step=0, lr=0.1)
     with pytest.raises(ValueError, match="shape"):
         F.adam_step(p, p.copy(), p.copy(), np.ones(3, np.float32), step=1, lr=0.1)
+
+
+def test_an_optimiser_subclass_with_the_update_hook_still_steps():
+    """A subclass written for ``_update(p, state)`` (check and update in one) keeps working."""
+    class Halve(optim.Optimizer):
+        def _update(self, p, state):
+            p.data *= 0.5
+
+    p = nn.Parameter(np.ones(3, np.float32))
+    p.grad = np.ones(3, np.float32)
+    Halve([p]).step()
+    np.testing.assert_array_equal(p.data, np.full(3, 0.5, np.float32))
+    with pytest.raises(NotImplementedError, match="defines neither _check nor _update"):
+        optim.Optimizer([p]).step()
