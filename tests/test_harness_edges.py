@@ -315,17 +315,36 @@ def test_gemm_same_array_as_both_operands(cpu, rng):
             run_gemm(cpu, x, x, ta, tb, None, None, F32, m, m, x.shape[0] if ta else x.shape[1])
 
 
-def test_gemm_empty_output_and_grid_limit(cpu, monkeypatch):
-    """M = 0 or N = 0: an empty result without a launch. N beyond MAX_GRID_YZ column tiles: a
-    clear ValueError, not a launch the GPU would refuse (the limit shrunk to 1 tile here)."""
+def test_gemm_empty_output_without_a_launch(cpu):
+    """M = 0 or N = 0: an empty result without a launch."""
     first = len(cpu.calls)
     for m, n in ((0, 5), (5, 0)):
         out = on_cpu(cpu, "gemm", np.ones((m, 3), np.float32), np.ones((3, n), np.float32), False, False, None, None)
         assert out.shape == (m, n)
     assert launched(cpu, first) == []
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_wider_than_the_grid_runs_in_column_bands(cpu, rng, monkeypatch, layout, dtype):
+    """N beyond MAX_GRID_YZ column tiles (65535: 8.4M float32 columns, 4.2M float64; shrunk
+    to 1 here): the launcher computes the product a band of columns at a time, each launch
+    within the limit, bias and activation applied per band, through both kernels."""
+    rec = _Recorder(cpu)
+    monkeypatch.setattr(cpu, "function", rec.function)
     monkeypatch.setattr(config, "MAX_GRID_YZ", 1)
-    with pytest.raises(ValueError, match="column tiles"):
-        on_cpu(cpu, "gemm", np.ones((5, 3), np.float32), np.ones((3, 200), np.float32), False, False, None, None)
+    ta, tb = LAYOUTS[layout]
+    m, n, k = 5, 150, 7
+    a = data(rng, *((k, m) if ta else (m, k)), dtype=dtype)
+    b = data(rng, *((n, k) if tb else (k, n)), dtype=dtype)
+    bias = data(rng, n, dtype=dtype)
+    for kernel in ("tiled", "reference"):
+        rec.launches.clear()
+        with case(f"gemm_{kernel}"), use_context(cpu):
+            out = (CU["gemm"] if kernel == "tiled" else gemm_reference)(a, b, ta, tb, bias, "tanh")
+        check(out, gemm64(a, b, ta, tb, bias, "tanh"), NP["gemm"](a, b, ta, tb, bias, "tanh"), dtype)
+        gemms = [g for name, g, _ in rec.launches if name.startswith("gemm_")]
+        assert len(gemms) >= 3 and all(g[1] <= 1 for g in gemms), rec.launches
 
 
 # ----------------------------------------------------------------------------- bias_grad

@@ -1206,12 +1206,13 @@ def test_mse_sum_past_2_31_elements(big):
 @pytest.mark.gpu
 def test_matrix_dimensions_past_32_bits_are_refused_before_launch(gpu):
     """M, K or N of 2^31 (zero-stride views: no memory) must be a ValueError naming the size
-    and 2^31 before anything is allocated or launched; an output wider than the grid allows
-    (N > 65535 * 128 columns) must be correct or refused with a message naming the grid.
-    Fails on any other outcome."""
+    and 2^31 before anything is allocated or launched, and so must rows of 2^31 classes in
+    the row-wise ops; an output wider than the grid's column tiles (N > 65535 * 128) is
+    computed in column bands and must be correct. Fails on any other outcome."""
     cp = gpu
     one = cp.ones((1, 1), cp.float32)
     big_cols, big_rows = cp.broadcast_to(one, (1, TWO31)), cp.broadcast_to(one, (TWO31, 1))
+    target = cp.zeros(1, cp.int64)
     pool = cp.get_default_memory_pool()
     before = pool.used_bytes()
     for what, call in (("K", lambda: F.matmul(big_cols, big_rows)),
@@ -1220,13 +1221,15 @@ def test_matrix_dimensions_past_32_bits_are_refused_before_launch(gpu):
         with pytest.raises(ValueError) as info:
             call()
         assert f"size {what} = {TWO31}" in str(info.value) and "2^31" in str(info.value), str(info.value)
+    for what, call in (("softmax", lambda: F.softmax(big_cols)),
+                       ("log_softmax", lambda: F.log_softmax(big_cols)),
+                       ("cross_entropy", lambda: F.cross_entropy(big_cols, target)),
+                       ("cross_entropy_backward", lambda: F.cross_entropy_backward(big_cols, target))):
+        with pytest.raises(ValueError, match=rf"row length C = {TWO31} exceeds 2\^31 - 1"):
+            call()
     assert pool.used_bytes() == before, "memory was allocated before the refusal"
     wide = 65535 * 128 + 1
     rng = np.random.default_rng(5)
     a, b = randn(rng, 2, 3), randn(rng, 3, wide)
-    try:
-        out = F.matmul(cp.asarray(a), cp.asarray(b))
-    except ValueError as exc:
-        assert "grid" in str(exc) and str(wide) in str(exc), str(exc)
-    else:
-        assert rel_err(out, a.astype(np.float64) @ b) < TOL
+    out = F.matmul(cp.asarray(a), cp.asarray(b))
+    assert rel_err(out, a.astype(np.float64) @ b) < TOL

@@ -69,6 +69,16 @@ def _gemm(a, b, trans_a, trans_b, bias, activation, kernel: str):
     out = ctx.empty((m, n), a.dtype)
     if m == 0 or n == 0:
         return out
+    width = _gemm_max_width(kernel, a.dtype.name)
+    if n > width:
+        # More column tiles than grid y holds (65535): the product a column band at a time,
+        # each band a launch of its own (op(b)'s columns are b's rows when trans_b, a view).
+        for j in range(0, n, width):
+            cols = slice(j, min(j + width, n))
+            band = _gemm(a, b[cols] if trans_b else b[:, cols], trans_a, trans_b,
+                         None if bias is None else bias[cols], activation, kernel)
+            out[:, cols] = band
+        return out
     A, ta = _gemm_operand(xp, a, trans_a)
     B, tb = _gemm_operand(xp, b, trans_b)
     dtype = a.dtype.name
@@ -98,6 +108,14 @@ def _gemm(a, b, trans_a, trans_b, bias, activation, kernel: str):
                             (target, bias_arg, out, np.int64(m * n), np.int32(n),
                              np.int32(plan.splits)))
     return out
+
+
+def _gemm_max_width(kernel: str, dtype: str) -> int:
+    """The widest output one launch of ``kernel`` covers whatever tile the plan picks:
+    grid y holds the column tiles."""
+    narrowest = (config.GEMM_REF_TILE if kernel == "reference"
+                 else min(t.bn for t in config.GEMM_TILES[dtype]))
+    return config.MAX_GRID_YZ * narrowest
 
 
 def _gemm_grid(m: int, n: int, tile_m: int, tile_n: int, splits: int = 1) -> tuple[int, int, int]:
@@ -197,6 +215,7 @@ def _row_launch(ctx, name: str, rows: int, cols: int, args: tuple) -> None:
 
 def _softmax(x, log: bool):
     ctx = current_context()
+    _check_int32("row length C", x.shape[1])     # before any copy or allocation
     x = ctx.xp.ascontiguousarray(x)
     rows, cols = x.shape
     out = ctx.empty(x.shape, x.dtype)
@@ -240,6 +259,7 @@ def _sum(ctx, a, b, n: int, scale: float):
 def _xent(logits, target, reduction, want_loss: bool, want_grad: bool):
     ctx = current_context()
     xp = ctx.xp
+    _check_int32("row length C", logits.shape[1])     # before any copy or allocation
     z = xp.ascontiguousarray(logits)
     t = xp.ascontiguousarray(target)
     rows, cols = z.shape
