@@ -14,6 +14,8 @@ on the device, so the replays advance it); ``--optimizer sgd`` trains with SGD (
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 
@@ -177,6 +179,10 @@ def train(epochs=30, batch_size=64, lr=None, hidden=128, seed=0, device="auto",
         mean_loss = float(total) / n_batches
         epoch_times.append(time.perf_counter() - start)
         losses.append(mean_loss)
+        if not math.isfinite(mean_loss):
+            raise SystemExit(f"training diverged: the mean loss of epoch {epoch} is "
+                             f"{mean_loss} ({opt_text}, batch size {batch_size}); lower the "
+                             "learning rate (--lr): small batches need a smaller one")
     acc = accuracy(model, xte_d, yte_d)
     mode = ", CUDA graph" if graph else ""
     log(f"test accuracy {acc * 100:.2f}%  |  backend {backend}{mode}  |  "
@@ -205,21 +211,62 @@ def save_plot(losses, path: str) -> None:
     plt.close(fig)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _png_path(text: str) -> str:
+    """A .png path in a directory that exists: checked before training, not after."""
+    if not text.lower().endswith(".png") or os.path.basename(text) in ("", ".png"):
+        raise argparse.ArgumentTypeError(f"expected a file name ending in .png, got {text!r}")
+    folder = os.path.dirname(text) or "."
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder!r} does not exist")
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cugrad demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float,
+    p.add_argument("--epochs", type=_positive_int, default=30)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=_learning_rate,
                    help="learning rate (default: 3e-3 for Adam, 0.05 for SGD)")
     p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="adam (default) or sgd (momentum 0.9)")
     p.add_argument("--graph", action="store_true",
                    help="replay the training step as a CUDA graph (GPU only)")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=_positive_int, default=128)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--plot", metavar="FILE.png", help="save the loss curve to this file")
+    p.add_argument("--plot", metavar="FILE.png", type=_png_path,
+                   help="save the loss curve to this file (a .png, overwritten if it exists)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     result = train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

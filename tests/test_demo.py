@@ -99,3 +99,37 @@ def test_demo_epoch_loss_is_the_mean_of_its_batch_losses(monkeypatch):
     for epoch, loss in enumerate(result["losses"]):
         per_batch = seen[epoch * batches:(epoch + 1) * batches]
         assert loss == pytest.approx(sum(per_batch) / batches, rel=1e-6)
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--epochs", "0", "expected a positive integer, got 0"),
+    ("--batch-size", "-4", "expected a positive integer, got -4"),
+    ("--hidden", "0", "expected a positive integer, got 0"),
+    ("--seed", "-1", "expected an integer >= 0, got -1"),
+    ("--lr", "nan", "expected a finite number > 0, got nan"),
+    ("--lr", "-0.1", "expected a finite number > 0, got -0.1"),
+    ("--plot", "curve", "expected a file name ending in .png, got 'curve'"),
+    ("--plot", "", "expected a file name ending in .png, got ''"),
+    ("--plot", "no/such/folder/c.png", "the folder 'no/such/folder' does not exist"),
+])
+def test_demo_refuses_bad_options_before_training(capsys, option, value, says):
+    """A usage error naming the option (exit 2), before any data is loaded: they were
+    tracebacks from inside the library, or (--plot) a file of another name written after the
+    whole run."""
+    from cugrad.demo import main
+    with pytest.raises(SystemExit) as info:
+        main([option, value, "--device", "cpu", "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {says}" in err, err
+
+
+def test_demo_stops_with_an_error_when_training_diverges():
+    """SGD at lr 0.05 and batch 1 diverges (the loss becomes NaN): the demo says so and
+    exits non-zero instead of reporting a NaN curve as a success."""
+    need_sklearn()
+    from cugrad.demo import main
+    with pytest.warns(RuntimeWarning), pytest.raises(SystemExit) as info:
+        main(["--optimizer", "sgd", "--batch-size", "1", "--epochs", "2", "--device", "cpu",
+              "--no-progress"])
+    assert "training diverged" in str(info.value.code) and "--lr" in str(info.value.code)
