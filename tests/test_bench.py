@@ -549,3 +549,20 @@ def test_smoke_run_on_the_cupy_stand_in(tmp_path):
     # every figure without a PyTorch peer or an imitation gap was timed
     assert timed == sum(1 for f in figures if f["peer"] != "PyTorch"
                         and f["name"] != "linear_bias_sigmoid") > 20
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--out", "table.md", "expected a file name ending in .json, got 'table.md'"),
+    ("--out", "", "expected a file name ending in .json, got ''"),
+    ("--out", "no/such/folder/r.json", "the folder 'no/such/folder' does not exist"),
+    ("--max-seconds", "-5", "expected a finite number of seconds > 0, got -5"),
+    ("--max-seconds", "nan", "expected a finite number of seconds > 0, got nan"),
+])
+def test_bad_options_are_usage_errors(capsys, option, value, says):
+    """--out X.md had the table written over the JSON; a negative or NaN budget skipped every
+    figure or none, silently."""
+    from cugrad.bench import main
+    with pytest.raises(SystemExit) as info:
+        main([option, value])
+    assert info.value.code == 2
+    assert f"argument {option}: {says}" in capsys.readouterr().err
