@@ -90,6 +90,7 @@ def worker(mode: str, scale: float) -> dict:
 
     def step(n):
         for _ in range(n):
+            opt.zero_grad()       # no range; without it each step adds 4 accumulate ranges
             loss_fn(model(x), y)
             model.backward(loss_fn.backward(), input_grad=False)
             opt.step()
