@@ -35,14 +35,21 @@ COMMANDS = {"demo": "train an MLP on handwritten digits (GPU if available)",
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--version":
+        import cugrad
+        print(f"cugrad {cugrad.__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        if argv and argv[0] not in ("-h", "--help"):
+        asked = not argv or argv[0] in ("-h", "--help")
+        out = sys.stdout if asked else sys.stderr     # usage after an error goes with it
+        if not asked:
             print(f"python -m cugrad: unknown command {argv[0]!r}; expected one of "
-                  f"{', '.join(COMMANDS)}", file=sys.stderr)
-        print(f"usage: python -m cugrad {{{','.join(COMMANDS)}}} [options]\n")
+                  f"{', '.join(COMMANDS)}", file=out)
+        print(f"usage: python -m cugrad [--version] {{{','.join(COMMANDS)}}} [options]\n",
+              file=out)
         for name, text in COMMANDS.items():
-            print(f"  {name:7s} {text}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+            print(f"  {name:7s} {text}", file=out)
+        return 0 if asked else 2
     if argv[0] == "demo":
         from .demo import main as demo_main
         return demo_main(argv[1:])

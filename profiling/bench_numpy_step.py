@@ -74,14 +74,39 @@ def median_ms(fn, repeats):
     return statistics.median(times)
 
 
+def _at_least(low):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _sizes(text):
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if len(sizes) < 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected three or more positive widths (input, "
+                                         f"hidden..., classes), got {text!r}")
+    return sizes
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--sizes", default="784,256,256,10")
-    p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--batch", type=_at_least(1), default=128)
+    p.add_argument("--sizes", type=_sizes, default="784,256,256,10",
+                   help="layer widths, input first, at least three (one hidden layer)")
+    p.add_argument("--repeats", type=_at_least(5), default=200,
+                   help="timed steps per side, in 5 interleaved rounds")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = args.sizes
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, sizes[0])).astype(np.float32)
     y = rng.integers(0, sizes[-1], size=args.batch)

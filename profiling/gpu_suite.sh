@@ -43,8 +43,10 @@ sanitize() {
     SUMMARY+=("$tool: rc=$rc; $(tail -1 "$OUT/$tool.pytest.log"); sanitizer: $(grep -E 'ERROR SUMMARY' "$OUT/$tool.sanitizer.log" | sort | uniq -c | tr '\n' ' ')")
 }
 
-# "N figures: met 3, missed 2, report 9, ..." from a bench JSON.
+# "N figures: met 3, missed 2, report 9, ..." from a bench JSON; the log's last line (the
+# bench's own reason) when it wrote none.
 bench_counts() {
+    [ -f "$1" ] || { tail -1 "$2"; return; }
     $PY -c 'import collections, json, sys
 from cugrad.bench import figure_status
 figs = json.load(open(sys.argv[1]))["figures"]
@@ -77,18 +79,18 @@ for step in "${STEPS[@]}"; do
         SUMMARY+=("suite: rc=$?; $(tail -1 "$OUT/suite.log")")
         ;;
     demo)
-        timeout 120 $PY -m cugrad demo > "$OUT/demo.log" 2>&1
+        timeout 120 $PY -m cugrad demo --device cuda > "$OUT/demo.log" 2>&1
         SUMMARY+=("demo: rc=$?; $(tail -2 "$OUT/demo.log" | tr '\n' ' ')")
         ;;
     bench)
         timeout $(( ${BENCH_SECONDS:-200} + 120 )) $PY -m cugrad bench --max-seconds "${BENCH_SECONDS:-200}" \
             ${BENCH_ARGS:-} --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-        SUMMARY+=("bench: rc=$?; $(bench_counts "$OUT/bench.json")")
+        SUMMARY+=("bench: rc=$?; $(bench_counts "$OUT/bench.json" "$OUT/bench.log")")
         ;;
     plans)
         timeout 300 $PY -m cugrad bench --gemm-plans --only gemm_plan --max-seconds 180 \
             --out "$OUT/gemm-plans.json" > "$OUT/gemm-plans.log" 2>&1
-        SUMMARY+=("plans: rc=$?; $(bench_counts "$OUT/gemm-plans.json")")
+        SUMMARY+=("plans: rc=$?; $(bench_counts "$OUT/gemm-plans.json" "$OUT/gemm-plans.log")")
         ;;
     memcheck)  sanitize memcheck ;;
     racecheck) sanitize racecheck --racecheck-report all ;;

@@ -25,6 +25,7 @@ CONFIGS=("$@")
 
 command -v "$NSYS" >/dev/null || { echo "nsys_train.sh: '$NSYS' not found" >&2; exit 2; }
 mkdir -p "$OUT_DIR"
+MISSING=0
 for CONFIG in "${CONFIGS[@]}"; do
     REP="$OUT_DIR/nsys_$CONFIG"
     CMD=("$NSYS" profile -t cuda,nvtx --capture-range=cudaProfilerApi
@@ -34,6 +35,7 @@ for CONFIG in "${CONFIGS[@]}"; do
     "${CMD[@]}"
     if [ ! -f "$REP.nsys-rep" ]; then
         echo "nsys_train.sh: nsys wrote no $REP.nsys-rep (see its output above)" >&2
+        MISSING=$((MISSING + 1))
         continue
     fi
     for REPORT in nvtx_sum nvtx_gpu_proj_sum cuda_gpu_kern_sum cuda_api_sum; do
@@ -43,3 +45,5 @@ for CONFIG in "${CONFIGS[@]}"; do
     done
     ls "${REP}"_*.csv 2>/dev/null || true
 done
+# Non-zero when a configuration produced no report (nsys may record nothing on some machines).
+[ "$MISSING" -eq 0 ] || exit 1

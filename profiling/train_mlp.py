@@ -97,15 +97,40 @@ def step_range():
     return nvtx.annotate("step", domain="train", color="orange")
 
 
+def _count(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _widths(text: str) -> list:
+    """--widths: at least two positive integers, comma-separated (input, ..., classes)."""
+    try:
+        widths = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if len(widths) < 2 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected two or more positive widths (input, ..., "
+                                         f"classes), got {text!r}")
+    return widths
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="large")
-    ap.add_argument("--batch", type=int, help="override the configuration's batch size")
-    ap.add_argument("--widths", type=lambda s: [int(v) for v in s.split(",")],
+    ap.add_argument("--batch", type=_count(1), help="override the configuration's batch size")
+    ap.add_argument("--widths", type=_widths,
                     help="override the layer widths, e.g. 784,512,10")
-    ap.add_argument("--steps", type=int, default=20, help="measured steps")
-    ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
+    ap.add_argument("--steps", type=_count(1), default=20, help="measured steps")
+    ap.add_argument("--warmup", type=_count(0), default=3, help="unmeasured steps first")
     ap.add_argument("--fused", action="store_true",
                     help="fuse ReLU into Linear (Linear(..., activation='relu'))")
     ap.add_argument("--table", action="store_true",

@@ -51,7 +51,20 @@ def test_unknown_command_says_so(capsys):
     out, err = capsys.readouterr()
     assert "unknown command 'trian'" in err
     assert "demo, info, bench, compile" in err
-    assert "usage: python -m cugrad" in out
+    assert "usage: python -m cugrad" in err and out == ""     # the usage goes with the error
+
+
+def test_version_and_info_help(capsys):
+    from cugrad.__main__ import main
+    import cugrad
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"cugrad {cugrad.__version__}"
+    with pytest.raises(SystemExit) as info:
+        main(["info", "--help"])
+    assert info.value.code == 0 and "no options" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["info", "--bogus"])
+    assert info.value.code == 2
 
 
 def test_compile_without_the_cuda_backend_is_a_clean_error():
