@@ -175,8 +175,11 @@ def compile_module(nvcc: str, cuobjdump: str, module, arch: str, workdir: Path, 
     tu = workdir / f"m{index}_{arch}.cu"
     tu.write_text(instantiation_unit(file, names))
     cubin = tu.with_suffix(".cubin")
-    subprocess.run([nvcc, "-cubin", f"-arch={arch}", *options, "-o", str(cubin), str(tu)],
-                   check=True, capture_output=True, text=True)
+    done = subprocess.run([nvcc, "-cubin", f"-arch={arch}", *options, "-o", str(cubin), str(tu)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"sass_report: nvcc -arch={arch} failed on {file}:\n"
+                         f"{(done.stderr or done.stdout).strip()}")
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
     res = subprocess.run([cuobjdump, "-res-usage", str(cubin)], check=True, capture_output=True,
                          text=True).stdout
@@ -274,6 +277,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="write sass-<arch>-<date>.json and .md here")
     args = p.parse_args(argv)
     result = report(args.arch, args.filter)
+    if not result["kernels"]:
+        print(f"sass_report: no kernel's template name contains {args.filter!r}",
+              file=sys.stderr)
+        return 2
     text = (f"SASS of {len(result['kernels'])} kernels, {result['arch']}, {result['nvcc']}, "
             f"cuobjdump {result['cuobjdump']}, {result['date']}\n\n{table(result)}\n")
     print(text)
