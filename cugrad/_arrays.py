@@ -25,8 +25,9 @@ def asarray(x, *, device=None, dtype=None):
     integers, bools) becomes float32. An explicit numeric ``dtype`` is used as given (int64
     for class indices), for values it can hold: a ValueError, not a wrapped or truncated
     value, for a whole number outside an integer dtype's range, NaN, inf or a fraction into
-    an integer dtype, or a finite value that a narrower float would make infinite. Copies only when the device, dtype or byte order changes. An ndarray
-    subclass comes back as a plain ndarray (np.matrix: its 2-D data, without a copy).
+    an integer dtype, or a finite value that a narrower float would make infinite. Copies
+    only when the device, dtype or byte order changes. An ndarray subclass comes back as a
+    plain ndarray (np.matrix: its 2-D data, without a copy).
 
     TypeError for data that is not real numbers (None, strings, objects that are not
     numbers, complex unless ``dtype`` is complex: pass ``x.real`` or ``abs(x)``) and for a

@@ -257,18 +257,10 @@ def check_no_overlap(op: str, arrays: dict) -> None:
     """No two of ``arrays`` (name -> array or None, one device) share memory: in-place
     updates of aliased state would read what they have just written."""
     present = [(k, v) for k, v in arrays.items() if v is not None and v.size]
-    if len(present) == 2:           # one pair (accumulate, sgd_step without momentum)
-        (name_a, a), (name_b, b) = present
-        if shares_memory(a, b):
-            _overlap_error(op, name_a, a, name_b, b)
-        return
     for i, (name_a, a) in enumerate(present):
         for name_b, b in present[i + 1:]:
             if shares_memory(a, b):
-                _overlap_error(op, name_a, a, name_b, b)
-
-
-def _overlap_error(op: str, name_a: str, a, name_b: str, b):
-    raise ValueError(
-        f"{op}: arguments {name_a!r} and {name_b!r} share memory ({describe(a)}; "
-        f"{describe(b)}); each state array is updated in place and must be its own array")
+                raise ValueError(
+                    f"{op}: arguments {name_a!r} and {name_b!r} share memory ({describe(a)}; "
+                    f"{describe(b)}); each state array is updated in place and must be its "
+                    "own array")

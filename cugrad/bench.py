@@ -83,6 +83,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._cli import finite_positive, new_file
+
 SPREAD = "p10-p90"           # what "spread" holds: 10th and 90th percentile, ms
 L2_FALLBACK_BYTES = 50 * 2**20
 ROTATION_FACTOR = 2          # input sets total at least this many times the L2 cache ...
@@ -1399,33 +1401,10 @@ def run_suite(settings: Settings, chosen: list[Spec], out_path: Path | None,
     return result, out_path
 
 
-def _json_path(text: str) -> Path:
-    """--out: a .json file in an existing folder (its .md table goes beside it, so a .md
-    --out would be overwritten by the table)."""
-    path = Path(text)
-    if path.suffix.lower() != ".json" or path.name == ".json":
-        raise argparse.ArgumentTypeError(f"expected a file name ending in .json, got {text!r}")
-    if not path.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"the folder '{path.parent}' does not exist")
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder")
-    return path
-
-
-def _budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text}")
-    return value
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cugrad bench",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=_json_path, help="JSON path, ending in .json (default: "
+    ap.add_argument("--out", type=new_file(".json"), help="JSON path, ending in .json (default: "
                     "profiling/results/bench-<gpu>-<yyyymmdd>.json); the table goes beside it "
                     "as .md")
     ap.add_argument("--only", action="append", metavar="SUBSTR",
@@ -1435,7 +1414,7 @@ def main(argv=None) -> int:
                     help="every figure at tiny shapes, 2 timed calls each: checks that the "
                     "suite runs (also on the CPU stand-in for CuPy); the timings mean nothing. "
                     "Written under the temp folder unless --out is given")
-    ap.add_argument("--max-seconds", type=_budget, default=DEFAULT_MAX_SECONDS,
+    ap.add_argument("--max-seconds", type=finite_positive(" of seconds"), default=DEFAULT_MAX_SECONDS,
                     help="start no figure after this many seconds; the rest are recorded "
                     f"as skipped (default {DEFAULT_MAX_SECONDS:g})")
     ap.add_argument("--list", action="store_true", help="list the figures and exit")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 
@@ -24,6 +23,7 @@ import numpy as np
 from . import _backend, nn, optim
 from . import functional as F
 from ._arrays import asarray, to_numpy
+from ._cli import finite_positive, int_at_least, new_file
 from .graph import capture_train_step
 
 OPTIMIZERS = ("adam", "sgd")
@@ -211,61 +211,21 @@ def save_plot(losses, path: str) -> None:
     plt.close(fig)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _learning_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
-
-
-def _png_path(text: str) -> str:
-    """A .png path in a directory that exists: checked before training, not after."""
-    if not text.lower().endswith(".png") or os.path.basename(text) in ("", ".png"):
-        raise argparse.ArgumentTypeError(f"expected a file name ending in .png, got {text!r}")
-    folder = os.path.dirname(text) or "."
-    if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"the folder {folder!r} does not exist")
-    return text
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cugrad demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=_positive_int, default=30)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--lr", type=_learning_rate,
+    p.add_argument("--epochs", type=int_at_least(1), default=30)
+    p.add_argument("--batch-size", type=int_at_least(1), default=64)
+    p.add_argument("--lr", type=finite_positive(),
                    help="learning rate (default: 3e-3 for Adam, 0.05 for SGD)")
     p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="adam (default) or sgd (momentum 0.9)")
     p.add_argument("--graph", action="store_true",
                    help="replay the training step as a CUDA graph (GPU only)")
-    p.add_argument("--hidden", type=_positive_int, default=128)
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--hidden", type=int_at_least(1), default=128)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--plot", metavar="FILE.png", type=_png_path,
+    p.add_argument("--plot", metavar="FILE.png", type=new_file(".png"),
                    help="save the loss curve to this file (a .png, overwritten if it exists)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

@@ -422,7 +422,7 @@ def sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, weight_decay=0
     (buf starts at zero) and g = buf; param -= lr·g. ``momentum_buf`` is required exactly
     when momentum > 0."""
     _checked_sgd_step(param, grad, momentum_buf, lr=lr, momentum=momentum,
-                     weight_decay=weight_decay)()
+                      weight_decay=weight_decay)()
 
 
 def _checked_sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, weight_decay=0.0):
@@ -460,11 +460,11 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.
     device, so a CUDA graph's replays advance it (``optim.Adam(capturable=True)``); its value
     is not checked on the GPU (that would wait for the device): it must be >= 0."""
     _checked_adam_step(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1,
-                      beta2=beta2, eps=eps, weight_decay=weight_decay)()
+                       beta2=beta2, eps=eps, weight_decay=weight_decay)()
 
 
 def _checked_adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999,
-                      eps=1e-8, weight_decay=0.0):
+                       eps=1e-8, weight_decay=0.0):
     """``adam_step``'s validation alone, as ``_checked_sgd_step``: the update (and a
     counter's increment) happens only when the returned function is called."""
     op = "adam_step"

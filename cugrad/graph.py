@@ -105,8 +105,9 @@ class TrainStepGraph:
     that is a static buffer: the next call overwrites it, so copy it (``float(loss)``,
     ``loss.copy()``) to keep a value. Afterwards each parameter's ``.grad`` is the
     gradient of this step (also a buffer the next call overwrites), for the parameters the
-    optimiser leaves alone too: a replayed step does not accumulate gradients over steps. Every replay uses the
-    same buffers: calls on different streams must be ordered by the caller.
+    optimiser leaves alone too: a replayed step does not accumulate gradients over steps.
+    Every replay uses the same buffers: calls on different streams must be ordered by the
+    caller.
     """
 
     def __init__(self):

@@ -10,7 +10,7 @@ from ._arrays import asarray
 from ._backend import backend_for_device, device_of
 from ._checks import check_scalar
 from ._trace import op_range
-from .nn import Module, Parameter
+from .nn import Module, Parameter, _add_note
 
 __all__ = ["Optimizer", "SGD", "Adam"]
 
@@ -23,11 +23,6 @@ def _in_range(name, device, update):
         return
     with op_range(name, device):
         update()
-
-
-def _add_note(exc: BaseException, note: str) -> None:
-    if hasattr(exc, "add_note"):        # Python >= 3.11
-        exc.add_note(note)
 
 
 class Optimizer:

@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
 
 import cugrad  # noqa: E402
+from cugrad._cli import int_at_least  # noqa: E402
 from cugrad import nn, optim  # noqa: E402
 
 
@@ -74,18 +75,6 @@ def median_ms(fn, repeats):
     return statistics.median(times)
 
 
-def _at_least(low):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-    return parse
-
-
 def _sizes(text):
     try:
         sizes = [int(s) for s in text.split(",")]
@@ -99,10 +88,10 @@ def _sizes(text):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=_at_least(1), default=128)
+    p.add_argument("--batch", type=int_at_least(1), default=128)
     p.add_argument("--sizes", type=_sizes, default="784,256,256,10",
                    help="layer widths, input first, at least three (one hidden layer)")
-    p.add_argument("--repeats", type=_at_least(5), default=200,
+    p.add_argument("--repeats", type=int_at_least(5), default=200,
                    help="timed steps per side, in 5 interleaved rounds")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()

@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
 
 import cugrad  # noqa: E402
+from cugrad._cli import int_at_least  # noqa: E402
 from cugrad.nn import CrossEntropyLoss, Linear, ReLU, Sequential  # noqa: E402
 from cugrad.optim import SGD  # noqa: E402
 from cugrad.profiler import profile  # noqa: E402
@@ -97,19 +98,6 @@ def step_range():
     return nvtx.annotate("step", domain="train", color="orange")
 
 
-def _count(low: int):
-    """An argparse type: an integer >= low."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-    return parse
-
-
 def _widths(text: str) -> list:
     """--widths: at least two positive integers, comma-separated (input, ..., classes)."""
     try:
@@ -126,11 +114,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="large")
-    ap.add_argument("--batch", type=_count(1), help="override the configuration's batch size")
+    ap.add_argument("--batch", type=int_at_least(1), help="override the configuration's batch size")
     ap.add_argument("--widths", type=_widths,
                     help="override the layer widths, e.g. 784,512,10")
-    ap.add_argument("--steps", type=_count(1), default=20, help="measured steps")
-    ap.add_argument("--warmup", type=_count(0), default=3, help="unmeasured steps first")
+    ap.add_argument("--steps", type=int_at_least(1), default=20, help="measured steps")
+    ap.add_argument("--warmup", type=int_at_least(0), default=3, help="unmeasured steps first")
     ap.add_argument("--fused", action="store_true",
                     help="fuse ReLU into Linear (Linear(..., activation='relu'))")
     ap.add_argument("--table", action="store_true",

@@ -1,0 +1,52 @@
+"""argparse types shared by the command lines (demo, bench, the profiling scripts): a bad
+value is a usage error naming the option, before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+
+def int_at_least(low: int):
+    """An integer >= ``low``."""
+    what = "a positive integer" if low == 1 else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+    return parse
+
+
+def finite_positive(unit: str = ""):
+    """A finite number > 0; ``unit`` (" of seconds") goes into the message."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number{unit}, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"expected a finite number{unit} > 0, got {text}")
+        return value
+    return parse
+
+
+def new_file(suffix: str):
+    """A file name ending in ``suffix`` (".png") in a folder that exists, not a folder:
+    checked before the work whose result it will hold."""
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if not text.lower().endswith(suffix) or path.name in ("", suffix):
+            raise argparse.ArgumentTypeError(f"expected a file name ending in {suffix}, got "
+                                             f"{text!r}")
+        if not path.parent.is_dir():
+            raise argparse.ArgumentTypeError(f"the folder '{path.parent}' does not exist")
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder")
+        return path
+    return parse
