@@ -12,7 +12,9 @@
 # bench: the benchmark suite (python -m cugrad bench, BENCH_SECONDS of figures, default 200;
 # BENCH_ARGS adds options, e.g. --quick); plans: its GEMM tile / split-K sweep (--gemm-plans).
 #
-# Writes one log per step under $OUT and prints a short summary last.
+# Writes one log per step under $OUT and prints a short summary last. Every step runs even
+# when an earlier one failed; the exit status is 1 if any step did (the summary names them),
+# 2 for an unknown step (checked before anything runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/cugrad-gpu}
@@ -20,13 +22,28 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export CUGRAD_POISON_OUTPUTS=1
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(env warm suite demo memcheck racecheck)
+SUMMARY=()
+FAILED=()
+for step in "${STEPS[@]}"; do
+    case $step in
+    env|warm|suite|demo|bench|plans|memcheck|racecheck|initcheck|synccheck) ;;
+    *) echo "unknown step $step (steps: env warm suite demo bench plans memcheck racecheck initcheck synccheck)" >&2; exit 2 ;;
+    esac
+done
+
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(env warm suite demo memcheck racecheck)
-SUMMARY=()
+
+# One summary line per step; a non-zero exit status marks the step failed.
+record() {
+    local step=$1 rc=$2; shift 2
+    SUMMARY+=("$step: rc=$rc; $*")
+    [ "$rc" -eq 0 ] || FAILED+=("$step")
+}
 
 # The GPU tests under compute-sanitizer, which follows every process (SAN_WORKERS sets
 # pytest-xdist workers; one log per process, concatenated). SAN_K narrows them (pytest -k);
@@ -40,7 +57,7 @@ sanitize() {
         ${SAN_K:+-k "$SAN_K"} tests > "$OUT/$tool.pytest.log" 2>&1
     local rc=$?
     cat "$OUT"/san/"$tool".*.log > "$OUT/$tool.sanitizer.log" && rm -f "$OUT"/san/"$tool".*.log
-    SUMMARY+=("$tool: rc=$rc; $(tail -1 "$OUT/$tool.pytest.log"); sanitizer: $(grep -E 'ERROR SUMMARY' "$OUT/$tool.sanitizer.log" | sort | uniq -c | tr '\n' ' ')")
+    record "$tool" "$rc" "$(tail -1 "$OUT/$tool.pytest.log"); sanitizer: $(grep -E 'ERROR SUMMARY' "$OUT/$tool.sanitizer.log" | sort | uniq -c | tr '\n' ' ')"
 }
 
 # "N figures: met 3, missed 2, report 9, ..." from a bench JSON; the log's last line (the
@@ -67,39 +84,42 @@ for step in "${STEPS[@]}"; do
             $PY -c 'import nvtx; print("nvtx", nvtx.__file__)' 2>&1 | tail -1
             $PY -m cugrad info
         } > "$OUT/env.txt" 2>&1
-        SUMMARY+=("env: $(sed -n 3p "$OUT/env.txt")")
+        record env $? "$(sed -n 3p "$OUT/env.txt")"
         ;;
     warm)
         timeout 300 $PY -m cugrad compile --jobs "${WARM_JOBS:-12}" > "$OUT/warm.log" 2>&1
-        SUMMARY+=("warm: rc=$?; $(tail -1 "$OUT/warm.log")")
+        record warm $? "$(tail -1 "$OUT/warm.log")"
         ;;
     suite)
         timeout "${SUITE_TIMEOUT:-300}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
             ${SUITE_M:+-m "$SUITE_M"} --junitxml "$OUT/suite.xml" tests > "$OUT/suite.log" 2>&1
-        SUMMARY+=("suite: rc=$?; $(tail -1 "$OUT/suite.log")")
+        record suite $? "$(tail -1 "$OUT/suite.log")"
         ;;
     demo)
         timeout 120 $PY -m cugrad demo --device cuda > "$OUT/demo.log" 2>&1
-        SUMMARY+=("demo: rc=$?; $(tail -2 "$OUT/demo.log" | tr '\n' ' ')")
+        record demo $? "$(tail -2 "$OUT/demo.log" | tr '\n' ' ')"
         ;;
     bench)
         timeout $(( ${BENCH_SECONDS:-200} + 120 )) $PY -m cugrad bench --max-seconds "${BENCH_SECONDS:-200}" \
             ${BENCH_ARGS:-} --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-        SUMMARY+=("bench: rc=$?; $(bench_counts "$OUT/bench.json" "$OUT/bench.log")")
+        record bench $? "$(bench_counts "$OUT/bench.json" "$OUT/bench.log")"
         ;;
     plans)
         timeout 300 $PY -m cugrad bench --gemm-plans --only gemm_plan --max-seconds 180 \
             --out "$OUT/gemm-plans.json" > "$OUT/gemm-plans.log" 2>&1
-        SUMMARY+=("plans: rc=$?; $(bench_counts "$OUT/gemm-plans.json" "$OUT/gemm-plans.log")")
+        record plans $? "$(bench_counts "$OUT/gemm-plans.json" "$OUT/gemm-plans.log")"
         ;;
     memcheck)  sanitize memcheck ;;
     racecheck) sanitize racecheck --racecheck-report all ;;
     initcheck) sanitize initcheck ;;
     synccheck) sanitize synccheck ;;
-    *) echo "unknown step $step" >&2; exit 2 ;;
     esac
     echo "== ${SUMMARY[-1]}"
 done
 echo
 echo "== summary"
 printf '%s\n' "${SUMMARY[@]}"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "== failed: ${FAILED[*]}"
+    exit 1
+fi

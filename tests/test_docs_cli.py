@@ -1,5 +1,6 @@
-"""The command line's error paths, CUGRAD_FORCE_CPU's reading of its value, a profiling
-script run from a checkout, and MATH.md's section numbers as the sources cite them."""
+"""The command line's error paths, CUGRAD_FORCE_CPU's reading of its value, profiling
+scripts run from a checkout (and gpu_suite.sh's exit status), and MATH.md's section numbers
+as the sources cite them."""
 
 import os
 import re
@@ -179,6 +180,39 @@ def test_bench_numpy_step_runs_from_a_checkout(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "batch 4, MLP 8-5-3: cugrad" in proc.stdout and "ratio" in proc.stdout
+
+
+GPU_SUITE = ROOT / "profiling" / "gpu_suite.sh"
+
+
+def _gpu_suite(tmp_path, *steps, python="false"):
+    """gpu_suite.sh with an interpreter that fails at once (`false`): the steps' commands run
+    and fail without a GPU, CuPy or the time a real step takes."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OUT=str(tmp_path / "out"), PYTHON=python)
+    return subprocess.run(["bash", str(GPU_SUITE), *steps], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_gpu_suite_refuses_an_unknown_step_before_running_any(tmp_path):
+    proc = _gpu_suite(tmp_path, "warm", "sanity")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "unknown step sanity" in proc.stderr and "memcheck" in proc.stderr
+    assert not (tmp_path / "out" / "warm.log").exists()      # warm, listed first, never ran
+
+
+def test_gpu_suite_runs_every_step_and_exits_1_naming_the_failed_ones(tmp_path):
+    proc = _gpu_suite(tmp_path, "warm", "demo")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = proc.stdout.split("== summary", 1)[1]
+    assert "warm: rc=1" in summary and "demo: rc=1" in summary
+    assert proc.stdout.rstrip().endswith("== failed: warm demo")
+
+
+def test_gpu_suite_exits_0_when_every_step_passes(tmp_path):
+    proc = _gpu_suite(tmp_path, "warm", python="true")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "warm: rc=0" in proc.stdout and "failed" not in proc.stdout
 
 
 # ----------------------------------------------------------------------------- MATH.md
