@@ -12,8 +12,8 @@ backend op may assume:
 
 ``cuda_available()`` decides once per process whether a CUDA device really works (not
 merely whether ``import cupy`` succeeds); ``CUGRAD_FORCE_CPU=1`` forces the CPU (any value
-but empty, ``0``, ``false``, ``off`` or ``no``, in any case: the words ``CUGRAD_NVTX`` reads
-as off).
+but empty, ``0``, ``false``, ``off`` or ``no``, in any case; ``CUGRAD_NVTX`` reads its
+value the same way, with unset or empty meaning on).
 """
 
 from __future__ import annotations

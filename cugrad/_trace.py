@@ -13,8 +13,9 @@ costs depends on what is listening:
   with ``CUGRAD_NVTX=0`` in the environment, ranges are off.
 * an active ``cugrad.profile()``: the range is also timed and recorded (see
   ``cugrad/profiler.py``): host time with ``time.perf_counter_ns`` for ``device="cpu"``,
-  device time with CUDA events on the current stream for ``device="cuda"`` (CuPy is only
-  imported then). ``device=None`` means "the device of the enclosing range" (the host
+  device time with CUDA events on the current stream for ``device="cuda"`` (CuPy is
+  imported at the first such range; where it cannot make an event, the range is timed on
+  the host and the op raises its own error). ``device=None`` means "the device of the enclosing range" (the host
   clock at top level).
 
 Ranges nest and are exception-safe: ``__exit__`` always pops and records, whatever the
@@ -149,13 +150,13 @@ class _NvtxRange:
         return False
 
 
-def _nvtx_range(name: str) -> _NvtxRange:
+def _nvtx_range(name: str, domain) -> _NvtxRange:
     rng = _nvtx_ranges.get(name)
     if rng is None:
         with _state_lock:
             rng = _nvtx_ranges.get(name)
             if rng is None:
-                rng = _nvtx_ranges[name] = _NvtxRange(_domain, name)
+                rng = _nvtx_ranges[name] = _NvtxRange(domain, name)
     return rng
 
 
@@ -183,8 +184,15 @@ class _TimedRange:
 
     def __enter__(self):
         if self.clock == "cuda":
-            self.children = []
-            start = _cuda_event()    # may raise: nothing is pushed yet
+            try:
+                start = _cuda_event()
+            except Exception:
+                # No working CuPy/device: the op is about to say so in its own terms
+                # (BackendUnavailableError, ...); profiling must not replace that error
+                # with an ImportError or a CUDA error of its own. Timed on the host instead.
+                self.clock = "cpu"
+            else:
+                self.children = []
         if self.nvtx is not None:
             self.nvtx.__enter__()
         self.parent = getattr(_tls, "top", None)
@@ -227,15 +235,15 @@ def _cuda_event():
     return event
 
 
-def _timed_range(name: str, device: str | None):
+def _timed_range(name: str, device: str | None, domain, profilers: tuple):
     clock = device
     if clock is None:
         top = getattr(_tls, "top", None)
         clock = top.clock if top is not None else "cpu"
     elif clock != "cuda":
         clock = "cpu"
-    nvtx = _nvtx_range(name) if _domain is not None else None
-    return _TimedRange(name, clock, nvtx, _profilers)
+    nvtx = _nvtx_range(name, domain) if domain is not None else None
+    return _TimedRange(name, clock, nvtx, profilers)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -245,9 +253,14 @@ def op_range(name: str, device: str | None = None):
     None: the device of the enclosing range)."""
     if _quiet:
         return _NO_RANGE
-    if _domain is _UNRESOLVED:
+    # Read the shared state once: another thread may end a profile (or start one) between
+    # two reads, and the decision must rest on one consistent view.
+    domain, profilers = _domain, _profilers
+    if domain is _UNRESOLVED:
         _resolve_nvtx()
         return op_range(name, device)
-    if _profilers:
-        return _timed_range(name, device)
-    return _nvtx_range(name)
+    if profilers:
+        return _timed_range(name, device, domain, profilers)
+    if domain is None:           # the last profile ended after the _quiet check
+        return _NO_RANGE
+    return _nvtx_range(name, domain)

@@ -36,16 +36,25 @@ __all__ = [
 
 
 def _op(name: str):
-    """Run the decorated op inside its NVTX range (device taken from the first argument)."""
+    """Run the decorated op inside its NVTX range, on the clock of its data's device (its
+    first argument, or any array passed by keyword)."""
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             if _trace._quiet:      # nothing listens (the usual case): no range to open
                 return fn(*args, **kwargs)
-            with op_range(name, _backend.device_of(args[0]) if args else None):
+            with op_range(name, _op_device(args, kwargs)):
                 return fn(*args, **kwargs)
         return wrapper
     return decorate
+
+
+def _op_device(args, kwargs) -> str:
+    """The device an op's range is timed on: its first positional argument's, else "cuda"
+    when any keyword argument is a GPU array (the op itself refuses mixed devices)."""
+    if args:
+        return _backend.device_of(args[0])
+    return "cuda" if any(_backend.is_gpu_array(v) for v in kwargs.values()) else "cpu"
 
 
 # ----------------------------------------------------------------------------- products

@@ -106,16 +106,23 @@ class Parameter:
 
 def _ranged_backward(backward):
     """The backward inside its NVTX range; what the forward saved is released only when the
-    backward returns, so a backward that raises (a wrong grad_out, say) can be retried."""
+    backward returns, so a backward that raises (a wrong grad_out, say) can be retried.
+
+    A subclass's backward that calls ``super().backward`` reaches a base class's wrapper
+    from inside its own: only the outer one, the wrapper the instance's class resolves,
+    opens a range and releases the saved state (the subclass may still read it after the
+    call)."""
     @functools.wraps(backward)
     def wrapper(self, *args, **kwargs):
-        if _trace._quiet:          # nothing listens: no range to open
+        outer = type(self).backward is wrapper
+        if _trace._quiet or not outer:
             result = backward(self, *args, **kwargs)
         else:
             device = _backend.device_of(args[0]) if args else self.device
             with op_range(f"{self._range_name}.backward", device):
                 result = backward(self, *args, **kwargs)
-        self._saved = None
+        if outer:
+            self._saved = None
         return result
     return wrapper
 
@@ -521,8 +528,20 @@ class Sequential(Module):
             raise ValueError(f"Sequential: layers live on different devices {sorted(devices)}; "
                              "move them to one with .to(device)")
         self._set_device(devices.pop() if devices else "cpu")
+        self._layer_names: list[str] = []
+        self._name_layers()
+
+    def _name_layers(self) -> None:
+        """Name each layer by its index in this model ("0:Linear"), for its ranges and
+        messages. Run at each forward and backward, so a module shared with another
+        Sequential carries the index it has in the one running it (an identity check per
+        layer when nothing changed)."""
+        names = self._layer_names
         for i, m in enumerate(self.layers):
-            m._range_name = f"{i}:{type(m).__name__}"
+            if i == len(names):
+                names.append(None)
+            if m._range_name is not names[i]:
+                names[i] = m._range_name = f"{i}:{type(m).__name__}"
 
     def named_children(self):
         for i, m in enumerate(self.layers):
@@ -535,6 +554,7 @@ class Sequential(Module):
         return self.layers[i]
 
     def forward(self, x):
+        self._name_layers()
         for i, m in enumerate(self.layers):
             try:
                 x = m(x)
@@ -551,6 +571,7 @@ class Sequential(Module):
 
     def backward(self, grad_out, *, input_grad=True):
         input_grad = check_flag(f"{self._range_name}.backward", "input_grad", input_grad)
+        self._name_layers()
         for i in range(len(self.layers) - 1, 0, -1):
             try:
                 grad_out = self.layers[i].backward(grad_out)

@@ -35,7 +35,8 @@ How nested ranges are counted (the same convention as PyTorch's profiler):
 
 Clocks: ranges on ``device="cpu"`` are timed on the host with ``time.perf_counter_ns``;
 ranges on ``device="cuda"`` are timed on the GPU with a pair of CUDA events on CuPy's
-current stream (device time, read when the block exits; CuPy is imported only then). A
+current stream (device time, read when the block exits; CuPy is imported at the first such
+range, never for a block of CPU ops). A
 range with ``device=None`` uses the clock of the range around it (the host clock at top
 level). Host and device durations are never subtracted from one another or added into
 one percentage: each clock gets its own rows, percentages and profiled time.
@@ -131,9 +132,9 @@ class Profile:
         with _active_lock:
             if self._active:
                 raise RuntimeError("cugrad.profile: this profile is already recording")
+            self._t0 = time.perf_counter_ns()
             self._active = True
             _trace._set_profilers(_trace._profilers + (self,))
-        self._t0 = time.perf_counter_ns()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -178,7 +179,8 @@ class Profile:
         return min(rows, key=lambda s: s.device != "cpu")
 
     def __contains__(self, name: str) -> bool:
-        return any(n == name for n, _ in self._acc)
+        with self._lock:
+            return any(n == name for n, _ in self._acc)
 
     def profiled_ns(self, device: str = "cpu") -> int:
         """Sum of the durations of the outermost ranges on that clock (= sum of self)."""
@@ -231,7 +233,11 @@ class Profile:
             what = "host time" if clock == "cpu" else "device time (CUDA events)"
             lines.append(f"profiled {what}: {_fmt_ns(self.profiled_ns(clock))} "
                          "(sum of outermost ranges = sum of self)")
-        lines.append(f"wall time of the block: {_fmt_ns(self.wall_ns)}; "
+        wall, running = self.wall_ns, ""
+        if self._active:           # printed inside the block: the time so far
+            wall += time.perf_counter_ns() - self._t0
+            running = " so far (still recording)"
+        lines.append(f"wall time of the block{running}: {_fmt_ns(wall)}; "
                      "total includes nested ranges, self % sums to 100 %")
         return "\n".join(lines)
 
@@ -239,8 +245,9 @@ class Profile:
         return self.table()
 
     def __repr__(self) -> str:
-        n = sum(v[0] for v in self._acc.values())
-        return f"<cugrad.Profile: {len(self._acc)} ops, {n} calls, active={self._active}>"
+        with self._lock:
+            ops, n = len(self._acc), sum(v[0] for v in self._acc.values())
+        return f"<cugrad.Profile: {ops} ops, {n} calls, active={self._active}>"
 
 
 def _check_sort_by(where: str, sort_by) -> str:
