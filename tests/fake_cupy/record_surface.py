@@ -1,5 +1,9 @@
 """Write the attribute surface of the real CuPy (run where it imports; no GPU needed)."""
-import json, sys
+import json, os, sys
+# Python puts this script's folder, the stand-in's, first on sys.path: drop it, or
+# `import cupy` below would record the stand-in instead of the real CuPy.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 import cupy, cupy.cuda, cupy.cuda.runtime, cupy.cuda.graph, cupy.random, cupy.linalg
 def names(obj):
     return sorted(n for n in dir(obj))
