@@ -46,9 +46,10 @@ __device__ __forceinline__ T sigmoid_of(T x) {
     return (x >= T(0) ? T(1) : e) / (T(1) + e);
 }
 
-// relu that propagates NaN (as numpy.maximum does): NaN < 0 is false.
+// relu as numpy.maximum(x, 0): NaN propagates (NaN <= 0 is false), -0.0 becomes +0.0 (and,
+// under CuPy's -ftz=true, so does a float32 subnormal of either sign, never a negative).
 template <typename T>
-__device__ __forceinline__ T relu_of(T x) { return x < T(0) ? T(0) : x; }
+__device__ __forceinline__ T relu_of(T x) { return x <= T(0) ? T(0) : x; }
 
 template <typename T, int ACT>
 __device__ __forceinline__ T activate(T x) {

@@ -125,6 +125,20 @@ def test_the_record_matches_the_real_cupy():
     assert real == SURFACE
 
 
+@pytest.mark.skipif(not _real_cupy_importable(), reason="the real CuPy is not importable here")
+def test_the_real_cupy_still_compiles_with_ftz_as_config_says():
+    """config.BASE_OPTIONS names -ftz=true because CuPy appends it to every NVRTC compile
+    (last wins): if a CuPy release stops, the GPU keeps subnormals and the option, MATH.md §7
+    and the nvcc check must follow. Read from CuPy's source (no GPU needed)."""
+    out = subprocess.run([sys.executable, "-c", (
+        "import inspect, cupy.cuda.compiler as c; "
+        "print(\"options += ('-ftz=true',)\" in inspect.getsource(c._compile_with_cache_cuda))")],
+        capture_output=True, text=True, check=True, cwd=str(FAKE.parent.parent)).stdout
+    assert out.strip() == "True"
+    from cugrad.backends.cuda import config
+    assert "-ftz=true" in config.BASE_OPTIONS
+
+
 # --------------------------------------------------------------------------- behaviour
 
 def _fake_cupy():

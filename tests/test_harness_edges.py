@@ -705,7 +705,10 @@ def test_activation_nan_inf_like_numpy(cpu, rng, name, n, dtype):
     if n > len(SPECIALS):
         x.flat[-len(SPECIALS):] = SPECIALS
     z = on_cpu(cpu, "activation", name, x)
-    same_as_numpy(z, NP["activation"](name, x))
+    ref_z = NP["activation"](name, x)
+    same_as_numpy(z, ref_z)
+    zero = ref_z == 0                              # relu(-0.0) is +0.0, tanh(-0.0) is -0.0
+    assert np.array_equal(np.signbit(z[zero]), np.signbit(ref_z[zero])), (x[zero], z[zero])
     g = data(rng, 1, n, dtype=dtype)
     g.flat[::3] = SPECIALS[: len(g.flat[::3])] if n < 3 * len(SPECIALS) else np.resize(SPECIALS, len(g.flat[::3]))
     saved = np.roll(NP["activation"](name, x), 1)   # NaN/Inf saved values meet finite gradients too

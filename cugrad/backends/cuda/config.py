@@ -15,8 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Common NVRTC/nvcc options for every module. No fast-math: accuracy is the contract.
-BASE_OPTIONS: tuple[str, ...] = ("-std=c++17",)
+# Common NVRTC/nvcc options for every module. No fast-math (no approximate division, square
+# root or exp): accuracy is the contract. -ftz=true is CuPy's, not a choice of ours: CuPy
+# appends it to every RawModule/RawKernel compile after the caller's options, and the last
+# -ftz wins, so float32 subnormals are flushed to zero on the GPU (inputs and results of
+# float32 arithmetic; float64 is unaffected). It is named here so that every other build of
+# these modules (the nvcc check, `cugrad compile`, sass_report.py) compiles what runs.
+BASE_OPTIONS: tuple[str, ...] = ("-std=c++17", "-ftz=true")
 
 # C++ scalar type per dtype name.
 CTYPES = {"float32": "float", "float64": "double"}
