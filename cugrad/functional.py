@@ -449,6 +449,7 @@ def _checked_sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, weigh
     backend, arr = _inplace_args(op, {"param": param, "grad": grad,
                                       "momentum_buf": momentum_buf},
                                  optional=("momentum_buf",))
+    _check_scalars_fit(op, arr["param"], lr=lr, momentum=momentum, weight_decay=weight_decay)
     if not arr["param"].size:
         return _nothing
     return functools.partial(backend.ops.sgd_step, arr["param"], arr["grad"],
@@ -457,6 +458,24 @@ def _checked_sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, weigh
 
 def _nothing():
     pass
+
+
+_NORMAL_RANGE = {np.dtype(t): (float(np.finfo(t).tiny), float(np.finfo(t).max))
+                 for t in (np.float32, np.float64)}
+
+
+def _check_scalars_fit(op, param, **scalars):
+    """Every non-zero hyperparameter is a normal number of the parameters' dtype. The update
+    runs in that dtype: 1e-50 becomes 0 in float32 (so does a subnormal on the GPU, which
+    flushes them), 1e39 becomes inf, and a weight decay, momentum or eps that silently turned
+    0 changes the update (eps = 0: 0/0 at a zero gradient) or how NaN/Inf propagate."""
+    tiny, huge = _NORMAL_RANGE[param.dtype]
+    for name, value in scalars.items():
+        if value and not tiny <= abs(value) <= huge:
+            raise ValueError(
+                f"{op}: {name}={value!r} is not representable as a normal {param.dtype} number "
+                f"(the parameters' dtype: param is {describe(param)}); expected 0 or a "
+                f"magnitude in [{tiny:.4g}, {huge:.4g}]")
 
 
 @_op("adam_step")
@@ -489,6 +508,8 @@ def _checked_adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9,
     weight_decay = check_scalar(op, "weight_decay", weight_decay)
     backend, arr = _inplace_args(op, {"param": param, "grad": grad, "exp_avg": exp_avg,
                                       "exp_avg_sq": exp_avg_sq})
+    _check_scalars_fit(op, arr["param"], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay)
     if counter:
         step = _step_counter(op, step, arr["param"], backend)
     if not (arr["param"].size or counter):   # an empty parameter's counter still counts

@@ -178,3 +178,57 @@ def test_an_optimiser_subclass_with_the_update_hook_still_steps():
     np.testing.assert_array_equal(p.data, np.full(3, 0.5, np.float32))
     with pytest.raises(NotImplementedError, match="defines neither _check nor _update"):
         optim.Optimizer([p]).step()
+
+
+@pytest.mark.parametrize("op,kwargs,name", [
+    ("sgd", dict(lr=0.1, momentum=0.9, weight_decay=1e-50), "weight_decay"),
+    ("sgd", dict(lr=1e-40), "lr"),                           # a float32 subnormal
+    ("sgd", dict(lr=1e39), "lr"),                            # inf in float32
+    ("sgd", dict(lr=0.1, momentum=1e-45), "momentum"),
+    ("adam", dict(lr=0.1, eps=1e-46), "eps"),                # 0 in float32: 0/0
+    ("adam", dict(lr=0.1, weight_decay=1e-50), "weight_decay"),
+    ("adam", dict(lr=0.1, beta1=1e-39), "beta1"),
+])
+def test_hyperparameters_must_be_normal_numbers_of_the_parameters_dtype(backend, op, kwargs,
+                                                                        name):
+    """In float32, weight_decay=1e-50 is 0: the NumPy backend still multiplied 0·inf = NaN
+    where the kernel skipped the term, so NaN positions differed (p = [inf, nan, 1]); an eps
+    of 0 gives 0/0. Refused, naming the value and the dtype, before anything changes; the
+    same values are normal float64 numbers and work there."""
+    def arrays(dtype):
+        p = backend.put(np.array([np.inf, np.nan, 1.0], dtype), dtype=dtype)
+        return p, backend.put(np.ones(3, dtype), dtype=dtype), [backend.put(np.zeros(3, dtype),
+                                                                          dtype=dtype)
+                                                              for _ in range(2)]
+    p, g, (m, v) = arrays(np.float32)
+    before = backend.get(p).copy()
+    with pytest.raises(ValueError, match=rf"{name}=.* normal float32 number") as err:
+        if op == "sgd":
+            F.sgd_step(p, g, m if kwargs.get("momentum") else None, **kwargs)
+        else:
+            F.adam_step(p, g, m, v, step=1, **kwargs)
+    assert "param is" in str(err.value)
+    np.testing.assert_array_equal(backend.get(p), before)
+    if kwargs.get("lr") == 1e39 or kwargs.get("lr") == 1e-40:
+        return
+    p, g, (m, v) = arrays(np.float64)
+    with np.errstate(invalid="ignore"):           # inf - inf: the NaN the update must give
+        if op == "sgd":
+            F.sgd_step(p, g, m if kwargs.get("momentum") else None, **kwargs)
+        else:
+            F.adam_step(p, g, m, v, step=1, **kwargs)
+    out = backend.get(p)
+    assert np.isnan(out[1]) and np.isfinite(out[2])
+    assert np.isnan(out[0]) == (name == "weight_decay")     # inf + wd·inf, then inf - inf
+
+
+def test_an_optimiser_refuses_a_subnormal_weight_decay_for_float32_parameters():
+    layer = nn.Linear(3, 2, rng=0)
+    for p in layer.parameters():
+        p.grad = np.ones_like(p.data)
+    before = [p.data.copy() for p in layer.parameters()]
+    opt = optim.SGD(layer.parameters(), lr=0.1, weight_decay=1e-50)
+    with pytest.raises(ValueError, match="weight_decay=1e-50"):
+        opt.step()
+    for p, b in zip(layer.parameters(), before):
+        np.testing.assert_array_equal(p.data, b)
