@@ -112,24 +112,31 @@ __global__ void softmax_xent_fwd_bwd(const T* __restrict__ logits, const Target*
         T mx, sm1;
         row_max_sumexp_m1(zr, C, lane, mx, sm1);
         const bool ok = valid_class(target, r, C);   // an out-of-range class gives NaN, no stray read
-        T tsum = T(0), tz = T(0);
+        // Σt in two parts, the targets of the classes at the max and the rest (see GRAD).
+        T tmax = T(0), trest = T(0), tz = T(0);
         for (int c = lane; c < C; c += 32) {
             const T t = target_weight<T>(target, r, c, C);
-            tsum += t;
+            if (zr[c] == mx) tmax += t; else trest += t;
             if (t != T(0)) tz += t * (zr[c] - mx);   // skip 0 * -inf for a -inf logit
         }
-        tsum = warp_sum(tsum);
+        tmax = warp_sum(tmax);
+        trest = warp_sum(trest);
         tz = warp_sum(tz);
+        const T tsum = tmax + trest;
         if (lane == 0) row_loss[r] = ok ? dlog1p(sm1) * tsum - tz : quiet_nan<T>();
         if (GRAD) {
             // ŷ_c Σt - t_c = (e_c Σt - t_c s) / s, with t_c s taken as t_c + t_c (s - 1): for the
             // target at the max (e_c = 1, class index) that is exactly -(s - 1) / s, where
-            // ŷ_c - 1 would round to 0 for a confident row.
+            // ŷ_c - 1 would round to 0 for a confident row. At the max, e_c Σt - t_c is
+            // Σ_{i != c} t_i, formed as (tmax - t_c) + trest (0 + trest for one class at the
+            // max): a rounded Σt less t_c would cancel for a near-one-hot probability row
+            // (t_c = 1 - 1e-6 in float32: a 6e-8 rounding against a difference of 1e-6).
             const T inv = T(1) / (T(1) + sm1);
             T* gr = grad + r * C;
             for (int c = lane; c < C; c += 32) {
                 const T t = target_weight<T>(target, r, c, C);
-                const T g = ((dexp(zr[c] - mx) * tsum - t) - t * sm1) * inv * scale;
+                const T rest = zr[c] == mx ? (tmax - t) + trest : dexp(zr[c] - mx) * tsum - t;
+                const T g = (rest - t * sm1) * inv * scale;
                 gr[c] = ok ? g : quiet_nan<T>();
             }
         }

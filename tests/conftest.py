@@ -164,6 +164,13 @@ def elementwise_rel_err(out, ref) -> float:
     return float(np.max(np.abs(out - ref) / np.abs(ref)))
 
 
+def row_rel_err(out, ref) -> float:
+    """The largest rel_err of one row: rows of very different sizes (a tie's gradient of
+    0.5 beside a confident row's 1e-6) each to their own bound."""
+    out = np.asarray(to_numpy(out), dtype=np.float64)
+    return max(rel_err(o, r) for o, r in zip(out, np.asarray(ref, dtype=np.float64)))
+
+
 def confident_rows(dtype, c: int):
     """Logit rows whose softmax is nearly one-hot, with their exact float64 results.
 
@@ -194,3 +201,36 @@ def confident_rows(dtype, c: int):
         ref["grad"][i] = ref["softmax"][i]
         ref["grad"][i, t[i]] = -sm1 / s
     return x.astype(dtype), t, ref
+
+
+def near_one_hot_rows(dtype, c: int, eps: float, seed: int = 0):
+    """confident_rows' logits with probability targets t = 1 - eps at each row's first max
+    and eps spread at random over the other classes (label smoothing on a confident row),
+    rounded to ``dtype``; returns (x, t, grad_ref), grad_ref the float64 gradient of the
+    summed loss, softmax(z) Σt - t, from closed forms in which nothing cancels: at a max
+    position it is (Σ_{i≠c} t_i - t_c (s - 1)) / s, the sum taken exactly (math.fsum). A
+    backend that forms Σt first and then subtracts t_c loses the ~eps result to Σt's
+    rounding (6e-8 in float32, 2-8 % of the gradient at eps = 1e-6)."""
+    import math
+    x, first, _ = confident_rows(dtype, c)
+    rng = np.random.default_rng(seed)
+    t = rng.random(x.shape)
+    t[np.arange(len(first)), first] = 0
+    t *= eps / t.sum(axis=1, keepdims=True)
+    t[np.arange(len(first)), first] = 1 - eps
+    t = t.astype(dtype)
+    x64, t64 = x.astype(np.float64), t.astype(np.float64)
+    grad = np.empty_like(x64)
+    for i in range(len(x64)):
+        a = x64[i].max()
+        at_max = x64[i] == a
+        k, e = int(at_max.sum()), math.exp(-a)
+        sm1 = (k - 1) + (c - k) * e
+        tsum = math.fsum(t64[i])
+        for j in range(c):
+            if at_max[j]:
+                others = math.fsum(np.delete(t64[i], j))
+                grad[i, j] = (others - t64[i, j] * sm1) / (1 + sm1)
+            else:
+                grad[i, j] = e * tsum / (1 + sm1) - t64[i, j]
+    return x, t, grad

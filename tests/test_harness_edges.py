@@ -31,7 +31,8 @@ import cuda_harness as ch  # noqa: E402
 if ch.unavailable():
     pytest.skip(ch.unavailable(), allow_module_level=True)
 
-from conftest import confident_rows, elementwise_rel_err, rel_err, tol  # noqa: E402
+from conftest import (confident_rows, elementwise_rel_err, near_one_hot_rows,  # noqa: E402
+                      rel_err, row_rel_err, tol)
 from kernel_checks import (ACTS, CU, DTYPES, EPILOGUES, F32, F64, LAYOUTS, NP,  # noqa: E402
                            act64, check, data, log_softmax64, mse64, on_cpu, sgd_case,
                            softmax64, targets, xent64)
@@ -498,6 +499,21 @@ def test_confident_rows_through_the_row_kernels(cpu, dtype, c):
         assert elementwise_rel_err(grad, ref["grad"]) <= tol_e
         np.testing.assert_array_equal(np.asarray(on_cpu(cpu, "cross_entropy", x, targets_, "sum")),
                                       np.asarray(loss))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [2, 33, 1000])
+def test_near_one_hot_probability_rows_through_the_row_kernel(cpu, dtype, c):
+    """softmax_xent_fwd_bwd forms Σ_{i≠c} t_i at the max as (targets at the max - t_c) +
+    the rest, not as a rounded Σt - t_c (a 6e-8 rounding against a 1e-6 gradient in
+    float32): MATH.md §7's bound, row by row, against closed forms, max in every lane position and a
+    tie, and the NumPy backend within twice that."""
+    eps = 1e-6 if dtype == F32 else 1e-14
+    x, t, grad_ref = near_one_hot_rows(dtype, c, eps)
+    _, grad = on_cpu(cpu, "cross_entropy_fwd_bwd", x, t, "sum")
+    assert row_rel_err(grad, grad_ref) <= tol(dtype, "elementwise")
+    _, grad_np = NP["cross_entropy_fwd_bwd"](x, t, "sum")
+    assert row_rel_err(grad, grad_np) <= 2 * tol(dtype, "elementwise")
 
 
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])

@@ -199,7 +199,7 @@ def _xent_loss(shifted, sm1, target, scale, dtype, rows=None):
     return np.asarray(lse.sum() * scale, dtype=dtype)
 
 
-def _xent_grad(exp, sm1, target, scale, rows=None):
+def _xent_grad(exp, sm1, target, scale, rows=None, shifted=None):
     # dL/dz = (softmax(z) * sum_i t_i - t) * scale = ((e sum_i t_i - t) - t (s - 1)) / s * scale
     # (sum_i t_i = 1 for class indices and proper probability rows: softmax - t). Taking t s
     # as t + t (s - 1) keeps the target at the max exact: -(s - 1) / s, where softmax - 1
@@ -209,8 +209,16 @@ def _xent_grad(exp, sm1, target, scale, rows=None):
         rows = np.arange(grad.shape[0]) if rows is None else rows
         grad[rows, target] = (grad[rows, target] - 1) - sm1[:, 0]
     else:
-        grad *= target.sum(axis=1, keepdims=True)
+        # At the max (e = 1), e sum_i t_i - t_c is sum_{i != c} t_i: formed as (the targets
+        # at the max less t_c) + (the rest), not as a rounded sum_i t_i less t_c, which
+        # cancels for a near-one-hot row (t_c = 1 - 1e-6: a 6e-8 rounding of the sum against
+        # a difference of 1e-6). The kernel forms it the same way.
+        at_max = shifted == 0
+        t_max = np.where(at_max, target, 0).sum(axis=1, keepdims=True)
+        t_rest = np.where(at_max, 0, target).sum(axis=1, keepdims=True)
+        grad *= t_max + t_rest
         grad -= target
+        np.copyto(grad, (t_max - target) + t_rest, where=at_max)
         grad -= target * sm1
     grad /= 1 + sm1
     if scale != 1.0:
@@ -226,8 +234,8 @@ def cross_entropy(logits, target, reduction):
 
 @implements(BACKEND, "cross_entropy_backward")
 def cross_entropy_backward(logits, target, reduction):
-    _, exp, sm1, scale = _xent_parts(logits, target, reduction)
-    return _xent_grad(exp, sm1, target, scale)
+    shifted, exp, sm1, scale = _xent_parts(logits, target, reduction)
+    return _xent_grad(exp, sm1, target, scale, shifted=shifted)
 
 
 @implements(BACKEND, "cross_entropy_fwd_bwd")
@@ -235,7 +243,7 @@ def cross_entropy_fwd_bwd(logits, target, reduction):
     shifted, exp, sm1, scale = _xent_parts(logits, target, reduction)
     rows = np.arange(len(target)) if target.ndim == 1 else None
     loss = _xent_loss(shifted, sm1, target, scale, logits.dtype, rows)
-    return loss, _xent_grad(exp, sm1, target, scale, rows)
+    return loss, _xent_grad(exp, sm1, target, scale, rows, shifted)
 
 
 # --------------------------------------------------------------------------- optimisers
