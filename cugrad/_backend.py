@@ -212,7 +212,18 @@ def is_gpu_array(x) -> bool:
     ``__cuda_array_interface__``."""
     if type(x) is np.ndarray:
         return False
-    return is_cupy_array(x) or hasattr(x, "__cuda_array_interface__")
+    return is_cupy_array(x) or has_cuda_array_interface(x)
+
+
+def has_cuda_array_interface(x) -> bool:
+    """Whether ``x`` exposes ``__cuda_array_interface__``, also when reading it raises
+    something other than AttributeError (a PyTorch CUDA tensor that requires grad raises
+    RuntimeError, which ``hasattr`` lets through): the object is a GPU array all the same,
+    and the import (``_checks._gpu_import``) reports the refusal."""
+    try:
+        return hasattr(x, "__cuda_array_interface__")
+    except Exception:
+        return True
 
 
 def device_of(x) -> str:

@@ -36,7 +36,7 @@ def _to_backend_array(op: str, name: str, x):
         return x
     if isinstance(x, np.ndarray):
         return _plain_ndarray(op, name, x)
-    if hasattr(x, "__cuda_array_interface__"):
+    if _backend.has_cuda_array_interface(x):
         return _gpu_import(op, name, x)
     if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
         device_type = int(x.__dlpack_device__()[0])
@@ -67,8 +67,12 @@ def _gpu_import(op: str, name: str, x):
         raise _backend.BackendUnavailableError(
             f"{op}: argument {name!r} is a GPU array ({describe(x)}) but the CUDA backend is "
             f"unavailable: {_backend.cuda_unavailable_reason()}")
-    from .backends.cuda.interop import to_cupy
-    return to_cupy(x)
+    from .backends.cuda.interop import ExportRefused, to_cupy
+    try:
+        return to_cupy(x)
+    except ExportRefused as exc:
+        raise TypeError(f"{op}: argument {name!r} is a GPU array ({describe(x)}) that refuses "
+                        f"to share its memory: {exc}") from exc.__cause__
 
 
 def prepare(op: str, arrays: dict, *, ints: tuple[str, ...] = (),

@@ -627,3 +627,47 @@ def test_load_reads_each_header_before_its_data(tmp_path, weight_member, says):
     with pytest.raises(ValueError, match=rf"^Linear\.load: cannot read weights from .*{says}"):
         lin.load(path)
     np.testing.assert_array_equal(lin.weight.data, before)
+
+
+# ------------------------------------------------- GPU arrays that refuse to export
+
+class _RefusingGpuTensor:
+    """Like a PyTorch CUDA tensor that requires grad: its __cuda_array_interface__ raises
+    RuntimeError (not AttributeError, so hasattr() lets it through)."""
+    shape, dtype, ndim = (2, 3), np.dtype(np.float32), 2
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires "
+                           "grad. If gradients aren't needed, use var.detach()")
+
+
+def test_a_gpu_array_refusing_its_interface_is_seen_as_a_gpu_array():
+    from cugrad import _backend
+    x = _RefusingGpuTensor()
+    assert _backend.is_gpu_array(x) and _backend.device_of(x) == "cuda"
+    assert "on cuda" in _checks.describe(x)
+
+
+def test_a_refusing_gpu_array_without_the_cuda_backend_is_the_usual_error():
+    import cugrad
+    if cugrad.cuda_available():
+        pytest.skip("the CUDA backend works here: see the gpu-marked case")
+    with pytest.raises(cugrad.BackendUnavailableError, match="argument 'x' is a GPU array"):
+        F.relu(_RefusingGpuTensor())
+
+
+@pytest.mark.gpu
+def test_a_refusing_gpu_array_is_a_type_error_naming_the_argument():
+    """On the CUDA backend: the exporter's own words, in a TypeError that names the op and
+    the argument (it was torch's RuntimeError from inside hasattr)."""
+    import cugrad
+    if not cugrad.cuda_available():
+        pytest.skip(f"CUDA backend not tested: {cugrad.cuda_unavailable_reason()}")
+    for call, where in ((lambda x: F.relu(x), "relu: argument 'x'"),
+                        (lambda x: cugrad.asarray(x), "asarray: argument 'x'")):
+        with pytest.raises(TypeError, match=where) as err:
+            call(_RefusingGpuTensor())
+        assert "refuses to share its memory" in str(err.value)
+        assert "requires grad" in str(err.value)
+        assert isinstance(err.value.__cause__, RuntimeError)

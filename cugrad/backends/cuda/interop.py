@@ -8,16 +8,28 @@ same memory. Results go back with the consumer's own DLPack import, e.g.
 
 from __future__ import annotations
 
+from ..._backend import has_cuda_array_interface
+
 _DLPACK_CUDA_DEVICES = (2, 13)   # kDLCUDA, kDLCUDAManaged
 
 
+class ExportRefused(TypeError):
+    """The array's own ``__cuda_array_interface__`` raised (PyTorch: a tensor that requires
+    grad); the message is the exporter's, the exception its ``__cause__``."""
+
+
 def to_cupy(x):
-    """A CuPy array sharing ``x``'s device memory (no copy). Raises TypeError for host data."""
+    """A CuPy array sharing ``x``'s device memory (no copy). Raises TypeError for host data,
+    ``ExportRefused`` (a TypeError) where the array refuses to export its interface."""
     import cupy
 
     if isinstance(x, cupy.ndarray):
         return x
-    if hasattr(x, "__cuda_array_interface__"):
+    if has_cuda_array_interface(x):
+        try:
+            x.__cuda_array_interface__   # the exporter's refusal, told apart from CuPy's errors
+        except Exception as exc:
+            raise ExportRefused(f"{type(exc).__name__}: {exc}") from exc
         return cupy.asarray(x)           # wraps the pointer; no copy
     if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
         device_type = int(x.__dlpack_device__()[0])
