@@ -772,6 +772,41 @@ def test_cupy_context_compiles_each_module_once_under_threads(monkeypatch):
     assert len(ctx.compile_count) == len(wanted) and set(ctx.compile_count.values()) == {1}, ctx.compile_count
 
 
+def test_cupy_context_compiles_different_modules_at_the_same_time(monkeypatch):
+    """Two threads compile two different modules: each compile waits (up to 10 s) until the
+    other has started. A context that held one lock over every compile (as it did) runs
+    them one after the other, and the first waits in vain."""
+    started = {"gemm.cu": threading.Event(), "optim.cu": threading.Event()}
+    waited = {}
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            self.file = "gemm.cu" if "gemm" in "".join(name_expressions) else "optim.cu"
+
+        def compile(self):
+            started[self.file].set()
+            other = "optim.cu" if self.file == "gemm.cu" else "gemm.cu"
+            waited[self.file] = started[other].wait(timeout=10)
+
+        def get_function(self, name):
+            return ("function", name)
+
+    device = types.SimpleNamespace(id=0)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        RawModule=RawModule, ndarray=np.ndarray, cuda=types.SimpleNamespace(Device=lambda: device)))
+    ctx = CupyContext()
+    first = dict(_first_kernel_of_each_module())
+    pick = {"gemm.cu": first["gemm.cu"], "optim.cu": first["optim.cu"]}
+
+    def worker(tid, barrier):
+        file = ("gemm.cu", "optim.cu")[tid]
+        barrier.wait(timeout=60)
+        return ctx.function(file, pick[file])._fn
+
+    _run_threads(worker, n=2)
+    assert waited == {"gemm.cu": True, "optim.cu": True}, waited
+
+
 def _gpu_thread_ops(put, rng):
     """Five ops, one per kernel module: (name, thunk) with float32 inputs on ``put``."""
     x, w, b = put(randn(rng, 70, 40)), put(randn(rng, 33, 40)), put(randn(rng, 33))

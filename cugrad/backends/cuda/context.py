@@ -87,10 +87,13 @@ class CupyContext(Context):
 
     ``compile_count`` counts the compilations per (file, options, names, device) key, for tests
     and diagnostics: each key is compiled once however many threads ask at the same time.
+    Each key has its own lock, so threads compiling different modules (a GEMM module takes
+    seconds of NVRTC) do not wait for one another.
     """
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()           # guards the dictionaries, never a compile
+        self._module_locks: dict[tuple, threading.Lock] = {}
         self._modules: dict[tuple, Any] = {}
         self._kernels: dict[tuple, _CupyKernel] = {}
         self.compile_count: collections.Counter = collections.Counter()
@@ -134,19 +137,26 @@ class CupyContext(Context):
         one per tile). Compiles eagerly so failures surface here, with the log."""
         cupy = self.xp
         key = (file, tuple(options), tuple(name_expressions), cupy.cuda.Device().id)
+        module = self._modules.get(key)
+        if module is not None:
+            return module
         with self._lock:
+            key_lock = self._module_locks.setdefault(key, threading.Lock())
+        with key_lock:                   # one compile per key; other keys go on meanwhile
             module = self._modules.get(key)
             if module is None:
                 module = cupy.RawModule(code=code, options=tuple(options),
                                         name_expressions=list(name_expressions))
-                self.compile_count[key] += 1
+                with self._lock:
+                    self.compile_count[key] += 1
                 try:
                     module.compile()
                 except Exception as exc:
                     if type(exc).__name__ != "CompileException":
                         raise
                     raise KernelCompileError(file, options, str(exc)) from None
-                self._modules[key] = module
+                with self._lock:
+                    self._modules[key] = module
         return module
 
 
