@@ -523,11 +523,12 @@ class Env:
                     warnings.simplefilter("ignore")
                     torch.backends.cuda.matmul.allow_tf32 = False
                     torch.backends.cudnn.allow_tf32 = False
-                ours = self.cp.cuda.get_current_stream().ptr
+                cupy_stream = self.cp.cuda.get_current_stream().ptr
                 theirs = torch.cuda.current_stream().cuda_stream
-                if ours != theirs:
+                if cupy_stream != theirs:
                     raise RuntimeError(f"PyTorch's current stream ({theirs:#x}) is not "
-                                       f"CuPy's ({ours:#x}); one event clock cannot time both")
+                                       f"CuPy's ({cupy_stream:#x}); one event clock cannot "
+                                       "time both")
                 self._torch = torch
             except Exception as exc:
                 self._torch_error = f"{type(exc).__name__}: {exc}"
