@@ -47,6 +47,7 @@ OPS: dict[str, tuple[str, ...]] = {
     # reduction: "mean" | "sum" | "half_sum"; loss is a 0-d array of the input dtype.
     "mse_loss": ("pred", "target", "reduction"),
     "mse_loss_backward": ("pred", "target", "reduction"),
+    "mse_fwd_bwd": ("pred", "target", "reduction"),        # (loss, grad) from one pass
     # logits (N, C); target int64 class indices (N,) or probabilities (N, C);
     # reduction "mean" | "sum". fwd_bwd returns (loss, grad) from one pass.
     "cross_entropy": ("logits", "target", "reduction"),

@@ -228,6 +228,7 @@ class PeerSpec:
     name: str                  # the "peer" column: "cuBLAS", "copy", "PyTorch", ...
     target: float | None       # least speedup asked for; None: reported only
     detail: str                # what exactly runs
+    strict: bool = False       # the goal is speedup > target ("faster"), not >=
 
 
 @dataclass(frozen=True)
@@ -279,8 +280,9 @@ def make_figure(spec: Spec, peer: PeerSpec, *, sets: int | None = None,
     kernel compilation included."""
     fig = {"name": spec.name, "shape": spec.shape, "ours": spec.ours, "ours_ms": None,
            "peer": peer.name, "peer_detail": peer.detail, "peer_ms": None, "speedup": None,
-           "target": peer.target, "met": None if peer.target is None or skipped else False,
+           "target": peer.target, "met": None,   # set below when both sides were timed
            "spread": None, "check_rel_err": check_err, "check_tol": spec.tol,
+           **({"target_strict": True} if peer.strict else {}),
            "input_sets": sets, "clock": "host, batches of steps" if spec.host_clock
            else "CUDA events", "setup_s": setup_s}
     if ours is not None and theirs is not None:
@@ -292,7 +294,7 @@ def make_figure(spec: Spec, peer: PeerSpec, *, sets: int | None = None,
                    head_start_us={"ours": ours.get("head_start_us", 0.0),
                                   "peer": theirs.get("head_start_us", 0.0)})
         if peer.target is not None:
-            fig["met"] = speedup >= peer.target
+            fig["met"] = speedup > peer.target if peer.strict else speedup >= peer.target
         ceilings = ceilings or {}
         if spec.flops:
             fig["tflops"] = {"ours": spec.flops / ours["median"] / 1e9,
@@ -344,7 +346,8 @@ def table_row(fig: dict) -> list[str]:
     met = fig.get("met")
     return [fig["name"], fig["shape"], _num(fig.get("ours_ms"), ".4g"), fig["peer"],
             _num(fig.get("peer_ms"), ".4g"), _num(fig.get("speedup"), ".3f"),
-            _num(fig.get("target"), ".2f"), "—" if met is None else ("yes" if met else "NO"),
+            ("> " if fig.get("target_strict") else "") + _num(fig.get("target"), ".2f"),
+            "—" if met is None else ("yes" if met else "NO"),
             check]
 
 
@@ -841,10 +844,10 @@ def _build_mse(n: int, c: int, nbytes: int, *, kernels: bool, torch_peer: bool):
         T = [env.randn(n, c) for _ in range(sets)]
         if kernels:
             def ours(i):
-                return ops.mse_loss(P[i], T[i], "mean"), ops.mse_loss_backward(P[i], T[i], "mean")
+                return ops.mse_fwd_bwd(P[i], T[i], "mean")
         else:
             def ours(i):
-                return F.mse_loss(P[i], T[i]), F.mse_loss_backward(P[i], T[i])
+                return F.mse_loss_with_grad(P[i], T[i])
         if torch_peer:
             torch = env.torch(ours)
             Pt = [env.torch_of(p).requires_grad_(True) for p in P]
@@ -1047,10 +1050,14 @@ def _build_mlp_step(graph: bool, widths: tuple[int, ...] = MLP_WIDTHS,
 
 def _loss_specs(name, shape, build, n, c, nbytes, copy_detail, public, kernels, torch_detail):
     """A loss's three figures: the public op against a copy of its bytes and against
-    PyTorch, and the backend kernels alone (no host-syncing validation) against the copy."""
+    PyTorch, and the backend kernels alone (no host-syncing validation) against the copy.
+    The bandwidth goal (0.85 of the copy) is the kernels' figure; the public op's, which
+    adds its checks' passes and a host sync, is reported beside it."""
     copy = (PeerSpec("copy", 0.85, copy_detail),)
+    public_copy = (PeerSpec("copy", None, copy_detail + "; reported: the goal is the "
+                            f"{name}_kernels figure's (the public op adds its checks)"),)
     return [
-        Spec(name, shape, public, copy,
+        Spec(name, shape, public, public_copy,
              build(n, c, nbytes, kernels=False, torch_peer=False), nbytes=nbytes),
         Spec(name, shape, public, (PeerSpec("PyTorch", None, torch_detail),),
              build(n, c, nbytes, kernels=False, torch_peer=True), nbytes=nbytes),
@@ -1079,11 +1086,11 @@ def specs(shapes: Shapes = FULL_SHAPES) -> list[Spec]:
         out.append(Spec("linear_bias_sigmoid", f"{m}x{n}x{k}",
                         "F.linear(x, w, b, activation='sigmoid'), one fused kernel",
                         (PeerSpec("cuBLAS + CuPy", 1.0, "cupy.matmul(x, w.T); y += b; sigmoid "
-                                  "ElementwiseKernel (3 launches)"),),
+                                  "ElementwiseKernel (3 launches)", strict=True),),
                         _build_linear_sigmoid(m, n, k), flops=2.0 * m * n * k))
     for m, n in shapes.bias_grad:
         out.append(Spec("bias_grad", f"{m}x{n}", "F.bias_grad",
-                        (PeerSpec("cupy.sum", 1.3, "cupy.sum(g, axis=0)"),
+                        (PeerSpec("cupy.sum", 1.3, "cupy.sum(g, axis=0)", strict=True),
                          PeerSpec("copy", 0.85, copy_detail)),
                         _build_bias_grad(m, n), nbytes=4 * (m * n + n)))
     n, c = shapes.loss
@@ -1093,8 +1100,9 @@ def specs(shapes: Shapes = FULL_SHAPES) -> list[Spec]:
                        "backends.cuda.ops.cross_entropy_fwd_bwd (the kernels, no validation)",
                        "F.cross_entropy + autograd.grad")
     out += _loss_specs("mse_fwd_bwd", f"{n}x{c}", _build_mse, n, c, 3 * 4 * n * c + 4, copy_detail,
-                       "F.mse_loss + F.mse_loss_backward (public API: NaN checks sync the host)",
-                       "backends.cuda.ops.mse_loss + mse_loss_backward (the kernels, no validation)",
+                       "F.mse_loss_with_grad (public API: its NaN check syncs the host)",
+                       "backends.cuda.ops.mse_fwd_bwd (one pass and the partial sums' pass, "
+                       "no validation)",
                        "F.mse_loss + autograd.grad")
     rows, cols = shapes.activation
     for act in ("sigmoid", "tanh", "relu"):

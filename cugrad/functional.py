@@ -30,7 +30,8 @@ XENT_REDUCTIONS = ("mean", "sum")
 __all__ = [
     "matmul", "matmul_backward", "linear", "linear_backward", "bias_grad",
     "sigmoid", "sigmoid_backward", "tanh", "tanh_backward", "relu", "relu_backward",
-    "softmax", "log_softmax", "mse_loss", "mse_loss_backward", "cross_entropy",
+    "softmax", "log_softmax", "mse_loss", "mse_loss_backward", "mse_loss_with_grad",
+    "cross_entropy",
     "cross_entropy_backward", "cross_entropy_with_grad", "accumulate", "sgd_step", "adam_step",
 ]
 
@@ -328,6 +329,16 @@ def mse_loss_backward(pred, target, *, reduction="mean"):
     (pred−target) for "mean", "sum", "half_sum". Shape of pred."""
     backend, p, t = _mse_args("mse_loss_backward", pred, target, reduction)
     return backend.ops.mse_loss_backward(p, t, reduction).reshape(pred.shape)
+
+
+@_op("mse_loss")
+def mse_loss_with_grad(pred, target, *, reduction="mean"):
+    """``(mse_loss(...), mse_loss_backward(...))`` from one pass over pred and target (one
+    kernel on the GPU, and the pass that sums its partial sums), the same values bit for
+    bit."""
+    backend, p, t = _mse_args("mse_loss_with_grad", pred, target, reduction)
+    loss, grad = backend.ops.mse_fwd_bwd(p, t, reduction)
+    return loss, grad.reshape(pred.shape)
 
 
 def _xent_args(op, logits, target, reduction):

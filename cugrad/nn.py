@@ -590,8 +590,9 @@ class Sequential(Module):
 
 
 class MSELoss(Module):
-    """``loss = criterion(pred, target)``; ``criterion.backward()`` returns d loss/d pred.
-    reduction: "mean" (default), "sum", "half_sum" (Σ(pred−target)²/2)."""
+    """``loss = criterion(pred, target)``; ``criterion.backward()`` returns d loss/d pred
+    (both from one pass, ``F.mse_loss_with_grad``). reduction: "mean" (default), "sum",
+    "half_sum" (Σ(pred−target)²/2)."""
 
     def __init__(self, reduction: str = "mean"):
         super().__init__()
@@ -599,14 +600,14 @@ class MSELoss(Module):
         self.reduction = reduction
 
     def forward(self, pred, target):
-        loss = F.mse_loss(pred, target, reduction=self.reduction)
-        self._save(pred, target)
+        loss, grad = F.mse_loss_with_grad(pred, target, reduction=self.reduction)
+        self._save(grad)
         self._device = _backend.device_of(pred)
         return loss
 
     def backward(self):
-        pred, target = self._take_saved()
-        return F.mse_loss_backward(pred, target, reduction=self.reduction)
+        (grad,) = self._take_saved()
+        return grad
 
 
 class CrossEntropyLoss(Module):

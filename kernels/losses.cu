@@ -26,6 +26,9 @@
                                                v_i = a_i (SQDIFF=0) or (a_i - b_i)²;
                                                block b covers [b*per_block, (b+1)*per_block)
      mse_grad<T>                               grad (n) = scale2 (pred - target)
+     mse_fwd_bwd<T>                            sum_reduce<T, 1>'s block sums of (pred - target)²
+                                               and grad (n) = scale2 (pred - target), one
+                                               pass over pred and target (same bits as the two)
 
    CUDA features used: __global__, __device__ __forceinline__, static __shared__ arrays,
    __syncthreads, __shfl_xor_sync (full mask), templates, static_assert, expf/exp,
@@ -159,6 +162,33 @@ __global__ void sum_reduce(const T* __restrict__ a, const T* __restrict__ b, T* 
         } else {
             acc += a[i];
         }
+    }
+    partial[tid] = acc;
+    __syncthreads();
+#pragma unroll
+    for (int stride = REDUCE_THREADS / 2; stride > 0; stride >>= 1) {
+        if (tid < stride) partial[tid] += partial[tid + stride];
+        __syncthreads();
+    }
+    if (tid == 0) out[blockIdx.x] = partial[0] * scale;
+}
+
+template <typename T>
+__global__ void mse_fwd_bwd(const T* __restrict__ pred, const T* __restrict__ target,
+                            T* __restrict__ grad, T* __restrict__ out, long long n,
+                            long long per_block, T scale, T scale2) {
+    // pred, target (n) -> grad (n) = scale2 (pred - target), and out (gridDim.x): out[blk] =
+    // scale * Σ (pred - target)² over block blk's range, in sum_reduce<T, 1>'s order (so the
+    // same bits as sum_reduce and mse_grad); block REDUCE_THREADS.
+    __shared__ T partial[REDUCE_THREADS];
+    const int tid = threadIdx.x;
+    const long long begin = (long long)blockIdx.x * per_block;
+    const long long end = begin + per_block < n ? begin + per_block : n;
+    T acc = T(0);
+    for (long long i = begin + tid; i < end; i += REDUCE_THREADS) {
+        const T d = pred[i] - target[i];
+        grad[i] = scale2 * d;
+        acc += d * d;
     }
     partial[tid] = acc;
     __syncthreads();

@@ -94,6 +94,16 @@ def test_make_figure_timed_with_rates_and_ceilings():
     assert fast["met"] is True and bench.figure_status(fast) == "met"
 
 
+def test_a_strict_target_is_not_met_by_a_tie():
+    """"faster" (> 1.0x) and "> 1.3x cupy.sum" are strict: a tie meets >= but not >."""
+    for strict, met in ((False, True), (True, False)):
+        peer = PeerSpec("cupy.sum", 1.0, "peer", strict=strict)
+        fig = make_figure(_spec(peers=(peer,)), peer, ours=_stats(2.0), theirs=_stats(2.0))
+        assert fig["speedup"] == 1.0 and fig["met"] is met
+        assert fig.get("target_strict", False) is strict
+        assert bench.table_row(fig)[6] == ("> 1.00" if strict else "1.00")
+
+
 def test_make_figure_bandwidth_report_only_error_and_skip():
     copy = PeerSpec("copy", 0.85, "memcpy")
     spec = _spec(peers=(copy,), nbytes=10**9)
@@ -108,7 +118,7 @@ def test_make_figure_bandwidth_report_only_error_and_skip():
     assert fig["met"] is None and bench.figure_status(fig) == "report"
 
     failed = make_figure(spec, copy, check_err=0.3, error="check failed")
-    assert failed["ours_ms"] is None and failed["speedup"] is None and failed["met"] is False
+    assert failed["ours_ms"] is None and failed["speedup"] is None and failed["met"] is None
     assert bench.figure_status(failed) == "failed"
     skipped = make_figure(spec, copy, error="the time budget ran out", skipped=True)
     assert bench.figure_status(skipped) == "skipped"
@@ -123,7 +133,7 @@ def test_table_row_check_column():
     assert ok[0] == "gemm_nn" and ok[3] == "cuBLAS" and ok[7] == "yes"
     assert ok[-1] == "ok 2.0e-07"
     bad = bench.table_row(make_figure(spec, peer, check_err=0.5, error="check failed"))
-    assert bad[-1] == "FAILED 5.0e-01" and bad[2] == "—" and bad[7] == "NO"
+    assert bad[-1] == "FAILED 5.0e-01" and bad[2] == "—" and bad[7] == "—"   # not timed: no verdict
     nan = bench.table_row(make_figure(spec, peer, check_err=math.nan, error="check failed"))
     assert nan[-1] == "FAILED nan"
     crash = bench.table_row(make_figure(spec, peer, error="RuntimeError: boom"))
@@ -227,10 +237,15 @@ def test_specs_cover_the_issue_with_its_targets():
     assert {s for s, _ in targets("linear_bias_sigmoid")} == mlp
     assert targets("bias_grad") == {("8192x8192", "cupy.sum"): 1.3, ("8192x8192", "copy"): 0.85,
                                     ("65536x1024", "cupy.sum"): 1.3, ("65536x1024", "copy"): 0.85}
-    for name in ("cross_entropy_fwd_bwd", "mse_fwd_bwd", "sigmoid_fwd", "sigmoid_bwd",
-                 "tanh_fwd", "tanh_bwd", "relu_fwd", "relu_bwd"):
+    # "faster" and "> 1.3x": strictly above the target.
+    strict = {(s.name, p.name) for s, p in figures if p.strict}
+    assert strict == {("linear_bias_sigmoid", "cuBLAS + CuPy"), ("bias_grad", "cupy.sum")}
+    for name in ("sigmoid_fwd", "sigmoid_bwd", "tanh_fwd", "tanh_bwd", "relu_fwd", "relu_bwd",
+                 "cross_entropy_fwd_bwd_kernels", "mse_fwd_bwd_kernels"):
         assert targets(name) == {(s, "copy"): 0.85 for s, _ in targets(name)} | \
-            {(s, "PyTorch"): None for s, _ in targets(name)}, name
+            {(s, "PyTorch"): None for s, _ in targets(name) if "kernels" not in name}, name
+    for name in ("cross_entropy_fwd_bwd", "mse_fwd_bwd"):     # the public ops: reported
+        assert set(targets(name).values()) == {None}, name
     assert targets("linear_fwd_bwd") == {("4096x4096x4096", "PyTorch"): 1.0,
                                          ("256x1024x1024", "PyTorch"): 1.0}
     assert list(targets("mlp_step").values()) == [None]
@@ -355,7 +370,7 @@ def test_run_spec_checks_then_times_only_the_peers_that_agree():
     assert figs[0]["check_rel_err"] == 0.0 and figs[0]["setup_s"] >= 0
     assert figs[1]["peer"] == "copy" and figs[1]["ours_ms"] is None
     assert figs[1]["error"].startswith("check failed: relative error 0.316 > tolerance 0.0001")
-    assert figs[1]["met"] is False
+    assert figs[1]["met"] is None          # never timed: "failed", not a miss
 
 
 def test_run_spec_custom_check_and_host_clock():

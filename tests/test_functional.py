@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cugrad.functional as F
-from cugrad import gradcheck
+from cugrad import gradcheck, nn
 from conftest import (ODD, confident_rows, elementwise_rel_err, near_one_hot_rows, randn,
                       rel_err, row_rel_err, tol)
 
@@ -268,6 +268,39 @@ def test_mse_loss(backend, dtype, rng, reduction, shape):
     assert loss.shape == () and loss.dtype == dtype
     assert rel_err(loss, ref_loss) < tol(dtype)
     assert rel_err(grad, ref_grad) < tol(dtype, "elementwise")
+
+
+@pytest.mark.parametrize("reduction", list(MSE_REF))
+@pytest.mark.parametrize("shape", [(1,), (7, 33), (300, 70), (2, 3, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_mse_loss_with_grad_is_the_two_ops_bit_for_bit(backend, dtype, rng, reduction, shape):
+    """One pass (one kernel and the partial sums' pass on the GPU; (300, 70) has more than
+    one block), the same bits as mse_loss and mse_loss_backward, pred's shape kept; the
+    same checks, naming itself."""
+    p, t = randn(rng, *shape, dtype=dtype), randn(rng, *shape, dtype=dtype)
+    pp, tt = backend.put(p), backend.put(t)
+    loss, grad = F.mse_loss_with_grad(pp, tt, reduction=reduction)
+    assert loss.shape == () and grad.shape == p.shape and grad.dtype == dtype
+    np.testing.assert_array_equal(backend.get(loss),
+                                  backend.get(F.mse_loss(pp, tt, reduction=reduction)))
+    np.testing.assert_array_equal(backend.get(grad),
+                                  backend.get(F.mse_loss_backward(pp, tt, reduction=reduction)))
+    with pytest.raises(ValueError, match="mse_loss_with_grad: argument 'target'"):
+        F.mse_loss_with_grad(pp, backend.put(np.zeros((4,), dtype)), reduction=reduction)
+    with pytest.raises(ValueError, match="mse_loss_with_grad.*reduction"):
+        F.mse_loss_with_grad(pp, tt, reduction="max")
+
+
+def test_mse_layer_takes_its_gradient_from_the_forward_pass(backend, rng):
+    """MSELoss's forward computes the gradient too (as CrossEntropyLoss does): changing pred
+    in place after the forward does not change what backward returns."""
+    p, t = randn(rng, 6, 4), randn(rng, 6, 4)
+    crit = nn.MSELoss(reduction="sum")
+    pp = backend.put(p.copy())
+    loss = crit(pp, backend.put(t))
+    pp *= 0
+    np.testing.assert_allclose(backend.get(crit.backward()), 2 * (p - t), rtol=1e-6)
+    assert float(loss) == pytest.approx(float(((p.astype(np.float64) - t) ** 2).sum()), rel=1e-5)
 
 
 @pytest.mark.parametrize("reduction", list(MSE_REF))

@@ -663,6 +663,12 @@ def _mse_case(cpu, rng, n, dtype, reduction):
     check(np.asarray(loss), loss_ref, NP["mse_loss"](p, t, reduction), dtype, "product")
     grad = on_cpu(cpu, "mse_loss_backward", p, t, reduction)
     check(grad, grad_ref, NP["mse_loss_backward"](p, t, reduction), dtype, "elementwise")
+    first = len(cpu.calls)
+    loss2, grad2 = on_cpu(cpu, "mse_fwd_bwd", p, t, reduction)     # the fused pass
+    names = launched(cpu, first)
+    assert len(names) == (1 if n <= TWO_BLOCKS else 2), names
+    np.testing.assert_array_equal(np.asarray(loss2), np.asarray(loss))
+    np.testing.assert_array_equal(grad2, grad)
 
 
 # ----------------------------------------------------------------------------- optimisers

@@ -269,6 +269,14 @@ def test_mse(cpu, rng, shape, reduction, dtype):
     check(np.asarray(loss), loss_ref, NP["mse_loss"](p, t, reduction), dtype, "product")
     grad = on_cpu(cpu, "mse_loss_backward", p, t, reduction)
     check(grad, grad_ref, NP["mse_loss_backward"](p, t, reduction), dtype, "elementwise")
+    # The fused pass: the same bits as the two kernels above, and as the NumPy backend's
+    # fused op against its own two.
+    loss2, grad2 = on_cpu(cpu, "mse_fwd_bwd", p, t, reduction)
+    np.testing.assert_array_equal(np.asarray(loss2), np.asarray(loss))
+    np.testing.assert_array_equal(grad2, grad)
+    loss_np, grad_np = NP["mse_fwd_bwd"](p, t, reduction)
+    np.testing.assert_array_equal(loss_np, NP["mse_loss"](p, t, reduction))
+    np.testing.assert_array_equal(grad_np, NP["mse_loss_backward"](p, t, reduction))
 
 
 # ----------------------------------------------------------------------------- optimisers

@@ -317,6 +317,7 @@ def _public_op_calls():
         "log_softmax": ("log_softmax", lambda: F.log_softmax(g)),
         "mse_loss": ("mse_loss", lambda: F.mse_loss(g, g + 1)),
         "mse_loss_backward": ("mse_loss.backward", lambda: F.mse_loss_backward(g, g + 1)),
+        "mse_loss_with_grad": ("mse_loss", lambda: F.mse_loss_with_grad(g, g + 1)),
         "cross_entropy": ("cross_entropy", lambda: F.cross_entropy(g, y)),
         "cross_entropy_backward": ("cross_entropy.backward",
                                    lambda: F.cross_entropy_backward(g, y)),

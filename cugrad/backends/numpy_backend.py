@@ -167,6 +167,17 @@ def mse_loss(pred, target, reduction):
     return np.asarray(d.sum() * _mse_scale(reduction, d.size), dtype=pred.dtype)
 
 
+@implements(BACKEND, "mse_fwd_bwd")
+def mse_fwd_bwd(pred, target, reduction):
+    # (mse_loss, mse_loss_backward) with one difference pred - target, the same bits as the two.
+    d = pred - target
+    scale = _mse_scale(reduction, d.size)
+    sq = np.multiply(d, d).ravel()
+    loss = np.asarray(sq.sum() * scale, dtype=pred.dtype)
+    d *= 2.0 * scale
+    return loss, d
+
+
 @implements(BACKEND, "mse_loss_backward")
 def mse_loss_backward(pred, target, reduction):
     # d/dpred of scale * sum(d^2) = 2 * scale * d

@@ -185,6 +185,10 @@ def mse_grad_name(dtype: str) -> str:
     return f"mse_grad<{CTYPES[dtype]}>"
 
 
+def mse_fwd_bwd_name(dtype: str) -> str:
+    return f"mse_fwd_bwd<{CTYPES[dtype]}>"
+
+
 def sgd_name(dtype: str, momentum: bool) -> str:
     return f"sgd_step<{CTYPES[dtype]}, {int(momentum)}>"
 
@@ -230,7 +234,8 @@ def instantiations() -> list[tuple[str, list[str], list[str]]]:
         *(softmax_name(dt, log) for dt, log in itertools.product(DTYPES, _BOOLS)),
         *(xent_name(dt, ci, g) for dt, ci, g in itertools.product(DTYPES, _BOOLS, _BOOLS)),
         *(sum_reduce_name(dt, sq) for dt, sq in itertools.product(DTYPES, _BOOLS)),
-        *(mse_grad_name(dt) for dt in DTYPES)]))
+        *(mse_grad_name(dt) for dt in DTYPES),
+        *(mse_fwd_bwd_name(dt) for dt in DTYPES)]))
     table.append(("optim.cu", module_options("optim.cu"), [
         *(sgd_name(dt, mom) for dt, mom in itertools.product(DTYPES, _BOOLS)),
         *(adam_name(dt) for dt in DTYPES),

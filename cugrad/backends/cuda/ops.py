@@ -239,18 +239,26 @@ def _sum(ctx, a, b, n: int, scale: float):
     """0-d array: scale * Σ a_i, or scale * Σ (a_i - b_i)² when b is given; deterministic
     (the split into blocks depends on n only, each block and the final pass sum in a fixed
     order)."""
-    dtype = a.dtype
-    out = ctx.empty((), dtype)
-    first = ctx.function("losses.cu", config.sum_reduce_name(dtype.name, b is not None))
-    block = (config.REDUCE_THREADS, 1, 1)
     second_arg = b if b is not None else a      # never read when summing a alone
+    first = ctx.function("losses.cu", config.sum_reduce_name(a.dtype.name, b is not None))
+    return _block_sums(ctx, first, (a, second_arg), (), n, a.dtype, scale)
+
+
+def _block_sums(ctx, first, inputs: tuple, extra: tuple, n: int, dtype, scale: float):
+    """Launch ``first`` (sum_reduce's shape: (*inputs, out, n, per_block, scale, *extra)) over
+    n elements and sum its per-block partials: one block when n is small, else at most
+    REDUCE_MAX_BLOCKS partials (the split a function of n only) summed by sum_reduce."""
+    out = ctx.empty((), dtype)
+    block = (config.REDUCE_THREADS, 1, 1)
     if n <= 2 * config.REDUCE_MIN_PER_BLOCK:
-        first((1, 1, 1), block, (a, second_arg, out, np.int64(n), np.int64(max(n, 1)), scalar(dtype, scale)))
+        first((1, 1, 1), block, (*inputs, out, np.int64(n), np.int64(max(n, 1)),
+                                 scalar(dtype, scale), *extra))
         return out
     per_block = max(config.REDUCE_MIN_PER_BLOCK, _cdiv(n, config.REDUCE_MAX_BLOCKS))
     blocks = _cdiv(n, per_block)
     partial = ctx.empty((blocks,), dtype)
-    first((blocks, 1, 1), block, (a, second_arg, partial, np.int64(n), np.int64(per_block), scalar(dtype, 1.0)))
+    first((blocks, 1, 1), block, (*inputs, partial, np.int64(n), np.int64(per_block),
+                                  scalar(dtype, 1.0), *extra))
     final = ctx.function("losses.cu", config.sum_reduce_name(dtype.name, False))
     final((1, 1, 1), block, (partial, partial, out, np.int64(blocks), np.int64(blocks), scalar(dtype, scale)))
     return out
@@ -317,6 +325,22 @@ def mse_loss_backward(pred, target, reduction):
     _launch_elementwise(ctx, "losses.cu", config.mse_grad_name(p.dtype.name), p.size,
                         (p, t, out, np.int64(p.size), scalar(p.dtype, scale2)))
     return out
+
+
+@implements(BACKEND, "mse_fwd_bwd")
+def mse_fwd_bwd(pred, target, reduction):
+    """(mse_loss, mse_loss_backward) in one pass over pred and target, bit for bit."""
+    ctx = current_context()
+    p = ctx.xp.ascontiguousarray(pred)
+    t = ctx.xp.ascontiguousarray(target)
+    grad = ctx.empty(p.shape, p.dtype)
+    scale = _mse_scale(reduction, p.size)
+    first = ctx.function("losses.cu", config.mse_fwd_bwd_name(p.dtype.name))
+    # The kernel's arguments (pred, target, grad, out, n, per_block, scale, scale2): grad
+    # among _block_sums' inputs, scale2 its one extra argument.
+    loss = _block_sums(ctx, first, (p, t, grad), (scalar(p.dtype, 2.0 * scale),), p.size,
+                       p.dtype, scale)
+    return loss, grad
 
 
 # --------------------------------------------------------------------------- optimisers
