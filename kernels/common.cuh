@@ -93,6 +93,17 @@ __device__ __forceinline__ T warp_sum(T v) {
     return v;
 }
 
+// Kahan's compensated running sum: s += v, with c carrying what the additions rounded away
+// (the sum is s - c). An infinite or NaN sum leaves c at 0, so inf stays inf (inf - inf in
+// the compensation would turn it into NaN) and NaN stays NaN.
+template <typename T>
+__device__ __forceinline__ void kahan_add(T& s, T& c, T v) {
+    const T y = v - c;
+    const T t = s + y;
+    c = (t - t == T(0)) ? (t - s) - y : T(0);      // t - t == 0: t is finite
+    s = t;
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_max(T v) {
 #pragma unroll

@@ -52,18 +52,24 @@ static_assert((REDUCE_THREADS & (REDUCE_THREADS - 1)) == 0 && REDUCE_THREADS <= 
 // accurate for a confident row (e.g. float32 [20, 0, 0]: r = 2e-9, s rounds to 1, so
 // ln s would be 0). A NaN (or +inf - +inf) term is added, not counted: it still propagates.
 // The max starts from x[0] (C >= 1), so no infinity is needed.
+// Each lane's sums run over C/32 terms, half a million in a row of 2^24: a plain running sum
+// would carry ~C/32 roundings (float32: 2.5e-5 relative error at C = 2^24), so the lanes sum
+// with Kahan's compensation, and the ties are counted in an integer (a float32 count stops
+// at 2^24). Column indices are long long: a lane's index passes C - 1 by up to 31, past
+// INT32_MAX for C near 2^31.
 template <typename T>
 __device__ __forceinline__ void row_max_sumexp_m1(const T* __restrict__ x, int C, int lane, T& mx, T& r) {
     T m = x[0];
-    for (int c = lane; c < C; c += 32) m = dmax(m, x[c]);
+    for (long long c = lane; c < C; c += 32) m = dmax(m, x[c]);
     mx = warp_max(m);
-    T acc = T(0), ones = T(0);
-    for (int c = lane; c < C; c += 32) {
+    T acc = T(0), comp = T(0);
+    int ones = 0;
+    for (long long c = lane; c < C; c += 32) {
         const T e = dexp(x[c] - mx);
-        if (e == T(1)) ones += T(1);
-        else acc += e;
+        if (e == T(1)) ones += 1;
+        else kahan_add(acc, comp, e);
     }
-    r = warp_sum(acc) + (warp_sum(ones) - T(1));
+    r = (warp_sum(acc) - warp_sum(comp)) + T(warp_sum(ones) - 1);
 }
 
 template <typename T, int LOG>
@@ -80,10 +86,10 @@ __global__ void softmax_rows(const T* __restrict__ x, T* __restrict__ y, long lo
             // (x - max) - log1p(s - 1), as the NumPy backend: folding it into max + log s
             // first would round log s away when |max| is large (max = 1e30: every entry 0).
             const T ls = dlog1p(sm1);
-            for (int c = lane; c < C; c += 32) yr[c] = (xr[c] - mx) - ls;
+            for (long long c = lane; c < C; c += 32) yr[c] = (xr[c] - mx) - ls;
         } else {
             const T inv = T(1) / (T(1) + sm1);
-            for (int c = lane; c < C; c += 32) yr[c] = dexp(xr[c] - mx) * inv;
+            for (long long c = lane; c < C; c += 32) yr[c] = dexp(xr[c] - mx) * inv;
         }
     }
 }
@@ -95,11 +101,11 @@ __device__ __forceinline__ bool valid_class(const long long* t, long long r, int
 template <typename T>
 __device__ __forceinline__ bool valid_class(const T*, long long, int) { return true; }
 template <typename T>
-__device__ __forceinline__ T target_weight(const long long* t, long long r, int c, int C) {
+__device__ __forceinline__ T target_weight(const long long* t, long long r, long long c, int C) {
     return t[r] == c ? T(1) : T(0);
 }
 template <typename T>
-__device__ __forceinline__ T target_weight(const T* t, long long r, int c, int C) {
+__device__ __forceinline__ T target_weight(const T* t, long long r, long long c, int C) {
     return t[r * C + c];
 }
 
@@ -116,15 +122,16 @@ __global__ void softmax_xent_fwd_bwd(const T* __restrict__ logits, const Target*
         row_max_sumexp_m1(zr, C, lane, mx, sm1);
         const bool ok = valid_class(target, r, C);   // an out-of-range class gives NaN, no stray read
         // Σt in two parts, the targets of the classes at the max and the rest (see GRAD).
-        T tmax = T(0), trest = T(0), tz = T(0);
-        for (int c = lane; c < C; c += 32) {
+        // Compensated lane sums, as row_max_sumexp_m1's (a probability row of 2^24 classes).
+        T tmax = T(0), trest = T(0), tz = T(0), cmax = T(0), crest = T(0), cz = T(0);
+        for (long long c = lane; c < C; c += 32) {
             const T t = target_weight<T>(target, r, c, C);
-            if (zr[c] == mx) tmax += t; else trest += t;
-            if (t != T(0)) tz += t * (zr[c] - mx);   // skip 0 * -inf for a -inf logit
+            if (zr[c] == mx) kahan_add(tmax, cmax, t); else kahan_add(trest, crest, t);
+            if (t != T(0)) kahan_add(tz, cz, t * (zr[c] - mx));   // skip 0 * -inf for a -inf logit
         }
-        tmax = warp_sum(tmax);
-        trest = warp_sum(trest);
-        tz = warp_sum(tz);
+        tmax = warp_sum(tmax) - warp_sum(cmax);
+        trest = warp_sum(trest) - warp_sum(crest);
+        tz = warp_sum(tz) - warp_sum(cz);
         const T tsum = tmax + trest;
         if (lane == 0) row_loss[r] = ok ? dlog1p(sm1) * tsum - tz : quiet_nan<T>();
         if (GRAD) {
@@ -136,7 +143,7 @@ __global__ void softmax_xent_fwd_bwd(const T* __restrict__ logits, const Target*
             // (t_c = 1 - 1e-6 in float32: a 6e-8 rounding against a difference of 1e-6).
             const T inv = T(1) / (T(1) + sm1);
             T* gr = grad + r * C;
-            for (int c = lane; c < C; c += 32) {
+            for (long long c = lane; c < C; c += 32) {
                 const T t = target_weight<T>(target, r, c, C);
                 const T rest = zr[c] == mx ? (tmax - t) + trest : dexp(zr[c] - mx) * tsum - t;
                 const T g = (rest - t * sm1) * inv * scale;
