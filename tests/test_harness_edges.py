@@ -516,6 +516,28 @@ def test_near_one_hot_probability_rows_through_the_row_kernel(cpu, dtype, c):
     assert row_rel_err(grad, grad_np) <= 2 * tol(dtype, "elementwise")
 
 
+@pytest.mark.parametrize("op", ["bias_grad", "activation_backward_bias_grad", "softmax", "gemm"])
+def test_a_width_past_int32_is_refused_before_anything_is_allocated(cpu, monkeypatch, op):
+    """config.INT32_MAX shrunk to 15, so N = 16 stands for N = 2^31: refused with a
+    ValueError before any output or copy is allocated (bias_grad allocated its output, and
+    the fused activation-backward its (M, N) gradient, first: out of memory on a full card
+    instead of the clear error; found by a probe)."""
+    monkeypatch.setattr(config, "INT32_MAX", 15)
+    g = np.ones((4, 16), np.float32)
+    allocs = []
+    real_empty = cpu.empty
+    monkeypatch.setattr(cpu, "empty", lambda shape, dtype: (allocs.append(shape),
+                                                            real_empty(shape, dtype))[1])
+    calls = {"bias_grad": lambda: on_cpu(cpu, "bias_grad", g),
+             "activation_backward_bias_grad": lambda: on_cpu(
+                 cpu, "activation_backward_bias_grad", "relu", g, g),
+             "softmax": lambda: on_cpu(cpu, "softmax", g),
+             "gemm": lambda: on_cpu(cpu, "gemm", g.T.copy(), g, True, False, None, None)}
+    with pytest.raises(ValueError, match=r"exceeds 2\^31 - 1"):
+        calls[op]()
+    assert allocs == []
+
+
 def test_a_long_float32_row_keeps_its_accuracy(cpu):
     """One row of 2^24 + 5 float32 logits in [-1, 1) with ties at the max: each lane sums
     half a million terms of s - 1, which a plain running sum rounded to 2.5e-5 relative

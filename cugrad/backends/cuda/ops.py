@@ -139,12 +139,14 @@ def gemm_reference(a, b, trans_a, trans_b, bias, activation):
 @implements(BACKEND, "bias_grad")
 def bias_grad(grad):
     ctx = current_context()
+    _check_int32("bias_grad width N", grad.shape[1])    # before any copy or allocation
     return _colsum(ctx, ctx.xp.ascontiguousarray(grad))
 
 
 @implements(BACKEND, "activation_backward_bias_grad")
 def activation_backward_bias_grad(name, grad_out, saved):
     ctx = current_context()
+    _check_int32("bias_grad width N", grad_out.shape[1])    # before any copy or allocation
     g = ctx.xp.ascontiguousarray(grad_out)
     z = ctx.xp.ascontiguousarray(saved)
     grad_in = ctx.empty(g.shape, g.dtype)
@@ -155,10 +157,10 @@ def _colsum(ctx, g, activation=None, z=None, grad_in=None):
     """Column sums of g (M, N) -> (N,); with ``activation``, of grad_in = g ⊙ f'(z), which
     the first pass also writes."""
     m, n = g.shape
+    _check_int32("bias_grad width N", n)
     out = ctx.empty((n,), g.dtype)
     if n == 0:
         return out
-    _check_int32("bias_grad width N", n)
     dtype = g.dtype.name
     first = ctx.function("bias_grad.cu", config.colsum_name(dtype, activation))
     fused = (z, grad_in) if activation is not None else (g, g)     # unused without activation
