@@ -94,7 +94,9 @@ def _every_op_call(dt):
     calls += [("softmax", (r(5, 3),)), ("log_softmax", (r(5, 3),))]
     for red in ("mean", "sum", "half_sum"):
         calls += [("mse_loss", (r(4, 3), r(4, 3), red)), ("mse_loss", (r(300, 200), r(300, 200), red)),
-                  ("mse_loss_backward", (r(4, 3), r(4, 3), red))]
+                  ("mse_loss_backward", (r(4, 3), r(4, 3), red)),
+                  ("mse_fwd_bwd", (r(4, 3), r(4, 3), red)),
+                  ("mse_fwd_bwd", (r(300, 200), r(300, 200), red))]
     for op, red, target in itertools.product(
             ("cross_entropy", "cross_entropy_backward", "cross_entropy_fwd_bwd"), ("mean", "sum"),
             (np.array([0, 2, 1], np.int64), np.full((3, 3), 1 / 3, dt))):
