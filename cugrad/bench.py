@@ -1360,7 +1360,9 @@ def run_suite(settings: Settings, chosen: list[Spec], out_path: Path | None,
     result = environment(env)
     stand_in = bool(getattr(env.cp, "FAKE", False))
     if out_path is None:
-        out_path = default_out_path(result["device"], datetime.date.today(),
+        # The file's date is the JSON's (UTC), not the host's local date.
+        out_path = default_out_path(result["device"],
+                                    datetime.date.fromisoformat(result["date"][:10]),
                                     scratch=smoke or stand_in)
     result = {"smoke": smoke, "cupy_stand_in": stand_in, **result}
     if smoke:
