@@ -6,7 +6,8 @@
    system headers, no include guards needed beyond the one below.
 
    CUDA features used: __device__ __forceinline__, templates, float4/double2,
-   __shfl_xor_sync (full mask), expf/exp, tanhf/tanh, logf/log, log1pf/log1p, sqrtf/sqrt, fabsf/fabs.
+   __shfl_xor_sync (full mask), expf/exp, tanhf/tanh, logf/log, log1pf/log1p, sqrtf/sqrt, fabsf/fabs,
+   fmaxf/fmax.
 
    Float/double overloads (dexp, dlog, ...) keep every kernel a template over T without
    relying on C++ overloads of the C math functions, which a host shim may lack.

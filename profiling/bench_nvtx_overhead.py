@@ -145,11 +145,14 @@ def run_mode(mode: str, lib: Path | None, scale: float) -> dict | None:
 
 
 def main(argv=None) -> int:
+    sys.path.insert(0, str(REPO))     # run from a checkout; the workers import cugrad themselves
+    from cugrad._cli import int_at_least
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="10x fewer iterations")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all modes")
+    ap.add_argument("--rounds", type=int_at_least(1), default=3, help="interleaved rounds of all modes")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if args.worker:

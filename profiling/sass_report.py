@@ -43,7 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cugrad.backends.cuda import config  # noqa: E402
 from cugrad.backends.cuda.loader import instantiation_unit  # noqa: E402
 
-FMA_OPS = ("FFMA", "DFMA", "HFMA2")
+FMA_OPS = ("FFMA", "DFMA", "HFMA2")     # with their modifiers: FFMA.FTZ under -ftz=true
+
+
+def _fmas(ops: Counter) -> int:
+    return sum(n for o, n in ops.items() if o.split(".")[0] in FMA_OPS)
 
 
 def find_tool(name: str) -> str | None:
@@ -114,7 +118,7 @@ def hot_loop(instructions: list[tuple[int, str]]) -> dict | None:
     best = None
     for first, last in loops(instructions):
         ops = Counter(opcode(t) for a, t in instructions if first <= a <= last)
-        fmas = sum(ops[o] for o in FMA_OPS)
+        fmas = _fmas(ops)
         work = sum(n for o, n in ops.items() if o.split(".")[0] in FP_OPS + ("LDG", "STG"))
         key = (fmas, work, -(last - first))
         if best is None or key > best[0]:
@@ -123,7 +127,7 @@ def hot_loop(instructions: list[tuple[int, str]]) -> dict | None:
         return None
     _, first, last, ops = best
     total = sum(ops.values())
-    fmas = sum(ops[o] for o in FMA_OPS)
+    fmas = _fmas(ops)
     return {
         "first": hex(first), "last": hex(last), "instructions": total, "fma": fmas,
         "fma_share": round(fmas / total, 3),

@@ -182,6 +182,18 @@ def test_bench_numpy_step_runs_from_a_checkout(tmp_path):
     assert "batch 4, MLP 8-5-3: cugrad" in proc.stdout and "ratio" in proc.stdout
 
 
+@pytest.mark.parametrize("script, args", [
+    ("train_mlp.py", ["--steps", "0"]), ("bench_numpy_step.py", ["--repeats", "4"]),
+    ("bench_nvtx_overhead.py", ["--rounds", "0"])])
+def test_profiling_scripts_refuse_bad_counts_before_any_work(tmp_path, script, args):
+    """A usage error naming the option (bench_nvtx_overhead's --rounds 0 printed its header,
+    then failed with a TypeError)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "profiling" / script), *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert args[0] in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""
+
+
 GPU_SUITE = ROOT / "profiling" / "gpu_suite.sh"
 
 

@@ -31,7 +31,7 @@ LISTING = (
     + _line(0x50, "LDS.128 R12, [R9]")
     + _line(0x60, "LDS R16, [R9+0x10]")
     + _line(0x70, "FFMA R20, R12, R16, R20")
-    + _line(0x80, "@P1 FFMA R21, R13, R16, R21")
+    + _line(0x80, "@P1 FFMA.FTZ R21, R13, R16, R21")   # -ftz=true: CuPy's, so ours too
     + _line(0x90, "BAR.SYNC.DEFER_BLOCKING 0x0")
     + _line(0xa0, "STS [R9], R20")
     + _line(0xb0, "@P2 BRA 0x50")
@@ -59,7 +59,7 @@ def test_parse_sass_splits_functions_and_strips_predicates():
     assert sorted(functions) == ["_Z3onePf", "_Z3twoPf"]
     two = functions["_Z3twoPf"]
     assert len(two) == 14 and two[0] == (0x00, "LDC R1, c[0x0][0x28]")
-    assert [sass_report.opcode(t) for _, t in two[7:9]] == ["FFMA", "FFMA"]
+    assert [sass_report.opcode(t) for _, t in two[7:9]] == ["FFMA", "FFMA.FTZ"]
     assert sass_report.loops(two) == [(0x10, 0x40), (0x50, 0xb0)]   # BRA 0xd0 is no loop
 
 
