@@ -30,7 +30,10 @@
    Indices into A, B, C are 64-bit; M, N, K are each below 2^31 (the launcher checks).
    Which tile and how many K splits a product gets is decided by the launcher
    (cugrad/backends/cuda/config.py, gemm_plan): small outputs take the smaller tile and
-   split K so that the grid still covers the GPU.
+   split K so that the grid still covers the GPU, and any K past GEMM_MAX_K_PER_SPLIT (2^17)
+   is split whatever the output, so no thread sums more products than that in its register
+   (a float32 running sum of 2^20 same-sign products is 1.4e-4 off: MATH.md §7).
+   gemm_reference sums the whole K in one thread: a test reference for short K only.
 
    CUDA features used: __global__, __device__ __forceinline__, static __shared__ arrays,
    __syncthreads, __align__, __launch_bounds__ (template-dependent), float4/double2 loads,

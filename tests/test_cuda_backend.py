@@ -244,6 +244,28 @@ def test_gemm_tiled_vs_reference_vs_float64(gpu, monkeypatch, dt, ta, tb, m, n, 
 
 
 @pytest.mark.gpu
+def test_long_k_float32_products_stay_inside_the_bound(gpu):
+    """K = 2^22 + 3 products of U[0, 1) data (every term the same sign, the worst case for a
+    float32 running sum) in NN, NT with bias and TN: within MATH.md §7's 1e-4 of float64 because
+    gemm_plan cuts K into ranges of at most GEMM_MAX_K_PER_SPLIT (unsplit, a thread would sum
+    the whole K: 1.4e-4 off at 2^20, 1e-3 at 2^24)."""
+    cp = gpu
+    rng = np.random.default_rng(22)
+    k = 2**22 + 3
+    a = rng.random((2, k), dtype=np.float32)
+    b = rng.random((k, 3), dtype=np.float32)
+    bias = rng.random(3, dtype=np.float32)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    ga, gb = cp.asarray(a), cp.asarray(b)
+    assert config.gemm_plan(2, 3, k, "float32", 132).k_split <= config.GEMM_MAX_K_PER_SPLIT
+    assert rel_err(ops.gemm(ga, gb, False, False, None, None), a64 @ b64) < 1e-4, "NN"
+    w = cp.ascontiguousarray(gb.T)                               # (3, K): linear's NT
+    assert rel_err(ops.gemm(ga, w, False, True, cp.asarray(bias), None), a64 @ b64 + bias) < 1e-4, "NT"
+    x = cp.ascontiguousarray(ga.T)                               # (K, 2): dW's TN
+    assert rel_err(ops.gemm(x, gb, True, False, None, None), a64 @ b64) < 1e-4, "TN"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["f32", "f64"])
 def test_gemm_unaligned_fortran_and_strided_operands(gpu, dt):
     cp = gpu

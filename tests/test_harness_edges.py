@@ -139,13 +139,16 @@ def run_gemm(cpu, a, b, ta, tb, bias, act, dtype, m, n, k):
 
 
 def _assert_plan_sound(plan, k):
-    """Split-K: whole k-tiles, at least GEMM_SPLIT_MIN_K deep, at most GEMM_MAX_SPLITS, no
-    empty split, and the splits cover K exactly."""
+    """Split-K: whole k-tiles, at least GEMM_SPLIT_MIN_K deep, at most GEMM_MAX_SPLITS (or as
+    many as GEMM_MAX_K_PER_SPLIT asks for), no empty split, the splits cover K exactly, and no
+    split is deeper than GEMM_MAX_K_PER_SPLIT."""
+    cap = config.GEMM_MAX_K_PER_SPLIT
+    assert plan.k_split <= cap, plan
     if plan.splits == 1:
         assert plan.k_split == k
         return
-    assert 1 < plan.splits <= config.GEMM_MAX_SPLITS, plan
-    assert plan.k_split % plan.tiles.bk == 0 and plan.k_split >= config.GEMM_SPLIT_MIN_K, plan
+    assert 1 < plan.splits <= max(config.GEMM_MAX_SPLITS, -(-k // cap)), plan
+    assert plan.k_split % plan.tiles.bk == 0 and plan.k_split >= min(config.GEMM_SPLIT_MIN_K, cap), plan
     assert (plan.splits - 1) * plan.k_split < k <= plan.splits * plan.k_split, plan
 
 
@@ -211,6 +214,26 @@ def test_gemm_split_k_thresholds(cpu, rng, k, dtype):
     names, plan = run_gemm(cpu, a, b, ta, tb, bias, "tanh", dtype, m, n, k)
     _assert_plan_sound(plan, k)
     assert (plan.splits > 1) == (k // config.GEMM_SPLIT_MIN_K >= 2), plan
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sms", [1, 10_000], ids=["largest-tile", "smallest-tile"])
+def test_gemm_long_k_is_split_for_accuracy_whatever_the_output(cpu, rng, monkeypatch, sms, dtype):
+    """No thread sums more than GEMM_MAX_K_PER_SPLIT products (2^17; a float32 running sum of
+    2^20 same-sign products is 1.4e-4 off, past MATH.md §7): a longer K is split even where the
+    output alone fills the GPU. The cap shrunk to 64 so the harness can run it: K = 3001 is 47
+    splits of 64 (more than GEMM_MAX_SPLITS), for the largest tile (1 SM) and the smallest."""
+    monkeypatch.setattr(config, "GEMM_MAX_K_PER_SPLIT", 64)
+    monkeypatch.setattr(cpu, "sm_count", sms)
+    m, n, k = 130, 20, 3001
+    tiles = config.GEMM_TILES[dtype.name]
+    for layout, (ta, tb) in LAYOUTS.items():
+        with case(layout):
+            a, b, bias = gemm_operands(rng, m, n, k, ta, tb, dtype, True)
+            _, plan = run_gemm(cpu, a, b, ta, tb, bias, "tanh", dtype, m, n, k)
+            _assert_plan_sound(plan, k)
+            assert plan.tiles == (tiles[0] if sms == 1 else tiles[-1])
+            assert plan.splits == 47 and plan.k_split == 64, plan
 
 
 TILE_MN = [(63, 65), (64, 64), (65, 63), (127, 129), (128, 128), (129, 127)]

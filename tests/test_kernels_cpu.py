@@ -174,6 +174,37 @@ def test_gemm_plan_covers_the_gpu_and_cuts_k_in_whole_tiles():
                 or plan.k_split < 2 * config.GEMM_SPLIT_MIN_K, (m, n, k, plan)
         short = config.gemm_plan(128, 256, 100, dtype, 132)      # K too short to split
         assert short.splits == 1 and short.k_split == 100
+        # A K past GEMM_MAX_K_PER_SPLIT is split whatever the output (accuracy, not speed).
+        cap = config.GEMM_MAX_K_PER_SPLIT
+        for m, n, k in [(4096, 4096, cap), (4096, 4096, cap + 1), (8192, 8192, 2**20 + 3),
+                        (1, 1, 2**24), (1, 1, 2**31 - 1), (768, 768, 3 * cap)]:
+            plan = config.gemm_plan(m, n, k, dtype, 132)
+            assert plan.k_split <= cap and plan.k_split % plan.tiles.bk == 0, (m, n, k, plan)
+            assert (plan.splits - 1) * plan.k_split < k <= plan.splits * plan.k_split, plan
+            assert plan.splits >= -(-k // cap) and plan.splits <= max(config.GEMM_MAX_SPLITS,
+                                                                      -(-k // cap)), plan
+            assert plan.splits <= config.MAX_GRID_YZ, plan
+        assert config.gemm_plan(4096, 4096, cap, dtype, 132).splits == 1
+
+
+def test_gemm_max_k_per_split_keeps_a_float32_product_inside_the_bound():
+    """Why GEMM_MAX_K_PER_SPLIT is 2^17: a thread of gemm_tiled adds its products one at a
+    time into a float32 register. That order (np.cumsum adds in sequence) over U[0, 1) data,
+    the worst case for a running sum (every term the same sign): at the cap it stays 10x
+    inside MATH.md §7's 1e-4; at 8x the cap (2^20, one split of a 16-way K before the cap) it
+    does not."""
+    rng = np.random.default_rng(0)
+    cap = config.GEMM_MAX_K_PER_SPLIT
+    assert all(cap % t.bk == 0 for tiles in config.GEMM_TILES.values() for t in tiles)
+
+    def running_sum_err(k):
+        a, b = rng.random(k, dtype=np.float32), rng.random(k, dtype=np.float32)
+        got = np.cumsum(a * b, dtype=np.float32)[-1]
+        want = np.dot(a.astype(np.float64), b.astype(np.float64))
+        return abs(float(got) - want) / want
+
+    assert running_sum_err(cap) <= 1e-5
+    assert running_sum_err(8 * cap) > 1e-4
 
 
 # ----------------------------------------------------------------------------- bias_grad

@@ -72,6 +72,12 @@ GEMM_TILES = {
 # GEMM_MAX_SPLITS.
 GEMM_SPLIT_MIN_K = 64
 GEMM_MAX_SPLITS = 16
+# Accuracy: no thread sums more than this many products in its register, whatever the
+# output's size; a longer K is split (the partial products are then added in order). A
+# float32 running sum of same-sign terms loses the small ones once it is large: products of
+# U[0, 1) data are 1.4e-4 off at K = 2^20 (MATH.md §7 allows 1e-4), 6e-6 at 2^17. A multiple
+# of every tile's depth; splits past GEMM_MAX_SPLITS are taken for it (at most 2^14, K < 2^31).
+GEMM_MAX_K_PER_SPLIT = 2**17
 GEMM_REF_TILE = 16          # gemm_reference: REF_TILE x REF_TILE threads, one output each
 VEC_BYTES = 16              # gemm_tiled VEC=1 reads 16-byte vectors
 
@@ -144,16 +150,18 @@ def gemm_plan(m: int, n: int, k: int, dtype: str, sm_count: int) -> GemmPlan:
     The largest tile whose grid has at least one block per SM; else the smallest tile, with
     K split so that the grid covers the SMs, into at most K // GEMM_SPLIT_MIN_K splits
     (small outputs with a long K, as in a small batch's dW). A first heuristic (wave
-    counting), to be tuned by measurement: profiling/NOTES.md."""
+    counting), to be tuned by measurement: profiling/NOTES.md. Either way K is cut into
+    ranges of at most GEMM_MAX_K_PER_SPLIT (accuracy, not speed)."""
     table = GEMM_TILES[dtype]
+    deep = -(-k // GEMM_MAX_K_PER_SPLIT)        # the splits accuracy asks for (1 up to the cap)
     for tiles in table:
         blocks = -(-m // tiles.bm) * -(-n // tiles.bn)
         if blocks >= sm_count:
-            return GemmPlan(tiles, 1, k)
+            return GemmPlan.split_k(tiles, k, deep)
     tiles = table[-1]
     blocks = -(-m // tiles.bm) * -(-n // tiles.bn)
     splits = min(-(-sm_count // blocks), k // GEMM_SPLIT_MIN_K, GEMM_MAX_SPLITS)
-    return GemmPlan.split_k(tiles, k, splits)
+    return GemmPlan.split_k(tiles, k, max(splits, deep))
 
 
 def gemm_reference_name(dtype: str, ta: bool, tb: bool, epi: int) -> str:
