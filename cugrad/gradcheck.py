@@ -25,8 +25,8 @@ def _float64_copies(op, inputs):
     out = []
     for i, x in enumerate(inputs):
         if not hasattr(x, "dtype") or np.dtype(x.dtype).kind != "f":
-            raise TypeError(f"{op}: input {i} must be a float array, got "
-                            f"{type(x).__name__}")
+            raise TypeError(f"{op}: input {i} must be a float array (float32 or float64; "
+                            f"it is copied to float64), got {describe(x)}")
         if isinstance(x, (np.ndarray, np.generic)):
             x = np.array(x, dtype=np.float64, order="C", copy=True)   # 0-d for a scalar
         else:
@@ -129,9 +129,12 @@ def gradcheck(fn, *inputs, backward, grad_output=None, eps=1e-6, atol=1e-5, rtol
     if not callable(backward):
         raise TypeError(f"{op}: backward must be a function (grad_output, *inputs) -> "
                         f"gradients, got {type(backward).__name__} {backward!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"{op}: seed must be a non-negative int (it seeds the default "
                         f"grad_output), got {type(seed).__name__} {seed!r}")
+    if seed < 0:
+        raise ValueError(f"{op}: seed must be a non-negative int (it seeds the default "
+                         f"grad_output), got {seed!r}")
     xs = _float64_copies(op, inputs)
     y = _output(op, fn(*xs))
     y_host = np.asarray(to_numpy(y), dtype=np.float64)
@@ -150,8 +153,10 @@ def gradcheck(fn, *inputs, backward, grad_output=None, eps=1e-6, atol=1e-5, rtol
                              f"{y_shape} (the shape of fn's output)")
         if not np.all(np.isfinite(go_host)):
             raise ValueError(f"{op}: grad_output holds NaN or infinity")
+    # backward gets its own copies: one that changed grad_output or an input in place would
+    # otherwise move the reference it is checked against (the numeric side reads both).
     go = _like(y, go_host)
-    analytic = backward(go, *xs)
+    analytic = backward(go, *(x.copy() for x in xs))
     if not isinstance(analytic, (tuple, list)):
         analytic = (analytic,)
     if len(analytic) != len(xs):
@@ -194,9 +199,9 @@ def gradcheck(fn, *inputs, backward, grad_output=None, eps=1e-6, atol=1e-5, rtol
 
 
 def _like(y, host):
-    """``host`` as an array on y's device (NumPy unless y is a GPU array)."""
+    """A copy of ``host`` on y's device (NumPy unless y is a GPU array)."""
     if _backend.device_of(y) == "cpu":
-        return host
+        return host.copy()
     from ._arrays import asarray
     return asarray(host, device="cuda", dtype=np.float64)
 

@@ -176,11 +176,13 @@ class _FakeGpuArray:
 
 
 def test_grad_output_goes_to_the_device_of_the_output(monkeypatch):
-    """Host results (ndarray, NumPy scalar, 0-d, Python number) keep a host grad_output;
-    only a GPU array sends it to "cuda" (through cugrad.asarray)."""
+    """Host results (ndarray, NumPy scalar, 0-d, Python number) keep a host grad_output (a
+    copy, for backward to do with as it likes); only a GPU array sends it to "cuda" (through
+    cugrad.asarray)."""
     host = np.ones((2, 3))
     for y in (np.ones((2, 3)), np.float64(1.0), np.array(1.0), 1.0):
-        assert gradcheck_module._like(y, host) is host
+        got = gradcheck_module._like(y, host)
+        assert type(got) is np.ndarray and got is not host and np.array_equal(got, host)
     calls = []
     monkeypatch.setattr("cugrad._arrays.asarray",
                         lambda h, device=None, dtype=None: calls.append((device, dtype)) or h)
@@ -347,17 +349,37 @@ def test_asarray_of_an_int_beyond_float64_is_a_value_error():
         cugrad.asarray([10 ** 400])
 
 
-@pytest.mark.parametrize("kwargs, says", [
-    (dict(seed="a"), r"seed must be a non-negative int.*got str 'a'"),
-    (dict(seed=-1), r"seed must be a non-negative int.*got int -1"),
-    (dict(seed=True), r"seed must be a non-negative int"),
-    (dict(backward=None), r"backward must be a function.*got NoneType None"),
+@pytest.mark.parametrize("kwargs, error, says", [
+    (dict(seed="a"), TypeError, r"seed must be a non-negative int.*got str 'a'"),
+    (dict(seed=-1), ValueError, r"seed must be a non-negative int.*got -1"),
+    (dict(seed=True), TypeError, r"seed must be a non-negative int"),
+    (dict(backward=None), TypeError, r"backward must be a function.*got NoneType None"),
 ], ids=["str seed", "negative seed", "bool seed", "no backward"])
-def test_gradcheck_names_a_bad_seed_or_backward(kwargs, says):
+def test_gradcheck_names_a_bad_seed_or_backward(kwargs, error, says):
     args = dict(backward=lambda g, x: g * 2.0)
     args.update(kwargs)
-    with pytest.raises(TypeError, match=rf"^gradcheck: {says}"):
+    with pytest.raises(error, match=rf"^gradcheck: {says}"):
         gradcheck(lambda x: x * 2.0, np.ones(3), **args)
+
+
+def test_gradcheck_gives_backward_its_own_grad_output_and_inputs():
+    """A backward that scales grad_output (or an input) in place must not move the reference
+    it is checked against: gradcheck passed a wrong backward (g *= 5 for the identity) and
+    failed a right one (g *= 2 for 2x) when backward got gradcheck's own grad_output."""
+    def scales_g(factor):
+        def backward(g, x):
+            g *= factor
+            x *= 0.0          # and spoils its input: the numeric side must not see it
+            return g
+        return backward
+
+    x = np.array([0.3, -1.2, 2.0])
+    assert gradcheck(lambda v: v * 2.0, x, backward=scales_g(2.0))
+    with pytest.raises(GradcheckError, match="analytic"):
+        gradcheck(lambda v: v * 1.0, x, backward=scales_g(5.0))
+    with pytest.raises(TypeError, match=r"^gradcheck: input 0 must be a float array .*got "
+                                        r"numpy.ndarray of shape \(3,\), dtype int64"):
+        gradcheck(lambda v: v, np.arange(3), backward=lambda g, v: g)
 
 
 @pytest.mark.parametrize("how, says", [
