@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from . import _trace
 from . import functional as F
 from ._arrays import asarray
@@ -128,7 +130,8 @@ class Adam(Optimizer):
     counter beside its moments, ``state["step"]``) and forms the bias corrections there, as
     PyTorch's option of that name does: the same updates, one more small launch per
     parameter, and a step that a CUDA graph can replay (``cugrad.capture_train_step``).
-    With the default, the count is a Python int and the corrections come from the host."""
+    With the default, the count is a Python int and the corrections come from the host.
+    ``capturable`` may be switched between steps: the count carries over in the new form."""
 
     _range = "adam.step"
 
@@ -150,7 +153,7 @@ class Adam(Optimizer):
         if self.capturable:            # the op counts the step on the device
             step = self._counter(p, state)
         else:                          # counted when the update is made, not before
-            step = state.get("step", 0) + 1
+            step = self._host_count(state) + 1
         update = F._checked_adam_step(
             p.data, p.grad, self._buffer(p, state, "exp_avg"),
             self._buffer(p, state, "exp_avg_sq"), step=step, lr=self.lr, beta1=self.betas[0],
@@ -165,11 +168,24 @@ class Adam(Optimizer):
     @staticmethod
     def _counter(p, state):
         """The parameter's step counter, a 0-d int64 array on its device (0 steps at first);
-        it follows p to another device."""
+        it follows p to another device, and takes over a host count (capturable switched on
+        after some steps)."""
         count = state.get("step")
         xp = backend_for_device(p.device).xp
         if count is None:
             count = state["step"] = xp.zeros((), dtype="int64")
+        elif isinstance(count, (int, np.integer)):
+            count = state["step"] = asarray(np.array(count, dtype=np.int64), device=p.device,
+                                            dtype="int64")
         elif device_of(count) != p.device:
             count = state["step"] = asarray(count, device=p.device, dtype="int64")
         return count
+
+    @staticmethod
+    def _host_count(state) -> int:
+        """The step count as a Python int: a device counter (capturable switched off after
+        some steps) is read once (a host sync) and replaced by its value."""
+        count = state.get("step", 0)
+        if not isinstance(count, (int, np.integer)):
+            count = state["step"] = int(count)
+        return int(count)

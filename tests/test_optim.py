@@ -92,6 +92,30 @@ def test_capturable_adam_matches_the_host_count(backend, dtype, rng):
         optim.Adam([param], capturable=1)
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["host-then-device", "device-then-host"])
+def test_switching_capturable_between_steps_keeps_the_count(backend, rng, first):
+    """``opt.capturable`` flipped after 2 of 6 steps (as the graph's error message suggests)
+    gives the updates of 6 counted steps: the host count became the device counter's start
+    (it was taken as the counter itself and stayed 2: 0.12 off after 6 steps), and a device
+    counter went back to a host int (it was incremented twice a step on the GPU)."""
+    kwargs = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6)
+    p0 = randn(rng, 5, 3, dtype=np.float64)
+    grads = [randn(rng, 5, 3, dtype=np.float64) for _ in range(6)]
+    param = nn.Parameter(backend.put(p0.copy()))
+    opt = optim.Adam([param], capturable=first, **kwargs)
+    for t, g in enumerate(grads):
+        if t == 2:
+            opt.capturable = not first
+        param.grad = backend.put(g)
+        opt.step()
+    ref = adam_reference(p0, grads, kwargs["lr"], *kwargs["betas"], kwargs["eps"], 0.0)
+    assert rel_err(param.data, ref) < 1e-13
+    step = opt.state[id(param)]["step"]
+    assert isinstance(step, int) == first, type(step)   # the form the final setting keeps
+    assert int(backend.get(step)) == 6
+
+
+
 def test_adam_step_counter_argument(backend):
     """F.adam_step(step=<0-d int64 array>) increments the counter in place and uses the new
     value as t (equal to step=t); a counter of another dtype, shape or device, or (on the
