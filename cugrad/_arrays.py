@@ -8,7 +8,7 @@ import reprlib
 import numpy as np
 
 from . import _backend
-from ._checks import _to_backend_array, describe
+from ._checks import _to_backend_array, describe, is_cuda_dlpack
 
 DEFAULT_DTYPE = np.dtype(np.float32)
 _OP_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))   # the float dtypes ops take
@@ -112,6 +112,11 @@ def _check_representable(arr, dtype: np.dtype) -> None:
         finite = arr[xp.isfinite(arr)]
         if finite.size and float(xp.abs(finite).max()) > float(np.finfo(dtype).max):
             problem = "a finite value too large for it (it would become infinity)"
+    elif dtype.kind == "f" and src.kind in "iu":      # 70000 in float16, say
+        lo, hi = arr.min().item(), arr.max().item()     # Python ints: exact compares
+        if max(-lo, hi) > float(np.finfo(dtype).max):
+            problem = (f"{lo if -lo > hi else hi}, too large for it (it would become "
+                       "infinity)")
     if problem is not None:
         raise ValueError(f"asarray: argument 'x' ({_what(arr)}) cannot be converted to "
                          f"{dtype}: it holds {problem}")
@@ -136,9 +141,13 @@ def _what(x) -> str:
 
 
 def to_numpy(x) -> np.ndarray:
-    """A host NumPy array of ``x`` (a copy from the GPU, or ``x`` itself on the host)."""
+    """A host NumPy array of ``x`` (a copy from the GPU, or ``x`` itself on the host). Other
+    GPU arrays (``__cuda_array_interface__`` or a CUDA ``__dlpack__``) come through CuPy,
+    as ``asarray`` takes them."""
     if isinstance(x, np.ndarray):
         return x
     if _backend.is_cupy_array(x):
         return x.get()
+    if _backend.is_gpu_array(x) or is_cuda_dlpack(x):
+        return _to_backend_array("to_numpy", "x", x).get()
     return np.asarray(x)

@@ -16,7 +16,8 @@ from . import _backend
 from ._backend import Backend
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_DLPACK_CPU, _DLPACK_CUDA = 1, 2
+_DLPACK_CPU = 1
+DLPACK_CUDA_DEVICES = (2, 13)   # kDLCUDA, kDLCUDAManaged
 
 
 def describe(x) -> str:
@@ -42,12 +43,22 @@ def _to_backend_array(op: str, name: str, x):
         device_type = int(x.__dlpack_device__()[0])
         if device_type == _DLPACK_CPU:
             return np.from_dlpack(x)
-        if device_type == _DLPACK_CUDA:
+        if device_type in DLPACK_CUDA_DEVICES:
             return _gpu_import(op, name, x)
     raise TypeError(
         f"{op}: argument {name!r} must be a NumPy or CuPy array (or a GPU array exposing "
         f"__cuda_array_interface__/DLPack), got {describe(x)}; use cugrad.asarray() to "
         "convert lists and scalars")
+
+
+def is_cuda_dlpack(x) -> bool:
+    """Whether ``x`` exports DLPack from CUDA memory (device or managed)."""
+    if not (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")):
+        return False
+    try:
+        return int(x.__dlpack_device__()[0]) in DLPACK_CUDA_DEVICES
+    except Exception:
+        return False
 
 
 def _plain_ndarray(op: str, name: str, x: np.ndarray) -> np.ndarray:

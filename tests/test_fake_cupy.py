@@ -284,3 +284,98 @@ extern "C" __global__ void axpy(const float* x, float* y, float a, int n) {
         kernel((3,), (32,), (x, y, 2.0, np.int32(70)))
     with pytest.raises(TypeError, match="host array"):
         kernel((3,), (32,), (x.get(), y, np.float32(2), np.int32(70)))
+
+
+class _TorchLikeCudaTensor:
+    """A PyTorch CUDA tensor as the stand-in can have one: ``__cuda_array_interface__``
+    version 2 (no stream, as PyTorch's) and a CUDA ``__dlpack__`` over the same memory (host
+    memory standing for device memory: a CPU capsule of it). Records the stream each export
+    was asked to order itself before; ``requires_grad`` refuses both, in PyTorch's words;
+    ``old_dlpack``: a ``__dlpack__(stream)`` that knows no ``max_version``."""
+
+    def __init__(self, host, requires_grad=False, old_dlpack=False):
+        self._host, self.requires_grad, self.old_dlpack = host, requires_grad, old_dlpack
+        self.shape, self.dtype, self.ndim = host.shape, host.dtype, host.ndim
+        self.streams = []
+
+    @property
+    def __cuda_array_interface__(self):
+        if self.requires_grad:
+            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires "
+                               "grad. If gradients aren't needed, use var.detach()")
+        iface = self._host.__array_interface__
+        return {"shape": iface["shape"], "typestr": iface["typestr"],
+                "data": (iface["data"][0], False), "strides": None, "version": 2}
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    def __dlpack__(self, *, stream=None, **newer):
+        if self.old_dlpack and newer:
+            raise TypeError("__dlpack__() got an unexpected keyword argument 'max_version'")
+        if self.requires_grad:
+            raise RuntimeError("Can't export tensors that require gradient, use tensor.detach()")
+        self.streams.append(stream)
+        return self._host.__dlpack__()
+
+
+@fake_only
+@pytest.mark.parametrize("old_dlpack", [False, True], ids=["dlpack-1.0", "old-dlpack"])
+def test_a_torch_like_tensor_comes_in_through_dlpack_with_the_current_stream(cp, old_dlpack):
+    """A tensor with both interfaces comes in through DLPack, so its producer is told the
+    stream our kernels run on (the legacy default stream, 1, or the current one) and can order
+    its own pending work first; __cuda_array_interface__ (PyTorch's has no stream) left that
+    to chance. No copy; an exporter too old for max_version is asked again without it."""
+    import cugrad
+    import cugrad.functional as F
+    host = np.array([[-1.0, 2.0, -3.0], [4.0, -5.0, 6.0]], np.float32)
+    t = _TorchLikeCudaTensor(host, old_dlpack=old_dlpack)
+    x = cugrad.asarray(t)
+    assert x.data.ptr == host.ctypes.data, "the import copied"
+    assert t.streams == [1]
+    s = cp.cuda.Stream()
+    with s:
+        y = F.relu(t)
+    assert t.streams == [1, s.ptr]
+    np.testing.assert_array_equal(y.get(), np.maximum(host, 0))
+
+
+@fake_only
+def test_a_torch_like_tensor_that_requires_grad_is_a_type_error_in_its_words(cp):
+    import cugrad.functional as F
+    t = _TorchLikeCudaTensor(np.ones((2, 3), np.float32), requires_grad=True)
+    with pytest.raises(TypeError, match=r"^relu: argument 'x' is a GPU array .* refuses to "
+                                        r"share its memory: RuntimeError: Can't export tensors "
+                                        r"that require gradient") as err:
+        F.relu(t)
+    assert isinstance(err.value.__cause__, RuntimeError)
+
+
+class _NumbaLikeDeviceArray:
+    """A GPU array with ``__cuda_array_interface__`` alone (Numba's device arrays)."""
+
+    def __init__(self, host):
+        self._host, self.shape, self.dtype = host, host.shape, host.dtype
+
+    @property
+    def __cuda_array_interface__(self):
+        iface = self._host.__array_interface__
+        return {"shape": iface["shape"], "typestr": iface["typestr"],
+                "data": (iface["data"][0], False), "strides": None, "version": 3}
+
+
+@fake_only
+def test_to_numpy_and_asarray_take_any_gpu_array(cp):
+    """to_numpy of a GPU array that is not CuPy's (it was a 0-d object array), and a DLPack
+    export from CUDA managed memory (device type 13: it was refused as not an array)."""
+    import cugrad
+    host = np.arange(6, dtype=np.float32).reshape(2, 3)
+    got = cugrad.to_numpy(_NumbaLikeDeviceArray(host))
+    assert type(got) is np.ndarray and got.dtype == np.float32
+    np.testing.assert_array_equal(got, host)
+    np.testing.assert_array_equal(cugrad.to_numpy(_TorchLikeCudaTensor(host)), host)
+
+    managed = _TorchLikeCudaTensor(host)
+    managed.__dlpack_device__ = lambda: (13, 0)
+    x = cugrad.asarray(managed)
+    assert x.data.ptr == host.ctypes.data and managed.streams == [1]

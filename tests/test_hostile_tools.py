@@ -343,6 +343,16 @@ def test_asarray_converts_what_its_dtype_can_hold(x, dtype):
     np.testing.assert_array_equal(got, np.asarray(x).astype(dtype))
 
 
+def test_asarray_of_ints_too_large_for_a_narrower_float_is_a_value_error():
+    """70000 in float16 (largest finite 65504) became inf with a RuntimeWarning; a float
+    source was already refused."""
+    for src in (np.array([1, 70000]), np.array([-70000, 3], np.int32)):
+        with pytest.raises(ValueError, match=r"^asarray: argument 'x' .* cannot be converted to "
+                                             r"float16: it holds -?70000, too large for it"):
+            cugrad.asarray(src, dtype="float16")
+    assert cugrad.asarray(np.array([65504]), dtype="float16")[0] == 65504
+
+
 def test_asarray_of_an_int_beyond_float64_is_a_value_error():
     with pytest.raises(ValueError, match=r"^asarray: argument 'x' holds a number beyond "
                                          r"float64's range"):

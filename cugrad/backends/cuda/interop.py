@@ -1,16 +1,19 @@
 """Zero-copy exchange with other GPU array libraries.
 
-``to_cupy`` accepts anything exposing ``__cuda_array_interface__`` (CuPy, Numba, PyTorch
-CUDA tensors) or a CUDA ``__dlpack__`` (PyTorch, JAX, ...) and returns a CuPy array over the
-same memory. Results go back with the consumer's own DLPack import, e.g.
-``torch.from_dlpack(cupy_array)`` (``to_torch`` below).
+``to_cupy`` accepts anything exposing a CUDA ``__dlpack__`` (PyTorch, JAX, ...) or
+``__cuda_array_interface__`` (Numba, ...) and returns a CuPy array over the same memory.
+DLPack is preferred where an array has both (a PyTorch CUDA tensor): CuPy hands the producer
+its current stream, and the producer orders its own pending work before it, so our kernels
+never read a tensor that PyTorch is still writing on another stream (PyTorch's
+``__cuda_array_interface__`` is version 2, without a stream: nothing would order the two).
+Results go back with the consumer's own DLPack import, e.g. ``torch.from_dlpack(cupy_array)``
+(``to_torch`` below), which hands CuPy the consumer's stream in the same way.
 """
 
 from __future__ import annotations
 
 from ..._backend import has_cuda_array_interface
-
-_DLPACK_CUDA_DEVICES = (2, 13)   # kDLCUDA, kDLCUDAManaged
+from ..._checks import DLPACK_CUDA_DEVICES
 
 
 class ExportRefused(TypeError):
@@ -18,23 +21,56 @@ class ExportRefused(TypeError):
     grad); the message is the exporter's, the exception its ``__cause__``."""
 
 
+class _Exporter:
+    """``x`` as CuPy's ``from_dlpack`` sees it, keeping what ``x.__dlpack__`` raised: the
+    exporter's refusal, told apart from CuPy's own errors (CuPy calls it twice when the first
+    call's keywords are too new for the exporter: only an error that ends the import counts)."""
+
+    def __init__(self, x):
+        self._x = x
+        self.raised = None
+
+    def __dlpack_device__(self):
+        return self._x.__dlpack_device__()
+
+    def __dlpack__(self, *args, **kwargs):
+        try:
+            return self._x.__dlpack__(*args, **kwargs)
+        except Exception as exc:
+            self.raised = exc
+            raise
+
+
+def _dlpack_device_type(x) -> int | None:
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        return int(x.__dlpack_device__()[0])
+    return None
+
+
 def to_cupy(x):
-    """A CuPy array sharing ``x``'s device memory (no copy). Raises TypeError for host data,
-    ``ExportRefused`` (a TypeError) where the array refuses to export its interface."""
+    """A CuPy array sharing ``x``'s device memory (no copy), ordered after the producer's
+    pending work where it speaks DLPack. Raises TypeError for host data, ``ExportRefused``
+    (a TypeError) where the array refuses to export itself."""
     import cupy
 
     if isinstance(x, cupy.ndarray):
         return x
+    device_type = _dlpack_device_type(x)
+    if device_type in DLPACK_CUDA_DEVICES:
+        exporter = _Exporter(x)
+        try:
+            return cupy.from_dlpack(exporter)
+        except Exception as exc:
+            if exc is exporter.raised:
+                raise ExportRefused(f"{type(exc).__name__}: {exc}") from exc
+            raise
     if has_cuda_array_interface(x):
         try:
             x.__cuda_array_interface__   # the exporter's refusal, told apart from CuPy's errors
         except Exception as exc:
             raise ExportRefused(f"{type(exc).__name__}: {exc}") from exc
         return cupy.asarray(x)           # wraps the pointer; no copy
-    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
-        device_type = int(x.__dlpack_device__()[0])
-        if device_type in _DLPACK_CUDA_DEVICES:
-            return cupy.from_dlpack(x)
+    if device_type is not None:
         raise TypeError(f"cugrad: {type(x).__name__} lives on DLPack device type {device_type}, "
                         "not on a CUDA device; move it to the GPU or use the CPU backend")
     raise TypeError(f"cugrad: {type(x).__name__} exposes neither __cuda_array_interface__ nor "

@@ -803,13 +803,45 @@ def copyto(dst, src, casting="same_kind", where=None):
 
 @_explicit
 def from_dlpack(x, *, device=None, copy=None):
+    """CuPy's handshake: the producer's ``__dlpack__`` gets CuPy's current stream (1 for
+    the legacy default stream), with ``max_version`` and ``copy`` first and the stream
+    alone if that is a TypeError. The stand-in's device memory is host memory, so the
+    capsule it can take is a CPU capsule of the producer's memory (what a test's imitation
+    of a PyTorch CUDA tensor hands out); the result shares that memory."""
     if isinstance(x, ndarray):
         return x
-    if hasattr(x, "__cuda_array_interface__"):
-        return _from_interface(x)
-    device_type = x.__dlpack_device__()[0] if hasattr(x, "__dlpack_device__") else None
-    raise BufferError(f"fake cupy: from_dlpack of an object on DLPack device type "
-                      f"{device_type} (CuPy takes CUDA memory only)")
+    if not hasattr(x, "__dlpack_device__"):
+        raise FakeCupyError("fake cupy: from_dlpack of a bare capsule is not imitated")
+    device_type = int(x.__dlpack_device__()[0])
+    if device_type == 1:
+        raise TypeError("CPU arrays cannot be directly imported to CuPy. "
+                        "Use `cupy.array(numpy.from_dlpack(input))` instead.")
+    if device_type not in (2, 13):
+        raise TypeError(f"Unsupported array type: {device_type}")
+    from .cuda import get_current_stream
+    stream = get_current_stream().ptr or 1
+    try:
+        capsule = x.__dlpack__(stream=stream, max_version=(1, 0), copy=copy)
+    except TypeError:
+        if copy is not None:
+            raise
+        capsule = x.__dlpack__(stream=stream)
+
+    class _HostCapsule:
+        def __dlpack_device__(self):
+            return (1, 0)
+
+        def __dlpack__(self, *args, **kwargs):
+            return capsule
+
+    try:
+        host = _np.from_dlpack(_HostCapsule())
+    except (BufferError, RuntimeError, TypeError) as exc:
+        raise FakeCupyError(f"fake cupy: from_dlpack takes only CPU capsules of the producer's "
+                            f"memory (the stand-in's device memory is host memory): {exc}")
+    mem = UnownedMemory(host.__array_interface__["data"][0],
+                        _span_bytes(host.shape, host.strides, host.itemsize), (x, host))
+    return ndarray(host.shape, host.dtype, MemoryPointer(mem, 0), strides=host.strides)
 
 
 def fromDlpack(x):
