@@ -28,6 +28,7 @@ import math
 import os
 import secrets
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Iterator
 
@@ -65,11 +66,14 @@ class Parameter:
         place by ``F.accumulate``, the backend's own kernel, in the NVTX range
         ``accumulate``. ``grad`` must have the parameter's shape, dtype and device
         (ValueError or TypeError otherwise; nothing broadcasts)."""
+        op = "Parameter.accumulate"
+        _, arr = prepare(op, {"param": self.data, "grad": grad})
+        check_shape(op, "grad", arr["grad"], self.shape, "the parameter's shape")
         if self.grad is None:
-            op = "Parameter.accumulate"
-            _, arr = prepare(op, {"param": self.data, "grad": grad})
-            check_shape(op, "grad", arr["grad"], self.shape, "the parameter's shape")
             grad = arr["grad"].copy()     # C-contiguous, writable, the parameter's own
+        else:                             # errors in this call's terms, not F.accumulate's
+            grad = arr["grad"]
+            self._check_accumulable(op, "the parameter's .grad", grad)
         self._accumulate_own(grad)
 
     def _check_accumulable(self, op: str, name: str, grad) -> None:
@@ -118,7 +122,7 @@ def _ranged_backward(backward):
         if _trace._quiet or not outer:
             result = backward(self, *args, **kwargs)
         else:
-            device = _backend.device_of(args[0]) if args else self.device
+            device = _backend.device_of(args[0]) if args else self._range_device()
             with op_range(f"{self._range_name}.backward", device):
                 result = backward(self, *args, **kwargs)
         if outer:
@@ -149,7 +153,12 @@ def run_backward(module, grad_out, input_grad: bool):
 
 class Module:
     """Base class: subclasses define ``forward`` and ``backward`` and hold ``Parameter``
-    and ``Module`` attributes, found in attribute order by ``parameters()``."""
+    and ``Module`` attributes, found by ``parameters()``: a module's own Parameters first
+    (in attribute order), then each child module's, child by child in attribute order (as
+    PyTorch lists them). A subclass's ``__init__`` must call ``super().__init__()``.
+
+    ``device`` is the device of the module's parameters; a module without parameters
+    reports the device it was last moved to with ``to()`` ("cpu" at first)."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -161,11 +170,22 @@ class Module:
         self._device = "cpu"
         self._saved = None
 
+    def __getattr__(self, name):
+        # Reached only where the usual lookup failed (the normal path never comes here): a
+        # subclass whose __init__ did not call Module.__init__ lacks the attributes it sets.
+        if name in _INIT_ATTRIBUTES and "_range_name" not in vars(self):
+            raise AttributeError(
+                f"{type(self).__name__} has no attribute {name!r}: its __init__ must call "
+                "super().__init__() (cugrad.nn.Module.__init__) before the module is used",
+                name=name, obj=self)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}",
+                             name=name, obj=self)
+
     # -- forward / backward plumbing ------------------------------------------------------
     def __call__(self, *args, **kwargs):
         if _trace._quiet:          # nothing listens: no range to open
             return self.forward(*args, **kwargs)
-        device = _backend.device_of(args[0]) if args else self.device
+        device = _backend.device_of(args[0]) if args else self._range_device()
         with op_range(f"{self._range_name}.forward", device):
             return self.forward(*args, **kwargs)
 
@@ -196,8 +216,9 @@ class Module:
                 yield name, value
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
-        """(dotted name, Parameter) pairs in attribute order; a Parameter held twice (tied
-        weights) is listed once, under its first name."""
+        """(dotted name, Parameter) pairs: the module's own Parameters first (in attribute
+        order), then each child's in turn, recursively (PyTorch's order); a Parameter held
+        twice (tied weights) is listed once, under its first name."""
         seen: set[int] = set()
         for name, p in self._all_parameters(prefix):
             if id(p) not in seen:
@@ -221,16 +242,33 @@ class Module:
 
     @property
     def device(self) -> str:
-        return self._device
+        """Where the parameters live ("cpu" or "cuda"); without parameters, the device the
+        module was last moved to. ValueError if its parameters live on both."""
+        devices = self._devices()
+        if len(devices) > 1:
+            raise ValueError(f"{type(self).__name__}: its parameters live on different "
+                             f"devices {sorted(devices)}; move them to one with .to(device)")
+        return devices.pop()
+
+    def _devices(self) -> set:
+        """The devices of the parameters; without parameters, {the device last moved to}."""
+        return {p.device for p in self.parameters()} or {self._device}
+
+    def _range_device(self):
+        """``device`` for a call's NVTX range; None (the enclosing range's) if mixed."""
+        devices = self._devices()
+        return devices.pop() if len(devices) == 1 else None
 
     def to(self, device) -> "Module":
-        """Move every parameter (and gradient) to ``device`` ("cpu" or "cuda"); in place,
-        returns self."""
+        """Move every parameter (and gradient) to ``device`` ("cpu" or "cuda"), each keeping
+        its dtype; in place, returns self. Everything is converted before anything is
+        replaced: a conversion that raises (out of device memory, say) changes nothing."""
         device = _backend.normalize_device(device)
-        for p in self.parameters():
-            p.data = asarray(p.data, device=device)
-            if p.grad is not None:
-                p.grad = asarray(p.grad, device=device)
+        moved = [(p, _moved(p.data, device),
+                  None if p.grad is None else _moved(p.grad, device))
+                 for p in self.parameters()]
+        for p, data, grad in moved:          # only now: all or nothing
+            p.data, p.grad = data, grad
         self._set_device(device)
         return self
 
@@ -258,6 +296,10 @@ class Module:
         new = {}
         for name, p in params.items():
             value = state[name]
+            if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+                raise TypeError(f"load_state_dict: key {name!r} holds {describe(value)}, not "
+                                "an array (state_dict() gives arrays); convert it with "
+                                "cugrad.asarray() or numpy.asarray()")
             shape = tuple(getattr(value, "shape", ()))
             if shape != p.shape:
                 raise ValueError(f"load_state_dict: key {name!r} has shape {shape}, expected "
@@ -275,12 +317,15 @@ class Module:
             # An own, C-contiguous array of the parameter's dtype and device, never a view
             # of the caller's array (the optimisers update it in place).
             xp = _backend.backend_for_device(p.device).xp
-            try:           # asarray refuses a finite value the dtype would make infinite
-                converted = asarray(value, device=p.device, dtype=p.dtype)
-            except ValueError:
-                raise ValueError(f"load_state_dict: key {name!r} holds values beyond "
-                                 f"{p.dtype}'s range (they would become inf): "
-                                 f"{describe(value)}") from None
+            try:           # asarray refuses a value the dtype cannot hold (1e300 in
+                converted = asarray(value, device=p.device, dtype=p.dtype)  # float32, 1.5
+            except ValueError as exc:                                      # in int64)
+                if p.dtype.kind == "f":     # the one thing a float dtype refuses
+                    raise ValueError(f"load_state_dict: key {name!r} holds values beyond "
+                                     f"{p.dtype}'s range (they would become inf): "
+                                     f"{describe(value)}") from None
+                reason = str(exc).removeprefix("asarray: argument 'x' ")
+                raise ValueError(f"load_state_dict: key {name!r} {reason}") from None
             cast = xp.array(converted, order="C", copy=True)
             new[name] = cast
         for name, p in params.items():          # only now: all or nothing
@@ -291,14 +336,18 @@ class Module:
         """Write the weights to ``path`` (exactly that name) as an uncompressed .npz archive,
         one ``<name>.npy`` member per parameter, no pickles. The file is written beside
         ``path`` and renamed over it at the end: a failed save leaves an existing file as
-        it was."""
-        path = os.fspath(path)
+        it was. ``path``: a str, bytes or os.PathLike; an OSError names it."""
+        where = f"{type(self).__name__}.save"
+        path = _path(where, path)
         arrays = {name: to_numpy(a) for name, a in self.state_dict().items()}
         # A fresh name beside path, created like open() would (permissions from the umask;
         # mkstemp's would be owner-only).
         tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                            f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
-        f = open(tmp, "xb")
+        try:
+            f = open(tmp, "xb")
+        except OSError as exc:      # named after path, not the temporary name
+            raise _write_error(where, path, exc) from exc
         try:
             with f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
                 for name, array in arrays.items():
@@ -306,8 +355,10 @@ class Module:
                         np.lib.format.write_array(member, np.ascontiguousarray(array),
                                                   allow_pickle=False)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise _write_error(where, path, exc) from exc
             raise
 
     def load(self, path) -> "Module":
@@ -315,32 +366,37 @@ class Module:
         mismatch or an unreadable file, raises and leaves the weights as they were. Each
         member's header is checked against its parameter (shape, a plain numeric dtype, a
         member long enough for its data) before its data is read, so a corrupted or hostile
-        header cannot make the load allocate what it claims."""
+        header cannot make the load allocate what it claims. ``path``: a str, bytes or
+        os.PathLike; every error names it."""
         where = f"{type(self).__name__}.load"
+        path = _path(where, path)
         params = dict(self.named_parameters())
         name = None
         try:
-            with open(os.fspath(path), "rb") as f:
+            with open(path, "rb") as f:
                 if f.read(6) == b"\x93NUMPY":
                     raise ValueError("not an .npz archive (a single .npy array); Module.save "
                                      "writes .npz archives")
             state = {}
-            with zipfile.ZipFile(os.fspath(path)) as archive:
+            with zipfile.ZipFile(path) as archive:
                 infos = {}
                 for info in archive.infolist():
                     if not info.filename.endswith(".npy"):
                         raise ValueError(f"member {info.filename!r} is not a .npy array")
                     infos[info.filename[:-4]] = info
-                _check_keys(params, infos)
+                _check_keys(params, infos, f"{where}: the weights in {path!r}")
                 for name, info in infos.items():
                     with archive.open(info) as member:
                         _check_npy_header(member, info, params[name].shape)
                     with archive.open(info) as member:
                         state[name] = np.lib.format.read_array(member, allow_pickle=False)
                 name = None
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        # zipfile's RuntimeError: an encrypted member; NotImplementedError: a compression
+        # method it lacks; zlib.error: a damaged deflate stream.
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError,
+                NotImplementedError, zlib.error) as exc:
             key = f" (key {name!r})" if name is not None else ""
-            raise ValueError(f"{where}: cannot read weights from {os.fspath(path)!r}{key}: "
+            raise ValueError(f"{where}: cannot read weights from {path!r}{key}: "
                              f"{type(exc).__name__}: {exc}") from exc
         return self.load_state_dict(state)
 
@@ -461,11 +517,39 @@ class ReLU(_Activation):
     _backward = staticmethod(F.relu_backward)
 
 
-def _check_keys(params: dict, state) -> None:
+# The attributes Module.__init__ sets (see Module.__getattr__).
+_INIT_ATTRIBUTES = frozenset({"_range_name", "_device", "_saved"})
+
+
+def _moved(a, device: str):
+    """``a`` on ``device`` in its own dtype (native byte order), a copy only if needed."""
+    dtype = getattr(a, "dtype", None)
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        dtype = dtype.newbyteorder("=") if dtype.kind in "biufc" else None
+    return asarray(a, device=device, dtype=dtype)
+
+
+def _path(where: str, path) -> str:
+    """A file name as str (bytes decoded as os.fsdecode does); TypeError for anything else."""
+    try:
+        return os.fsdecode(path)
+    except TypeError:
+        raise TypeError(f"{where}: path must be a str, bytes or os.PathLike, got "
+                        f"{describe(path)}") from None
+
+
+def _write_error(where: str, path: str, exc: OSError) -> OSError:
+    """``exc`` told in terms of the file the caller named (the same OSError subclass)."""
+    message = f"{where}: cannot write weights to {path!r}: {exc.strerror or exc}"
+    return OSError(exc.errno, message) if exc.errno is not None else OSError(message)
+
+
+def _check_keys(params: dict, state, where: str = "load_state_dict") -> None:
     missing = [k for k in params if k not in state]
     unexpected = [k for k in state if k not in params]
     if missing or unexpected:
-        raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys "
+        raise KeyError(f"{where}: missing keys {missing}, unexpected keys "
                        f"{unexpected} (expected exactly {list(params)})")
 
 
@@ -523,7 +607,7 @@ class Sequential(Module):
                         "a model (its forward saves what its backward needs); create two "
                         "modules, and tie their parameters if they must share weights")
                 seen[id(sub)] = path
-        devices = {m.device for m in modules if m.parameters()}
+        devices = {p.device for p in self.parameters()}     # of the layers' parameters
         if len(devices) > 1:
             raise ValueError(f"Sequential: layers live on different devices {sorted(devices)}; "
                              "move them to one with .to(device)")

@@ -1,0 +1,296 @@
+"""cugrad.nn's module state: the device a module reports, .to(), load_state_dict, save/load
+and the messages of their errors (each raising call leaves the module as it was)."""
+
+import os
+import re
+import zipfile
+
+import numpy as np
+import pytest
+
+import cugrad
+from cugrad import nn
+
+f32 = np.float32
+
+
+class Block(nn.Module):
+    """A user's module: a Linear held as an attribute."""
+
+    def __init__(self, device="cpu"):
+        super().__init__()
+        self.fc = nn.Linear(4, 4, rng=0, device=device)
+
+    def forward(self, x):
+        return self.fc(x)
+
+    def backward(self, grad_out, *, input_grad=True):
+        return self.fc.backward(grad_out, input_grad=input_grad)
+
+
+class Mixed(nn.Module):
+    """Parameters of several dtypes, float and not."""
+
+    def __init__(self):
+        super().__init__()
+        self.w32 = nn.Parameter(np.arange(6, dtype=f32).reshape(2, 3))
+        self.w64 = nn.Parameter(np.arange(3, dtype=np.float64))
+        self.half = nn.Parameter(np.arange(4, dtype=np.float16))
+        self.count = nn.Parameter(np.arange(5, dtype=np.int64))
+
+
+def _dtypes(m):
+    return {name: (str(p.data.dtype), None if p.grad is None else str(p.grad.dtype))
+            for name, p in m.named_parameters()}
+
+
+# ------------------------------------------------------------------------- Module.device
+
+def test_a_user_module_on_the_cpu_reports_cpu_and_composes():
+    block = Block()
+    assert block.device == "cpu"
+    model = nn.Sequential(Block(), nn.ReLU(), nn.Linear(4, 2, rng=1))
+    assert model.device == "cpu" and model[0].device == "cpu"
+    y = model(np.ones((3, 4), f32))
+    assert y.shape == (3, 2)
+    assert model.backward(np.ones((3, 2), f32)).shape == (3, 4)
+
+
+@pytest.mark.gpu
+def test_a_user_module_reports_the_device_of_its_parameters(gpu):
+    block = Block("cuda")
+    assert block.device == "cuda" and block.fc.device == "cuda"
+    moved_inside = Block()
+    moved_inside.fc.to("cuda")            # its parameters moved without the module knowing
+    assert moved_inside.device == "cuda"
+    assert nn.ReLU().to("cuda").device == "cuda"    # no parameters: what it was moved to
+    assert nn.ReLU().device == "cpu"
+    assert Block("cuda").to("cpu").device == "cpu"
+
+
+@pytest.mark.gpu
+def test_sequential_accepts_one_device_and_refuses_two(gpu):
+    model = nn.Sequential(Block("cuda"), nn.Linear(4, 2, rng=1, device="cuda"))
+    assert model.device == "cuda"
+    y = model(gpu.ones((3, 4), dtype=f32))
+    assert cugrad._backend.device_of(y) == "cuda"
+    with pytest.raises(ValueError, match=r"different devices \['cpu', 'cuda'\]"):
+        nn.Sequential(Block("cuda"), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"different devices \['cpu', 'cuda'\]"):
+        nn.Sequential(Block(), nn.Linear(4, 2, device="cuda"))
+
+
+# ------------------------------------------------------------------------------ Module.to
+
+def test_to_keeps_every_parameter_dtype():
+    m = Mixed()
+    m.half.grad = np.ones(4, np.float16)
+    m.count.grad = np.ones(5, np.int64)
+    before = _dtypes(m)
+    assert m.to("cpu") is m
+    assert _dtypes(m) == before
+    assert m.half.data.dtype == np.float16 and m.count.data.dtype == np.int64
+
+
+@pytest.mark.gpu
+def test_to_cuda_and_back_keeps_every_parameter_dtype(gpu):
+    m = Mixed()
+    m.half.grad = np.ones(4, np.float16)
+    before = _dtypes(m)
+    m.to("cuda")
+    assert m.device == "cuda" and _dtypes(m) == before
+    assert all(p.device == "cuda" for p in m.parameters())
+    m.to("cpu")
+    assert m.device == "cpu" and _dtypes(m) == before
+    np.testing.assert_array_equal(m.count.data, np.arange(5))
+
+
+def _failing_on_call(monkeypatch, n):
+    """nn's conversion function, copying (so a conversion that was kept shows) and raising
+    at its n-th call."""
+    real = nn.asarray
+    calls = []
+
+    def convert(x, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise MemoryError("out of memory (simulated)")
+        out = real(x, **kwargs)
+        return out.copy() if out is x else out
+    monkeypatch.setattr(nn, "asarray", convert)
+    return calls
+
+
+@pytest.mark.parametrize("fail_at", [2, 3])
+def test_a_failed_to_changes_nothing(monkeypatch, fail_at):
+    model = nn.Sequential(nn.Linear(3, 2, rng=0), nn.ReLU())
+    model.zero_grad()
+    model[0].weight.grad = np.ones((2, 3), f32)
+    held = [(p, p.data, p.grad) for p in model.parameters()]
+    x = np.ones((4, 3), f32)
+    model(x)                              # something saved for a backward
+    calls = _failing_on_call(monkeypatch, fail_at)
+    with pytest.raises(MemoryError):
+        model.to("cpu")
+    assert len(calls) == fail_at
+    assert all(p.data is data and p.grad is grad for p, data, grad in held)
+    monkeypatch.undo()
+    assert model.backward(np.ones((4, 2), f32)).shape == (4, 3)   # the saved batch is kept
+
+
+@pytest.mark.gpu
+def test_a_failed_to_cuda_leaves_everything_on_the_cpu(gpu, monkeypatch):
+    model = nn.Sequential(Block(), nn.Linear(4, 2, rng=1))
+    held = [(p, p.data) for p in model.parameters()]
+    _failing_on_call(monkeypatch, 3)
+    with pytest.raises(MemoryError):
+        model.to("cuda")
+    assert all(p.data is data and p.device == "cpu" for p, data in held)
+    assert model.device == "cpu" and model[0].device == "cpu"
+
+
+# ---------------------------------------------------------------------- load_state_dict
+
+def test_load_state_dict_says_what_the_value_cannot_become():
+    m = Mixed()
+    state = {k: np.array(v) for k, v in m.state_dict().items()}
+    state["count"] = np.array([0, 1, 2.5, 3, 4])
+    with pytest.raises(ValueError, match=r"key 'count'.*int64.*a fraction") as info:
+        m.load_state_dict(state)
+    assert "beyond" not in str(info.value) and "inf" not in str(info.value)
+    state["count"] = np.array([0, 1, np.nan, 3, 4])
+    with pytest.raises(ValueError, match=r"key 'count'.*NaN"):
+        m.load_state_dict(state)
+    state["count"] = np.array([0, 1, 2, 3, 4])
+    state["half"] = np.array([1.0, 1e6, 0, 0])          # beyond float16's range
+    with pytest.raises(ValueError, match=r"key 'half' holds values beyond float16's range"):
+        m.load_state_dict(state)
+    np.testing.assert_array_equal(m.count.data, np.arange(5))
+
+
+def test_load_state_dict_of_a_list_says_it_is_not_an_array():
+    lin = nn.Linear(2, 2, rng=0)
+    before = {k: v.copy() for k, v in lin.state_dict().items()}
+    with pytest.raises(TypeError, match=r"key 'weight' holds builtins\.list object, not an "
+                                        r"array.*asarray"):
+        lin.load_state_dict({"weight": [[1, 2], [3, 4]], "bias": np.zeros(2, f32)})
+    with pytest.raises(TypeError, match=r"key 'bias' holds builtins\.float object"):
+        lin.load_state_dict({"weight": np.eye(2, dtype=f32), "bias": 0.5})
+    assert all(np.array_equal(before[k], v) for k, v in lin.state_dict().items())
+
+
+# ----------------------------------------------------------- modules, Parameter messages
+
+class NoInit(nn.Module):
+    def __init__(self):                   # forgets super().__init__()
+        self.scale = nn.Parameter(np.ones(2, f32))
+
+    def forward(self, x):
+        return x * self.scale.data
+
+
+def test_a_module_without_super_init_says_so():
+    m = NoInit()
+    with cugrad.profile():                # ranges on: the call names the module's range
+        with pytest.raises(AttributeError, match=r"NoInit.*super\(\)\.__init__\(\)"):
+            m(np.ones((1, 2), f32))
+    with pytest.raises(AttributeError, match=r"NoInit.*super\(\)\.__init__\(\)"):
+        m._take_saved()
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        m.nothing
+    assert not hasattr(m, "nothing") and m.device == "cpu"
+
+
+def test_parameter_accumulate_errors_name_the_parameter():
+    p = nn.Parameter(np.zeros((2, 2), f32))
+    p.accumulate(np.ones((2, 2), f32))
+    for bad, kind in ((np.ones((3, 2), f32), ValueError),
+                      (np.ones((2, 2), np.float64), TypeError),
+                      ([[1.0, 2.0], [3.0, 4.0]], TypeError)):
+        with pytest.raises(kind, match="^Parameter.accumulate: ") as info:
+            p.accumulate(bad)
+        assert "total" not in str(info.value)
+        np.testing.assert_array_equal(p.grad, np.ones((2, 2)))
+    p.accumulate(np.ones((2, 2), f32))
+    np.testing.assert_array_equal(p.grad, np.full((2, 2), 2.0))
+
+
+def test_parameters_docstrings_give_the_order_the_code_uses():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(2, 2)
+            self.own = nn.Parameter(np.ones(2, f32))
+    assert [n for n, _ in Outer().named_parameters()] == ["own", "inner.weight",
+                                                          "inner.bias"]
+    for doc in (nn.Module.__doc__, nn.Module.named_parameters.__doc__):
+        assert "own Parameters first" in " ".join(doc.split())
+
+
+# ------------------------------------------------------------------------- save and load
+
+def _patched_member(path, local_offset, central_offset, value):
+    """Rewrite a 2-byte field of the first member's local and central headers."""
+    data = bytearray(path.read_bytes())
+    local = data.index(b"PK\x03\x04")
+    central = data.index(b"PK\x01\x02")
+    data[local + local_offset:local + local_offset + 2] = value.to_bytes(2, "little")
+    data[central + central_offset:central + central_offset + 2] = value.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["encrypted", "unknown_compression", "bad_deflate"])
+def test_load_of_an_unreadable_member_is_the_usual_value_error(tmp_path, damage):
+    path = tmp_path / "w.npz"
+    lin = nn.Linear(2, 2, rng=0)
+    if damage == "bad_deflate":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("weight.npy", b"\0" * 200)
+            zf.writestr("bias.npy", b"\0" * 200)
+        data = bytearray(path.read_bytes())
+        start = data.index(b"PK\x03\x04") + 30 + len("weight.npy")
+        data[start:start + 4] = b"\xff\xff\xff\xff"      # not a deflate stream
+        path.write_bytes(bytes(data))
+    else:
+        nn.Linear(2, 2, rng=1).save(path)
+        if damage == "encrypted":
+            _patched_member(path, 6, 8, 0x1)           # general purpose flag: encrypted
+        else:
+            _patched_member(path, 8, 10, 99)           # compression method 99
+    before = lin.weight.data.copy()
+    with pytest.raises(ValueError, match="^" + re.escape(
+            f"Linear.load: cannot read weights from {str(path)!r} (key 'weight'): ")):
+        lin.load(path)
+    np.testing.assert_array_equal(lin.weight.data, before)
+
+
+def test_load_with_a_missing_key_names_the_file(tmp_path):
+    path = tmp_path / "w.npz"
+    np.savez(path, weight=np.ones((2, 2), f32))
+    lin = nn.Linear(2, 2, rng=0)
+    with pytest.raises(KeyError, match=r"Linear\.load.*w\.npz.*missing keys \['bias'\]") \
+            as info:
+        lin.load(path)
+    assert "load_state_dict" not in str(info.value)
+
+
+def test_save_and_load_take_bytes_paths(tmp_path):
+    path = os.fsencode(tmp_path / "w.npz")
+    nn.Linear(2, 2, rng=0).save(path)
+    assert os.listdir(tmp_path) == ["w.npz"]
+    other = nn.Linear(2, 2, rng=1)
+    other.load(path)
+    np.testing.assert_array_equal(other.weight.data, nn.Linear(2, 2, rng=0).weight.data)
+    with pytest.raises(TypeError, match=r"Linear\.save: path must be .*got builtins\.int"):
+        other.save(3)
+    with pytest.raises(TypeError, match=r"Linear\.load: path must be .*got builtins\.int"):
+        other.load(3)
+
+
+def test_save_into_a_missing_directory_names_the_path_given(tmp_path):
+    path = tmp_path / "missing" / "w.npz"
+    with pytest.raises(FileNotFoundError, match=r"Linear\.save: cannot write weights to "
+                                                r".*missing/w\.npz") as info:
+        nn.Linear(2, 2).save(path)
+    assert ".tmp" not in str(info.value)
+    assert not (tmp_path / "missing").exists()
