@@ -165,6 +165,17 @@ def test_aliased_arguments_and_a_double_scalar(ctx):
     np.testing.assert_array_equal(x, np.arange(10, dtype=np.float32) * 2.5)
 
 
+def test_an_empty_view_inside_another_argument_is_no_overlap(ctx):
+    """A zero-size argument touches no memory, wherever its pointer lies (a (0, n) operand's
+    column view points inside its parent): only a real partial overlap is refused."""
+    x = np.arange(10, dtype=np.float32)
+    ctx.function("selftest.cu", "scale_inplace")((1, 1, 1), (32, 1, 1), (x, x[4:][:0], np.float64(2.5), np.int64(0)))
+    np.testing.assert_array_equal(x, np.arange(10, dtype=np.float32))
+    with pytest.raises(ch.HarnessError, match="partially overlaps"):
+        ctx.function("selftest.cu", "scale_inplace")((1, 1, 1), (32, 1, 1),
+                                                      (x[:6], x[3:9], np.float64(2.5), np.int64(6)))
+
+
 # ----------------------------------------------------------------------------- faults
 
 @needs_asan

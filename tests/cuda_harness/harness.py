@@ -615,7 +615,7 @@ class CpuKernel:
                 for j, (rlo, rhi) in enumerate(regions):
                     if (rlo, rhi) == (lo, hi):
                         idx = j
-                    elif lo < rhi and rlo < hi:
+                    elif lo < hi and rlo < rhi and lo < rhi and rlo < hi:   # empty: no overlap
                         raise HarnessError(f"{where}: partially overlaps another array argument; "
                                            "the harness supports only identical aliases")
                 if idx is None:
