@@ -98,8 +98,8 @@ def act_bwd64(name, g, z):
     g, z = np.asarray(g, np.float64), np.asarray(z, np.float64)
     if name == "sigmoid":
         return g * z * (1 - z)
-    if name == "tanh":
-        return g * (1 - z * z)
+    if name == "tanh":     # (1 - z)(1 + z): 1 - z*z would cancel near |z| = 1 even in float64
+        return g * ((1 - z) * (1 + z))
     return g * (z > 0)
 
 

@@ -807,6 +807,72 @@ def test_activation_nan_inf_like_numpy(cpu, rng, name, n, dtype):
     same_as_numpy(on_cpu(cpu, "activation_backward", name, g, saved), ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tanh_backward_near_saturation_element_by_element(cpu, dtype):
+    """tanh' = (1 - z)(1 + z) at saved outputs close to ±1 (y from 3 to 8 in float32, to 18
+    in float64, |z| < 1 all the same), element by element against float64: 1 - z*z cancels
+    there (float32 y = 5: 4.5e-5 off, past the 1e-5 bound), which a norm over random data
+    (most |z| well below 1, the rest exactly 1) does not see. Both kernels that form it:
+    activation_backward and the fused activation-backward + bias-gradient."""
+    top = 8.0 if dtype == F32 else 18.0
+    y = np.linspace(3.0, top, 64)
+    y = np.concatenate([y, -y]).astype(dtype).reshape(2, 64)
+    z = NP["activation"]("tanh", y)
+    assert (np.abs(z) < 1).all()
+    g = np.ones_like(z)
+    z64 = z.astype(np.float64)
+    want = (1 - z64) * (1 + z64)
+    bound = tol(dtype, "elementwise")
+    dx = on_cpu(cpu, "activation_backward", "tanh", g, z)
+    dx_fused, db = on_cpu(cpu, "activation_backward_bias_grad", "tanh", g, z)
+    for got in (dx, dx_fused, NP["activation_backward"]("tanh", g, z)):
+        worst = float(np.max(np.abs(got.astype(np.float64) - want) / want))
+        assert worst <= bound, f"worst element off by {worst:.3g} (bound {bound})"
+    assert rel_err(db, want.sum(axis=0)) <= tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_without_weight_decay_leaves_non_finite_parameters_alone(cpu, rng, momentum, dtype):
+    """weight_decay = 0 adds nothing, not 0 * p: an infinite parameter stays infinite (0 * inf
+    would be NaN) and the momentum buffer stays finite, as in the NumPy backend and PyTorch."""
+    n = 9
+    p = data(rng, n, dtype=dtype)
+    p[:3] = [np.inf, -np.inf, np.nan]
+    buf = np.zeros(n, dtype) if momentum else None
+    p_np, buf_np = p.copy(), None if buf is None else buf.copy()
+    for _ in range(2):
+        g = data(rng, n, dtype=dtype)
+        on_cpu(cpu, "sgd_step", p, g, buf, 0.1, momentum, 0.0)
+        NP["sgd_step"](p_np, g, buf_np, 0.1, momentum, 0.0)
+    same_as_numpy(p, p_np)
+    assert np.isinf(p[:2]).all() and np.isnan(p[2])
+    if buf is not None:
+        assert np.isfinite(buf).all()
+        same_as_numpy(buf, buf_np)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("count", ["host", "counter"])
+def test_adam_without_weight_decay_keeps_its_moments_finite(cpu, rng, count, dtype):
+    """weight_decay = 0 adds nothing, not 0 * p: the moments of an infinite or NaN parameter
+    stay finite (0 * inf would poison them for good) and p stays what NumPy gives."""
+    n = 9
+    p = data(rng, n, dtype=dtype)
+    p[:3] = [np.inf, -np.inf, np.nan]
+    m, v = np.zeros(n, dtype), np.zeros(n, dtype)
+    p_np, m_np, v_np = p.copy(), m.copy(), v.copy()
+    counter = np.zeros((), np.int64)
+    for step in (1, 2):
+        g = data(rng, n, dtype=dtype)
+        args = (1e-2, 0.9, 0.999, 1e-8, 0.0)
+        on_cpu(cpu, "adam_step", p, g, m, v, step if count == "host" else counter, *args)
+        NP["adam_step"](p_np, g, m_np, v_np, step, *args)
+    assert np.isfinite(m).all() and np.isfinite(v).all()
+    for out, ref in ((p, p_np), (m, m_np), (v, v_np)):
+        same_as_numpy(out, ref)
+
+
 def test_elementwise_launch_past_max_blocks(cpu, rng):
     """n = ELEMENTWISE_THREADS * ELEMENTWISE_MAX_BLOCKS + 1: the launcher caps the grid and the
     grid-stride loop covers the last element (poisoned output)."""
