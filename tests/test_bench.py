@@ -242,6 +242,7 @@ def test_specs_cover_the_issue_with_its_targets():
     assert strict == {("linear_bias_sigmoid", "cuBLAS + CuPy"), ("bias_grad", "cupy.sum")}
     for name in ("sigmoid_fwd", "sigmoid_bwd", "tanh_fwd", "tanh_bwd", "relu_fwd", "relu_bwd",
                  "cross_entropy_fwd_bwd_kernels", "mse_fwd_bwd_kernels"):
+        assert targets(name), f"no {name} figure"
         assert targets(name) == {(s, "copy"): 0.85 for s, _ in targets(name)} | \
             {(s, "PyTorch"): None for s, _ in targets(name) if "kernels" not in name}, name
     for name in ("cross_entropy_fwd_bwd", "mse_fwd_bwd"):     # the public ops: reported

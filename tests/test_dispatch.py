@@ -47,11 +47,9 @@ def test_gpu_array_without_cuda_backend_is_a_clear_error():
     assert cugrad.cuda_unavailable_reason() in msg
 
 
-def test_mixing_devices_is_an_error():
-    if not cugrad.cuda_available():
-        pytest.skip("needs a CUDA device to hold one of the operands: "
-                    + cugrad.cuda_unavailable_reason())
-    import cupy
+@pytest.mark.gpu
+def test_mixing_devices_is_an_error(gpu):
+    cupy = gpu
     with pytest.raises(ValueError, match="on cuda .* on cpu|on cpu .* on cuda"):
         F.matmul(np.ones((2, 2), np.float32), cupy.ones((2, 2), cupy.float32))
 

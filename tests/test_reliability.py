@@ -253,6 +253,10 @@ CASES = {
 
 
 def _reference(case):
+    """The case run by the NumPy backend in float64: an independent reference for the CUDA
+    backend and the harness, not for the NumPy backend itself (whose float32 run it shares
+    code with; its accuracy is tests/test_functional.py's and tests/test_optim.py's, against
+    references written out in the tests)."""
     return CASES[case](_put64, _put64, np.random.default_rng(_seed(case)))()
 
 
@@ -262,7 +266,8 @@ def _reference(case):
 def test_100_calls_are_bitwise_identical(backend, case):
     """Fails if any of 100 calls with the same inputs differs from the first in one byte of
     one output (NaN positions included), or if the first call is not within 1e-4 of the
-    float64 reference (a deterministic but wrong kernel)."""
+    float64 reference (a deterministic but wrong kernel; on the NumPy backend that reference is
+    the same code in float64, see _reference)."""
     run = CASES[case](backend.put, lambda h: backend.put(h.copy()),
                       np.random.default_rng(_seed(case)))
     outs = run()
