@@ -243,6 +243,27 @@ def test_sigmoid_and_softmax_do_not_overflow(backend, dtype):
         assert rel_err(out, ref(x.astype(np.float64))) < tol(dtype, "elementwise")
 
 
+def test_a_nan_row_leaves_a_tied_row_of_the_batch_alone(backend, dtype):
+    """Rows are independent: a NaN row (no term equal to 1) beside a row with a tied max (two
+    terms equal to 1) must not cancel that row's tie correction (a batch-wide count of ones
+    would: softmax [0.95, 0.95, 0.05] for [3, 3, 0])."""
+    x = np.array([[np.nan, 1, 2], [3, 3, 0], [0.5, -1, 2]], dtype)
+    x64 = x[1:].astype(np.float64)
+    e = np.exp(x64 - x64.max(axis=1, keepdims=True))
+    sm = e / e.sum(axis=1, keepdims=True)
+    t = np.array([0, 2, 1])
+    onehot = np.eye(3)[t[1:]]
+    with np.errstate(invalid="ignore"):
+        got_sm = backend.get(F.softmax(backend.put(x)))
+        got_lsm = backend.get(F.log_softmax(backend.put(x)))
+        got_g = backend.get(F.cross_entropy_backward(backend.put(x), backend.put(t),
+                                                     reduction="sum"))
+    assert np.isnan(got_sm[0]).all() and np.isnan(got_g[0]).all()
+    assert rel_err(got_sm[1:], sm) < tol(dtype, "elementwise")
+    assert rel_err(got_lsm[1:], np.log(sm)) < tol(dtype, "elementwise")
+    assert rel_err(got_g[1:], sm - onehot) < tol(dtype, "elementwise")
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (7, 33), (33, 1000), (5,), (2, 3, 7)])
 def test_softmax_log_softmax(backend, dtype, rng, shape):
     x = randn(rng, *shape, dtype=dtype, scale=4.0)

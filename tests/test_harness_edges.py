@@ -550,19 +550,22 @@ def test_a_width_past_int32_is_refused_before_anything_is_allocated(cpu, monkeyp
     the fused activation-backward its (M, N) gradient, first: out of memory on a full card
     instead of the clear error; found by a probe)."""
     monkeypatch.setattr(config, "INT32_MAX", 15)
-    g = np.ones((4, 16), np.float32)
     allocs = []
     real_empty = cpu.empty
     monkeypatch.setattr(cpu, "empty", lambda shape, dtype: (allocs.append(shape),
                                                             real_empty(shape, dtype))[1])
-    calls = {"bias_grad": lambda: on_cpu(cpu, "bias_grad", g),
-             "activation_backward_bias_grad": lambda: on_cpu(
-                 cpu, "activation_backward_bias_grad", "relu", g, g),
-             "softmax": lambda: on_cpu(cpu, "softmax", g),
-             "gemm": lambda: on_cpu(cpu, "gemm", g.T.copy(), g, True, False, None, None)}
+
+    def call(g):
+        return {"bias_grad": lambda: on_cpu(cpu, "bias_grad", g),
+                "activation_backward_bias_grad": lambda: on_cpu(
+                    cpu, "activation_backward_bias_grad", "relu", g, g),
+                "softmax": lambda: on_cpu(cpu, "softmax", g),
+                "gemm": lambda: on_cpu(cpu, "gemm", np.ones((4, 4), np.float32), g, False, False,
+                                       None, None)}[op]()      # N = g's width
     with pytest.raises(ValueError, match=r"exceeds 2\^31 - 1"):
-        calls[op]()
+        call(np.ones((4, 16), np.float32))
     assert allocs == []
+    call(np.ones((4, 15), np.float32))      # 2^31 - 1 itself is in range: it runs
 
 
 def test_a_long_float32_row_keeps_its_accuracy(cpu):

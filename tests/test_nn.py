@@ -92,6 +92,18 @@ def test_gradients_accumulate_until_zero_grad(backend, rng):
     assert layer.weight.grad is None and layer.bias.grad is None
 
 
+def test_zero_grad_of_a_model_clears_every_layer(backend, rng):
+    """Sequential.zero_grad reaches the layers' parameters (a module's own alone would leave
+    a model's gradients piling up over the steps)."""
+    model = nn.Sequential(nn.Linear(3, 4, rng=0, device=backend.device), nn.Tanh(),
+                          nn.Linear(4, 2, rng=1, device=backend.device))
+    model(backend.put(randn(rng, 5, 3)))
+    model.backward(backend.put(randn(rng, 5, 2)))
+    assert all(p.grad is not None for p in model.parameters())
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_accumulation_is_the_exact_sum_through_the_accumulate_op(backend, rng):
     """A second backward before zero_grad adds its gradients with F.accumulate (cugrad's
     own kernel on the GPU, not the array library's +=): bitwise the sum of the two

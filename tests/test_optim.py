@@ -154,6 +154,26 @@ def test_parameters_without_grad_are_skipped(backend):
     assert a.grad is None
 
 
+@pytest.mark.parametrize("make", [lambda ps: optim.SGD(ps, lr=0.5, momentum=0.9),
+                                  lambda ps: optim.Adam(ps, lr=0.5)], ids=["sgd", "adam"])
+def test_a_parameter_without_grad_first_does_not_stop_the_step(backend, make):
+    """A frozen or unused first layer: the parameters after it are still updated (a `break`
+    for the `continue` passed the test above, whose gradient-less parameter came last)."""
+    a = nn.Parameter(backend.put(np.ones(3, np.float32)))
+    b = nn.Parameter(backend.put(np.ones(3, np.float32)))
+    b.grad = backend.put(np.full(3, 2.0, np.float32))
+    make([a, b]).step()
+    assert np.array_equal(backend.get(a.data), np.ones(3, np.float32))
+    assert (backend.get(b.data) < 1).all()
+
+
+def test_sgd_step_refuses_a_momentum_buffer_without_momentum():
+    p, buf = np.ones(3, np.float32), np.full(3, 7.0, np.float32)
+    with pytest.raises(ValueError, match="momentum_buf must be given exactly when momentum > 0"):
+        F.sgd_step(p, np.ones(3, np.float32), buf, lr=0.1, momentum=0.0)
+    assert (buf == 7).all() and (p == 1).all()
+
+
 @pytest.mark.parametrize("bad", [dict(lr=float("nan")), dict(lr=-1.0), dict(momentum=-0.1),
                                  dict(weight_decay=float("inf")), dict(lr="fast")])
 def test_sgd_rejects_bad_hyperparameters(bad):
