@@ -153,23 +153,18 @@ __global__ void softmax_xent_fwd_bwd(const T* __restrict__ logits, const Target*
     }
 }
 
-template <typename T, int SQDIFF>
-__global__ void sum_reduce(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out,
-                           long long n, long long per_block, T scale) {
-    // a, b (n) -> out (gridDim.x): out[blk] = scale * Σ over [blk*per_block, min(n, (blk+1)*per_block)); block REDUCE_THREADS.
-    __shared__ T partial[REDUCE_THREADS];
+// The end of every block-sum kernel (sum_reduce, mse_fwd_bwd): block blk covers
+// [blk*per_block, min(n, (blk+1)*per_block)), each thread sums its strided share into acc, and
+// out[blk] = scale * (the threads' sums by a fixed tree): one order, so the same bits wherever
+// it is used. `partial` is the kernel's __shared__ T[REDUCE_THREADS].
+__device__ __forceinline__ long long block_end(long long n, long long per_block) {
+    const long long end = (long long)blockIdx.x * per_block + per_block;
+    return end < n ? end : n;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_block_sum(T* partial, T acc, T* __restrict__ out, T scale) {
     const int tid = threadIdx.x;
-    const long long begin = (long long)blockIdx.x * per_block;
-    const long long end = begin + per_block < n ? begin + per_block : n;
-    T acc = T(0);
-    for (long long i = begin + tid; i < end; i += REDUCE_THREADS) {
-        if (SQDIFF) {
-            const T d = a[i] - b[i];
-            acc += d * d;
-        } else {
-            acc += a[i];
-        }
-    }
     partial[tid] = acc;
     __syncthreads();
 #pragma unroll
@@ -180,6 +175,24 @@ __global__ void sum_reduce(const T* __restrict__ a, const T* __restrict__ b, T* 
     if (tid == 0) out[blockIdx.x] = partial[0] * scale;
 }
 
+template <typename T, int SQDIFF>
+__global__ void sum_reduce(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out,
+                           long long n, long long per_block, T scale) {
+    // a, b (n) -> out (gridDim.x): out[blk] = scale * Σ over [blk*per_block, min(n, (blk+1)*per_block)); block REDUCE_THREADS.
+    __shared__ T partial[REDUCE_THREADS];
+    const long long end = block_end(n, per_block);
+    T acc = T(0);
+    for (long long i = (long long)blockIdx.x * per_block + threadIdx.x; i < end; i += REDUCE_THREADS) {
+        if (SQDIFF) {
+            const T d = a[i] - b[i];
+            acc += d * d;
+        } else {
+            acc += a[i];
+        }
+    }
+    store_block_sum(partial, acc, out, scale);
+}
+
 template <typename T>
 __global__ void mse_fwd_bwd(const T* __restrict__ pred, const T* __restrict__ target,
                             T* __restrict__ grad, T* __restrict__ out, long long n,
@@ -188,23 +201,14 @@ __global__ void mse_fwd_bwd(const T* __restrict__ pred, const T* __restrict__ ta
     // scale * Σ (pred - target)² over block blk's range, in sum_reduce<T, 1>'s order (so the
     // same bits as sum_reduce and mse_grad); block REDUCE_THREADS.
     __shared__ T partial[REDUCE_THREADS];
-    const int tid = threadIdx.x;
-    const long long begin = (long long)blockIdx.x * per_block;
-    const long long end = begin + per_block < n ? begin + per_block : n;
+    const long long end = block_end(n, per_block);
     T acc = T(0);
-    for (long long i = begin + tid; i < end; i += REDUCE_THREADS) {
+    for (long long i = (long long)blockIdx.x * per_block + threadIdx.x; i < end; i += REDUCE_THREADS) {
         const T d = pred[i] - target[i];
         grad[i] = scale2 * d;
         acc += d * d;
     }
-    partial[tid] = acc;
-    __syncthreads();
-#pragma unroll
-    for (int stride = REDUCE_THREADS / 2; stride > 0; stride >>= 1) {
-        if (tid < stride) partial[tid] += partial[tid + stride];
-        __syncthreads();
-    }
-    if (tid == 0) out[blockIdx.x] = partial[0] * scale;
+    store_block_sum(partial, acc, out, scale);
 }
 
 template <typename T>
