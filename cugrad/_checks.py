@@ -39,24 +39,29 @@ def _to_backend_array(op: str, name: str, x):
         return _plain_ndarray(op, name, x)
     if _backend.has_cuda_array_interface(x):
         return _gpu_import(op, name, x)
-    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
-        device_type = int(x.__dlpack_device__()[0])
-        if device_type == _DLPACK_CPU:
-            return np.from_dlpack(x)
-        if device_type in DLPACK_CUDA_DEVICES:
-            return _gpu_import(op, name, x)
+    device_type = dlpack_device_type(x)
+    if device_type == _DLPACK_CPU:
+        return np.from_dlpack(x)
+    if device_type in DLPACK_CUDA_DEVICES:
+        return _gpu_import(op, name, x)
     raise TypeError(
         f"{op}: argument {name!r} must be a NumPy or CuPy array (or a GPU array exposing "
         f"__cuda_array_interface__/DLPack), got {describe(x)}; use cugrad.asarray() to "
         "convert lists and scalars")
 
 
+def dlpack_device_type(x) -> int | None:
+    """The DLPack device type ``x`` exports from (1 CPU, 2 CUDA, 13 CUDA managed, ...), or
+    None without DLPack."""
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        return int(x.__dlpack_device__()[0])
+    return None
+
+
 def is_cuda_dlpack(x) -> bool:
     """Whether ``x`` exports DLPack from CUDA memory (device or managed)."""
-    if not (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")):
-        return False
     try:
-        return int(x.__dlpack_device__()[0]) in DLPACK_CUDA_DEVICES
+        return dlpack_device_type(x) in DLPACK_CUDA_DEVICES
     except Exception:
         return False
 

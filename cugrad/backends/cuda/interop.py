@@ -13,7 +13,7 @@ Results go back with the consumer's own DLPack import, e.g. ``torch.from_dlpack(
 from __future__ import annotations
 
 from ..._backend import has_cuda_array_interface
-from ..._checks import DLPACK_CUDA_DEVICES
+from ..._checks import DLPACK_CUDA_DEVICES, dlpack_device_type
 
 
 class ExportRefused(TypeError):
@@ -41,12 +41,6 @@ class _Exporter:
             raise
 
 
-def _dlpack_device_type(x) -> int | None:
-    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
-        return int(x.__dlpack_device__()[0])
-    return None
-
-
 def to_cupy(x):
     """A CuPy array sharing ``x``'s device memory (no copy), ordered after the producer's
     pending work where it speaks DLPack. Raises TypeError for host data, ``ExportRefused``
@@ -55,7 +49,7 @@ def to_cupy(x):
 
     if isinstance(x, cupy.ndarray):
         return x
-    device_type = _dlpack_device_type(x)
+    device_type = dlpack_device_type(x)
     if device_type in DLPACK_CUDA_DEVICES:
         exporter = _Exporter(x)
         try:
