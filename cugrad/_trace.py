@@ -166,8 +166,9 @@ class _TimedRange:
     """One timed call, created per call while a profile records.
 
     ``clock`` is "cpu" (perf_counter_ns) or "cuda" (CUDA events). A range's self time is
-    its duration less the durations of the ranges directly inside it that use the same
-    clock (host and device durations cannot be subtracted from one another).
+    its duration less the durations of the outermost same-clock ranges inside it: those
+    whose nearest enclosing range on that clock it is, with ranges on the other clock in
+    between or not (host and device durations cannot be subtracted from one another).
     """
 
     __slots__ = ("name", "clock", "nvtx", "profilers", "parent", "start", "end",
@@ -205,13 +206,16 @@ class _TimedRange:
         _tls.top = parent
         self.parent = None
         try:
+            # The nearest enclosing range on this clock (still open: its parent link holds).
+            while parent is not None and parent.clock != self.clock:
+                parent = parent.parent
             if self.clock == "cuda":
                 self.end = _cuda_event()
-                if parent is not None and parent.clock == "cuda":
+                if parent is not None:
                     parent.children.append(self)
             else:
                 self.duration_ns = end_ns - self.start
-                if parent is not None and parent.clock == "cpu":
+                if parent is not None:
                     parent.child_ns += self.duration_ns
             for prof in self.profilers:
                 prof._record(self)

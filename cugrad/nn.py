@@ -122,8 +122,7 @@ def _ranged_backward(backward):
         if _trace._quiet or not outer:
             result = backward(self, *args, **kwargs)
         else:
-            device = _backend.device_of(args[0]) if args else self._range_device()
-            with op_range(f"{self._range_name}.backward", device):
+            with op_range(f"{self._range_name}.backward", self._call_device(args, kwargs, True)):
                 result = backward(self, *args, **kwargs)
         if outer:
             self._saved = None
@@ -185,8 +184,7 @@ class Module:
     def __call__(self, *args, **kwargs):
         if _trace._quiet:          # nothing listens: no range to open
             return self.forward(*args, **kwargs)
-        device = _backend.device_of(args[0]) if args else self._range_device()
-        with op_range(f"{self._range_name}.forward", device):
+        with op_range(f"{self._range_name}.forward", self._call_device(args, kwargs)):
             return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
@@ -258,6 +256,19 @@ class Module:
         """``device`` for a call's NVTX range; None (the enclosing range's) if mixed."""
         devices = self._devices()
         return devices.pop() if len(devices) == 1 else None
+
+    def _call_device(self, args, kwargs, backward=False):
+        """The clock of a forward's or backward's range: the first positional argument's
+        device; else "cuda" if a keyword argument, or for a backward what the forward saved
+        (a loss's ``backward()`` takes no argument), is a GPU array; else the parameters'."""
+        if args:
+            return _backend.device_of(args[0])
+        arrays = list(kwargs.values())
+        if backward and isinstance(self._saved, tuple):
+            arrays += self._saved
+        if any(_backend.is_gpu_array(a) for a in arrays):
+            return "cuda"
+        return self._range_device()
 
     def to(self, device) -> "Module":
         """Move every parameter (and gradient) to ``device`` ("cpu" or "cuda"), each keeping
@@ -613,19 +624,25 @@ class Sequential(Module):
                              "move them to one with .to(device)")
         self._set_device(devices.pop() if devices else "cpu")
         self._layer_names: list[str] = []
+        self._layer_prefix = ""
         self._name_layers()
 
     def _name_layers(self) -> None:
         """Name each layer by its index in this model ("0:Linear"), for its ranges and
-        messages. Run at each forward and backward, so a module shared with another
-        Sequential carries the index it has in the one running it (an identity check per
-        layer when nothing changed)."""
+        messages; inside a Sequential that is itself a layer ("2:Sequential"), by its path
+        ("2.0:Linear"), so that no two layers of nested models share a name. Run at each
+        forward and backward, so a module shared with another Sequential carries the index
+        it has in the one running it (an identity check per layer when nothing changed)."""
+        head, colon, _ = self._range_name.partition(":")
+        prefix = f"{head}." if colon else ""
+        if prefix != self._layer_prefix:        # this model was renamed (moved, nested)
+            self._layer_prefix, self._layer_names = prefix, []
         names = self._layer_names
         for i, m in enumerate(self.layers):
             if i == len(names):
                 names.append(None)
             if m._range_name is not names[i]:
-                names[i] = m._range_name = f"{i}:{type(m).__name__}"
+                names[i] = m._range_name = f"{prefix}{i}:{type(m).__name__}"
 
     def named_children(self):
         for i, m in enumerate(self.layers):

@@ -25,8 +25,9 @@ How nested ranges are counted (the same convention as PyTorch's profiler):
 * **total**: inclusive time of the range, children included. A layer's total contains
   its ops' totals, so totals of nested rows add up to more than the profiled time and the
   *total %* column does not sum to 100 %.
-* **self**: total less the time of the ranges directly inside it. Every instant of
-  profiled time belongs to exactly one range's self time, so **self % sums to 100 %**:
+* **self**: total less the time of the ranges directly inside it (on its clock: a
+  device range inside a host range inside a device range counts against the outer
+  device range). Every instant of profiled time belongs to exactly one range's self time, so **self % sums to 100 %**:
   it is the column that answers "where does the time go".
 * **profiled time**, the base of both percentages: the sum of the durations of the
   outermost ranges (equal to the sum of all self times). Time between ops (user code,
@@ -35,8 +36,9 @@ How nested ranges are counted (the same convention as PyTorch's profiler):
 
 Clocks: ranges on ``device="cpu"`` are timed on the host with ``time.perf_counter_ns``;
 ranges on ``device="cuda"`` are timed on the GPU with a pair of CUDA events on CuPy's
-current stream (device time, read when the block exits; CuPy is imported at the first such
-range, never for a block of CPU ops). A
+current stream (device time, read when the block exits or when the results are read inside
+it, which waits for the GPU; CuPy is imported at the first such range, never for a block of
+CPU ops). A
 range with ``device=None`` uses the clock of the range around it (the host clock at top
 level). Host and device durations are never subtracted from one another or added into
 one percentage: each clock gets its own rows, percentages and profiled time.
@@ -99,15 +101,15 @@ class Profile:
 
     # ---- recording (called by _trace for every range while active)
     def _record(self, rng) -> None:
-        if not self._active:
-            return
-        if rng.clock == "cuda":
-            with self._lock:
-                self._pending.append(rng)
-            return
-        self_ns = rng.duration_ns - rng.child_ns
+        # _active is read under the lock that __exit__ clears it under: a device range is
+        # either pending before the exit resolves the pending ones, or not recorded.
         with self._lock:
-            self._add(rng.name, "cpu", rng.duration_ns, self_ns)
+            if not self._active:
+                return
+            if rng.clock == "cuda":
+                self._pending.append(rng)
+            else:
+                self._add(rng.name, "cpu", rng.duration_ns, rng.duration_ns - rng.child_ns)
 
     def _add(self, name: str, clock: str, total_ns: int, self_ns: int) -> None:
         acc = self._acc.get((name, clock))
@@ -119,6 +121,8 @@ class Profile:
             acc[2] += self_ns
 
     def _resolve_cuda(self) -> None:
+        """Device-clock ranges ended so far into the rows (waits for the GPU to reach their
+        end events): at exit, and inside the block when the results are read."""
         with self._lock:
             pending, self._pending = self._pending, []
         for rng in pending:
@@ -144,7 +148,8 @@ class Profile:
                                    "recording (no matching __enter__); use it as "
                                    "`with cugrad.profile() as prof:`")
             self.wall_ns += time.perf_counter_ns() - self._t0
-            self._active = False
+            with self._lock:
+                self._active = False
             _trace._set_profilers(tuple(p for p in _trace._profilers if p is not self))
         self._resolve_cuda()
         return False
@@ -158,6 +163,7 @@ class Profile:
         return self._stats(self.sort_by, device)
 
     def _stats(self, sort_by: str, device: str | None) -> list[OpStat]:
+        self._resolve_cuda()
         with self._lock:
             acc = {key: list(v) for key, v in self._acc.items()}
         profiled = self._profiled_ns(acc)
@@ -179,12 +185,14 @@ class Profile:
         return min(rows, key=lambda s: s.device != "cpu")
 
     def __contains__(self, name: str) -> bool:
+        self._resolve_cuda()
         with self._lock:
             return any(n == name for n, _ in self._acc)
 
     def profiled_ns(self, device: str = "cpu") -> int:
         """Sum of the durations of the outermost ranges on that clock (= sum of self)."""
         _check_clock("Profile.profiled_ns", device)
+        self._resolve_cuda()
         with self._lock:
             acc = dict(self._acc)
         return self._profiled_ns(acc)[device]
@@ -245,6 +253,7 @@ class Profile:
         return self.table()
 
     def __repr__(self) -> str:
+        self._resolve_cuda()
         with self._lock:
             ops, n = len(self._acc), sum(v[0] for v in self._acc.values())
         return f"<cugrad.Profile: {ops} ops, {n} calls, active={self._active}>"
@@ -271,13 +280,14 @@ def _cuda_duration_ns(rng) -> int:
 
 
 def _fmt_ns(ns: float) -> str:
-    if ns >= 1e9:
-        return f"{ns / 1e9:.3f}s"
-    if ns >= 1e6:
-        return f"{ns / 1e6:.3f}ms"
-    if ns >= 1e3:
-        return f"{ns / 1e3:.3f}us"
-    return f"{ns:.0f}ns"
+    """Three decimals in the largest unit that the rounded value reaches (999,999.7 ns is
+    "1.000ms", not "1000.000us")."""
+    for scale, unit in ((1e9, "s"), (1e6, "ms"), (1e3, "us")):
+        text = f"{ns / scale:.3f}"
+        if float(text) >= 1:
+            return text + unit
+    text = f"{ns:.0f}"
+    return "1.000us" if text == "1000" else text + "ns"
 
 
 def profile(sort_by: str = "total") -> Profile:

@@ -476,3 +476,99 @@ def test_a_table_printed_inside_the_block_shows_the_wall_time_so_far():
     assert "wall time of the block so far (still recording): 0ns" not in inside
     assert re.search(r"wall time of the block so far \(still recording\): [\d.]+ms", inside)
     assert "so far" not in str(prof)
+
+
+class _GpuLike:
+    """A GPU array as far as the range's device is concerned (no op touches it)."""
+    __cuda_array_interface__ = {"shape": (1,), "typestr": "<f4", "data": (0, False),
+                                "version": 3}
+
+
+def test_a_module_range_takes_its_device_from_keywords_and_saved_arrays(monkeypatch):
+    """A parameter-less user module called with a keyword GPU array, and its ``backward()``
+    with no argument (as a loss's), reading what its forward saved: fails unless both ranges
+    run on the device clock (they were timed on the host, which sees only the launches)."""
+    _fake_cupy(monkeypatch)
+
+    class Passthrough(cugrad.nn.Module):
+        def forward(self, x):
+            self._save(x)
+            return x
+
+        def backward(self):
+            (x,) = self._take_saved()
+            return x
+
+    m, x = Passthrough(), _GpuLike()
+    with profile() as prof:
+        m(x=x)
+        m.backward()
+    assert {(s.name, s.device) for s in prof.stats()} == {
+        ("Passthrough.forward", "cuda"), ("Passthrough.backward", "cuda")}
+
+
+@pytest.mark.parametrize("outer", ["cuda", "cpu"])
+def test_a_range_on_the_other_clock_between_two_does_not_double_count(monkeypatch, outer):
+    """outer > middle (other clock) > inner (outer's clock): fails unless the inner range is
+    taken out of the outer one's self time (it was counted in both, so the profiled time of
+    that clock exceeded the block's wall time)."""
+    _fake_cupy(monkeypatch)
+    other = "cpu" if outer == "cuda" else "cuda"
+    with profile() as prof:
+        with op_range("outer", outer):
+            with op_range("middle", other):
+                with op_range("inner", outer):
+                    time.sleep(0.003)
+    rows = {s.name: s for s in prof.stats()}
+    assert rows["inner"].total_ns >= 3_000_000
+    assert rows["outer"].self_ns == rows["outer"].total_ns - rows["inner"].total_ns
+    assert prof.profiled_ns(outer) == rows["outer"].total_ns <= prof.wall_ns
+    assert sum(s.self_pct for s in prof.stats(outer)) == pytest.approx(100.0)
+
+
+def test_device_ranges_are_in_the_results_read_inside_the_block(monkeypatch):
+    """Device-clock ranges are resolved when the block exits; fails unless reading the
+    results inside the block (the table, ``in``, repr, stats) resolves those ended so far
+    (the table said "no op ran" and ``in`` was False)."""
+    _fake_cupy(monkeypatch)
+    with profile() as prof:
+        with op_range("graph.replay", "cuda"):
+            time.sleep(0.001)
+        inside = (str(prof), "graph.replay" in prof, repr(prof), prof.stats("cuda"))
+        with op_range("graph.replay", "cuda"):
+            pass
+    table, found, rep, rows = inside
+    assert found and "graph.replay" in table and "1 ops, 1 calls" in rep
+    assert [(r.name, r.calls) for r in rows] == [("graph.replay", 1)]
+    assert rows[0].total_ns >= 1_000_000
+    assert prof["graph.replay"].calls == 2                # the second one, at exit
+
+
+def test_layers_of_nested_sequentials_have_distinct_names():
+    """Sequential(Sequential(Linear, Linear), Linear): fails unless every layer's range
+    has its own name (the inner model's layer 1 and the outer model's layer 1 were both
+    "1:Linear", one row of 2 calls, one NVTX name for two layers)."""
+    inner = Sequential(Linear(4, 4, rng=0), Linear(4, 4, rng=1))
+    model = Sequential(inner, Linear(4, 2, rng=2))
+    x = np.ones((3, 4), np.float32)
+    with profile() as prof:
+        y = model(x)
+        model.backward(np.ones_like(y))
+    calls = {s.name: s.calls for s in prof.stats() if ":" in s.name}
+    assert calls == {f"{n}.{d}": 1 for n in ("0:Sequential", "0.0:Linear", "0.1:Linear",
+                                             "1:Linear") for d in ("forward", "backward")}
+    # the same inner model moved to position 1 of another: its layers follow it
+    other = Sequential(Linear(4, 4, rng=3), inner)
+    with profile() as prof:
+        other(x)
+    assert {s.name for s in prof.stats() if ":" in s.name} == {
+        "0:Linear.forward", "1:Sequential.forward", "1.0:Linear.forward", "1.1:Linear.forward"}
+
+
+@pytest.mark.parametrize("ns,text", [(0, "0ns"), (999.4, "999ns"), (999.6, "1.000us"),
+                                     (999_999.7, "1.000ms"), (999_999_999.9996, "1.000s"),
+                                     (12_345.678, "12.346us"), (5e9, "5.000s")])
+def test_times_are_printed_in_the_unit_their_rounded_value_reaches(ns, text):
+    """Fails if a time just under a unit boundary prints as 1000 of the smaller unit."""
+    from cugrad.profiler import _fmt_ns
+    assert _fmt_ns(ns) == text
