@@ -83,9 +83,12 @@ def _gpu_import(op: str, name: str, x):
         raise _backend.BackendUnavailableError(
             f"{op}: argument {name!r} is a GPU array ({describe(x)}) but the CUDA backend is "
             f"unavailable: {_backend.cuda_unavailable_reason()}")
-    from .backends.cuda.interop import ExportRefused, to_cupy
+    from .backends.cuda.interop import ExportRefused, InterfaceRefused, to_cupy
     try:
         return to_cupy(x)
+    except InterfaceRefused as exc:
+        raise TypeError(f"{op}: argument {name!r} is a GPU array ({describe(x)}): "
+                        f"{exc}") from None
     except ExportRefused as exc:
         raise TypeError(f"{op}: argument {name!r} is a GPU array ({describe(x)}) that refuses "
                         f"to share its memory: {exc}") from exc.__cause__

@@ -21,6 +21,11 @@ class ExportRefused(TypeError):
     grad); the message is the exporter's, the exception its ``__cause__``."""
 
 
+class InterfaceRefused(TypeError):
+    """The array's ``__cuda_array_interface__`` describes what cugrad does not take: a mask
+    (the ops would ignore it) or big-endian data; the message says which."""
+
+
 class _Exporter:
     """``x`` as CuPy's ``from_dlpack`` sees it, keeping what ``x.__dlpack__`` raised: the
     exporter's refusal, told apart from CuPy's own errors (CuPy calls it twice when the first
@@ -60,9 +65,18 @@ def to_cupy(x):
             raise
     if has_cuda_array_interface(x):
         try:
-            x.__cuda_array_interface__   # the exporter's refusal, told apart from CuPy's errors
+            iface = x.__cuda_array_interface__   # the exporter's refusal, told apart from CuPy's
         except Exception as exc:
             raise ExportRefused(f"{type(exc).__name__}: {exc}") from exc
+        if isinstance(iface, dict):
+            if iface.get("mask") is not None:
+                raise InterfaceRefused("its __cuda_array_interface__ carries a mask, which "
+                                       "cugrad's ops would ignore; fill the masked elements "
+                                       "and pass the array without its mask")
+            if str(iface.get("typestr", ""))[:1] == ">":
+                raise InterfaceRefused(f"its __cuda_array_interface__ has big-endian data "
+                                       f"(typestr {iface['typestr']!r}); expected "
+                                       "little-endian float32 or float64")
         return cupy.asarray(x)           # wraps the pointer; no copy
     if device_type is not None:
         raise TypeError(f"cugrad: {type(x).__name__} lives on DLPack device type {device_type}, "

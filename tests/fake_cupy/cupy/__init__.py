@@ -149,7 +149,9 @@ class _Memory:
         if pool is not None:
             counted = -(-self.size // _UNIT) * _UNIT
             pool._used += counted
-            weakref.finalize(self, pool._release, counted)
+            # Released with the host buffer, which every view's NumPy base chain keeps alive:
+            # a view (.T, a slice) outliving its array holds the memory, as in CuPy.
+            weakref.finalize(raw, pool._release, counted)
 
     def _view(self, offset: int, nbytes: int) -> _np.ndarray:
         return self._buf[offset:offset + nbytes]
@@ -651,6 +653,10 @@ def _host_operand(obj):
 def _from_interface(obj) -> ndarray:
     """A device array over another library's device memory (``__cuda_array_interface__``)."""
     iface = obj.__cuda_array_interface__
+    if iface.get("mask") is not None:            # CuPy 14's messages (_core/core.pyx)
+        raise ValueError("CuPy currently does not support masked arrays.")
+    if iface["typestr"][0] == ">":
+        raise ValueError("CuPy does not support the big-endian byte-order")
     dtype = _np.dtype(iface["typestr"])
     shape = tuple(iface["shape"])
     strides = iface.get("strides")
