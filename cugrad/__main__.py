@@ -39,6 +39,15 @@ def main(argv=None) -> int:
         import cugrad
         print(f"cugrad {cugrad.__version__}")
         return 0
+    if len(argv) > 1 and argv[0] in ("-h", "--help"):
+        # `--help CMD`: CMD's own help (its parser prints it and exits 0); an unknown CMD
+        # falls through to the unknown-command error below
+        if argv[1] in COMMANDS:
+            try:
+                return main([argv[1], "--help"])
+            except SystemExit as e:
+                return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         asked = not argv or argv[0] in ("-h", "--help")
         out = sys.stdout if asked else sys.stderr     # usage after an error goes with it
@@ -49,6 +58,8 @@ def main(argv=None) -> int:
               file=out)
         for name, text in COMMANDS.items():
             print(f"  {name:7s} {text}", file=out)
+        print("\na command's options: python -m cugrad --help COMMAND (or COMMAND --help)",
+              file=out)
         return 0 if asked else 2
     if argv[0] == "demo":
         from .demo import main as demo_main

@@ -37,8 +37,11 @@ def finite_positive(unit: str = ""):
 
 
 def new_file(suffix: str):
-    """A file name ending in ``suffix`` (".png") in a folder that exists, not a folder:
-    checked before the work whose result it will hold."""
+    """A file name ending in ``suffix`` (".png") in a folder that exists, not a folder, that
+    this process can write: checked before the work whose result it will hold. The write
+    check opens the file: an existing one for appending (its content is left as it is), a
+    new one is created and removed again, so a read-only file system, a folder without
+    write permission or a pseudo file system (/proc) is refused here, not after the work."""
     def parse(text: str) -> Path:
         path = Path(text)
         if not text.lower().endswith(suffix) or path.name in ("", suffix):
@@ -48,5 +51,25 @@ def new_file(suffix: str):
             raise argparse.ArgumentTypeError(f"the folder '{path.parent}' does not exist")
         if path.is_dir():
             raise argparse.ArgumentTypeError(f"{text!r} is a folder")
+        reason = _cannot_write(path)
+        if reason:
+            raise argparse.ArgumentTypeError(f"cannot write {text!r}: {reason}")
         return path
     return parse
+
+
+def _cannot_write(path: Path) -> str:
+    """Why ``path`` cannot be written ("" if it can), found by opening it: appending to an
+    existing file (nothing is written), else creating it and removing it at once."""
+    existed = path.exists()
+    try:
+        with open(path, "ab" if existed else "xb"):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    if not existed:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    return ""

@@ -192,13 +192,23 @@ def train(epochs=30, batch_size=64, lr=None, hidden=128, seed=0, device="auto",
             "graph": graph}
 
 
+PLOT_NEEDS = "--plot needs matplotlib: pip install 'cugrad[examples]'"
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display); ImportError if
+    matplotlib is missing."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def save_plot(losses, path: str) -> None:
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
     except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'cugrad[examples]'") from None
+        raise SystemExit(PLOT_NEEDS) from None
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(range(1, len(losses) + 1), losses, marker="o", markersize=3)
     ax.set_xlabel("epoch")
@@ -229,6 +239,12 @@ def main(argv=None) -> int:
                    help="save the loss curve to this file (a .png, overwritten if it exists)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.plot:      # the file's folder and write access are checked by new_file above
+        try:
+            _pyplot()
+        except ImportError as e:
+            p.error(f"argument --plot: needs matplotlib, which cannot be imported here "
+                    f"({e}): pip install 'cugrad[examples]', or drop --plot")
     result = train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    hidden=args.hidden, seed=args.seed, device=args.device,
                    progress=not args.no_progress, optimizer=args.optimizer,

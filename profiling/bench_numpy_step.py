@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
 
 import cugrad  # noqa: E402
-from cugrad._cli import int_at_least  # noqa: E402
+from cugrad._cli import int_at_least, new_file  # noqa: E402
 from cugrad import nn, optim  # noqa: E402
 
 
@@ -86,15 +86,16 @@ def _sizes(text):
     return sizes
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int_at_least(1), default=128)
     p.add_argument("--sizes", type=_sizes, default="784,256,256,10",
                    help="layer widths, input first, at least three (one hidden layer)")
     p.add_argument("--repeats", type=int_at_least(5), default=200,
                    help="timed steps per side, in 5 interleaved rounds")
-    p.add_argument("--json", help="also write the result here")
-    args = p.parse_args()
+    p.add_argument("--json", type=new_file(".json"), metavar="FILE.json",
+                   help="also write the result here (checked before the timing starts)")
+    args = p.parse_args(argv)
     sizes = args.sizes
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, sizes[0])).astype(np.float32)
@@ -126,7 +127,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,7 +16,9 @@ in these modes:
   ``nvtx`` reports the domain disabled, so this is the same no-op path;
 * ``tool``      an NVTX tool attached (tests/nvtx_inject/nvtx_record.c, built here with
   gcc, counting events without writing them): the real push/pop through the ``nvtx``
-  package, as under Nsight minus Nsight's own per-event cost;
+  package, as under Nsight minus Nsight's own per-event cost. A row "skipped: <reason>"
+  where gcc or the nvtx3 headers ($CUDA_HOME/include, $CUDA_PATH/include or
+  /usr/local/cuda/include, the first that has them) are missing, or the build fails;
 * ``profile``   inside ``cugrad.profile()`` (host clock), no NVTX tool.
 
 Each figure is a mean per call in nanoseconds, the median over 7 (5 for ``step``)
@@ -118,15 +120,44 @@ def worker(mode: str, scale: float) -> dict:
 
 # --------------------------------------------------------------------------- driver
 
-def build_injection(tmp: Path) -> Path | None:
+def cuda_include_dirs() -> list[Path]:
+    """Where the nvtx3 headers are looked for, in tests/test_nvtx.py's order:
+    $CUDA_HOME/include, $CUDA_PATH/include, /usr/local/cuda/include."""
+    roots = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH")] + ["/usr/local/cuda"]
+    return [Path(r) / "include" for r in roots if r]
+
+
+def build_injection(tmp: Path) -> tuple[Path | None, str]:
+    """(the NVTX injection library, built in ``tmp``, "") or (None, why the ``tool`` mode is
+    skipped): no compiler, no nvtx3 headers, or a failed build (with the compiler's stderr
+    tail): each is a "skipped" row, not a traceback."""
     gcc = shutil.which("gcc") or shutil.which("cc")
-    include = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
-    if gcc is None or not (include / "nvtx3" / "nvToolsExt.h").is_file():
-        return None
+    if gcc is None:
+        return None, "no C compiler (gcc/cc) to build the NVTX injection library"
+    dirs = cuda_include_dirs()
+    include = next((d for d in dirs if (d / "nvtx3" / "nvToolsExt.h").is_file()), None)
+    if include is None:
+        return None, ("the nvtx3 headers are not found (looked in "
+                      f"{', '.join(str(d) for d in dirs)})")
     lib = tmp / "libnvtx_record.so"
-    subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-fvisibility=hidden", f"-I{include}",
-                    str(INJECT_SRC), "-o", str(lib), "-lpthread"], check=True)
-    return lib
+    cmd = [gcc, "-shared", "-fPIC", "-O2", "-fvisibility=hidden", f"-I{include}",
+           str(INJECT_SRC), "-o", str(lib), "-lpthread"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        return None, f"building the NVTX injection library: {gcc} could not run: {e}"
+    if proc.returncode != 0:
+        # the compiler's stderr tail, preceded by its first error line when the tail does
+        # not hold it (the cause; the errors after it often only follow from it)
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        first = next((i for i, line in enumerate(lines) if "error" in line), None)
+        shown = lines[-6:]
+        if first is not None and first < len(lines) - 6:
+            shown = [lines[first], "..."] + shown
+        return None, (f"building the NVTX injection library with {gcc} -I{include} failed "
+                      f"(exit status {proc.returncode})" + ("; its output:" if shown else "")
+                      + "".join(f"\n#   {line}" for line in shown))
+    return lib, ""
 
 
 def run_mode(mode: str, lib: Path | None, scale: float) -> dict | None:
@@ -146,14 +177,15 @@ def run_mode(mode: str, lib: Path | None, scale: float) -> dict | None:
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))     # run from a checkout; the workers import cugrad themselves
-    from cugrad._cli import int_at_least
+    from cugrad._cli import int_at_least, new_file
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="10x fewer iterations")
     ap.add_argument("--rounds", type=int_at_least(1), default=3, help="interleaved rounds of all modes")
-    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--json", type=new_file(".json"), metavar="FILE.json",
+                    help="also write the results here (checked before any round runs)")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.scale)))
@@ -162,7 +194,7 @@ def main(argv=None) -> int:
     scale = 0.1 if args.quick else 1.0
     rounds: dict[str, list[dict]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as tmp:
-        lib = build_injection(Path(tmp))
+        lib, tool_skipped = build_injection(Path(tmp))
         for _ in range(args.rounds):
             for m in MODES:
                 r = run_mode(m, lib, scale)
@@ -186,7 +218,8 @@ def main(argv=None) -> int:
     for mode in MODES:
         r = results[mode]
         if r is None:
-            print(f"{mode:<9} (skipped: gcc or the nvtx3 headers are missing)")
+            head, _, detail = tool_skipped.partition("\n")    # a failed build's stderr below
+            print(f"{mode:<9} (skipped: {head})" + (f"\n{detail}" if detail else ""))
             continue
         rng = r["range"] - r["empty_loop"]
         d_relu = r["relu"] - base["relu"]

@@ -1,6 +1,8 @@
 """The demo trains: > 95% test accuracy on the digits, and --plot writes the loss curve."""
 
 import io
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +135,49 @@ def test_demo_stops_with_an_error_when_training_diverges():
         main(["--optimizer", "sgd", "--batch-size", "1", "--epochs", "2", "--device", "cpu",
               "--no-progress"])
     assert "training diverged" in str(info.value.code) and "--lr" in str(info.value.code)
+
+
+def _no_training(monkeypatch):
+    from cugrad import demo
+
+    def train(**kwargs):
+        raise AssertionError("the demo trained before refusing --plot")
+    monkeypatch.setattr(demo, "train", train)
+
+
+def test_demo_plot_without_matplotlib_is_a_usage_error_before_training(monkeypatch, capsys):
+    """--plot where matplotlib cannot be imported: exit 2 naming --plot, before training.
+    Fails on the old demo, which trained every epoch first and only then said so."""
+    from cugrad.demo import main
+    _no_training(monkeypatch)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib fails
+    with pytest.raises(SystemExit) as info:
+        main(["--epochs", "3", "--plot", "curve.png", "--no-progress", "--device", "cpu"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --plot: needs matplotlib" in err and "cugrad[examples]" in err, err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_demo_plot_that_cannot_be_written_is_a_usage_error_before_training(monkeypatch, capsys):
+    """--plot /proc/x.png (a folder that exists, where no file can be created, even by root):
+    exit 2 naming --plot and the reason, before training. Fails on the old demo, which
+    trained, then failed in savefig with a FileNotFoundError traceback."""
+    from cugrad.demo import main
+    _no_training(monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        main(["--epochs", "1", "--plot", "/proc/cugrad-x.png", "--no-progress", "--device", "cpu"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --plot: cannot write '/proc/cugrad-x.png': " in err, err
+
+
+def test_new_file_write_check_leaves_no_trace(tmp_path):
+    """new_file's write check removes the file it created to check, and leaves an existing
+    file's content alone (the work writes it later)."""
+    from cugrad._cli import new_file
+    fresh = tmp_path / "new.png"
+    assert new_file(".png")(str(fresh)) == fresh and not fresh.exists()
+    old = tmp_path / "old.png"
+    old.write_bytes(b"kept")
+    assert new_file(".png")(str(old)) == old and old.read_bytes() == b"kept"

@@ -2,10 +2,12 @@
 scripts run from a checkout (and gpu_suite.sh's exit status), and MATH.md's section numbers
 as the sources cite them."""
 
+import json
 import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,34 @@ def test_help_is_not_an_error(capsys, argv):
     assert "usage: python -m cugrad" in out and err == ""
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("command, says", [
+    ("demo", "usage: python -m cugrad demo"), ("info", "usage: python -m cugrad info"),
+    ("bench", "usage: python -m cugrad bench"), ("compile", "usage: python -m cugrad compile")])
+def test_help_before_a_command_shows_that_commands_help(capsys, flag, command, says):
+    """`python -m cugrad --help demo` prints demo's help (its options), exit 0, as
+    `demo --help` does. Fails on the old main, which printed the top-level help."""
+    from cugrad.__main__ import main
+    assert main([flag, command]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(says) and err == "", out + err
+
+
+def test_help_before_an_unknown_command_is_a_usage_error(capsys):
+    """`--help trian`: exit 2 naming 'trian', the usage on stderr. Fails on the old main,
+    which printed the top-level help and exited 0."""
+    from cugrad.__main__ import main
+    assert main(["--help", "trian"]) == 2
+    out, err = capsys.readouterr()
+    assert "unknown command 'trian'" in err and "usage: python -m cugrad" in err and out == ""
+
+
+def test_help_demo_from_the_shell():
+    proc = run(["-m", "cugrad", "--help", "demo"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m cugrad demo") and "--epochs" in proc.stdout
+
+
 # -------------------------------------------------------------------- CUGRAD_FORCE_CPU
 
 @pytest.mark.parametrize("value", ["", "0", "false", "False", "OFF", "no", " No ", "  "])
@@ -176,10 +206,12 @@ def test_bench_numpy_step_runs_from_a_checkout(tmp_path):
     puts the checkout on sys.path itself (as train_mlp.py does)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, str(ROOT / "profiling" / "bench_numpy_step.py"),
-                           "--batch", "4", "--sizes", "8,5,3", "--repeats", "5"],
+                           "--batch", "4", "--sizes", "8,5,3", "--repeats", "5",
+                           "--json", "r.json"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "batch 4, MLP 8-5-3: cugrad" in proc.stdout and "ratio" in proc.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["shape"] == "batch 4, MLP 8-5-3"
 
 
 @pytest.mark.parametrize("script, args", [
@@ -192,6 +224,129 @@ def test_profiling_scripts_refuse_bad_counts_before_any_work(tmp_path, script, a
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert args[0] in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def _load_script(name):
+    """A profiling script imported as a module (they are scripts, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"),
+                                                  ROOT / "profiling" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args", [["--config", "small"], ["--config", "small", "--fused"],
+                                  ["--widths", "7,5,4,3", "--batch", "6"],
+                                  ["--widths", "9,4", "--batch", "3"]])
+def test_train_mlp_tflops_count_the_products_that_ran(monkeypatch, capsys, args):
+    """train_mlp.py's TFLOP/s counts the GEMMs its step computes: the sum of 2·M·N·K over
+    every product the step hands the backend (cugrad.functional._gemm, counted here), and
+    step_flops() equals it. Fails on the old 6·batch·Σ in·out, which counted the first
+    layer's dX that backward(..., input_grad=False) never computes (+11.8 % for --config
+    small). The clock is faked so that the printed figure reads 1000.00 TFLOP/s exactly
+    when the script's count equals the counted one."""
+    from cugrad import functional
+    mlp = _load_script("train_mlp.py")
+    counted = [0]
+    real_gemm = functional._gemm
+
+    def counting_gemm(backend, a, b, trans_a, trans_b, *rest, **kw):
+        m, k = a.shape[::-1] if trans_a else a.shape
+        n = b.shape[0] if trans_b else b.shape[1]
+        counted[0] += 2 * m * n * k
+        return real_gemm(backend, a, b, trans_a, trans_b, *rest, **kw)
+
+    clock = iter([0.0, None])
+
+    def perf_counter():          # t0, then "elapsed" = counted / 1e15 s for the 1 step
+        value = next(clock)
+        return counted[0] / 1e15 if value is None else value
+
+    monkeypatch.setattr(functional, "_gemm", counting_gemm)
+    monkeypatch.setattr(mlp, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    assert mlp.main(["--device", "cpu", "--steps", "1", "--warmup", "0", *args]) == 0
+    out = capsys.readouterr().out
+    batch, widths = mlp.CONFIGS["small"] if "--config" in args else (
+        int(args[3]), [int(w) for w in args[1].split(",")])
+    assert counted[0] > 0
+    assert "1000.00 TFLOP/s (GEMMs)" in out, out
+    assert mlp.step_flops(batch, widths) == counted[0]
+
+
+BENCH_QUICK = {"bench_numpy_step.py": ["--batch", "4", "--sizes", "8,5,3", "--repeats", "5"],
+               "bench_nvtx_overhead.py": ["--quick", "--rounds", "1"]}
+
+
+@pytest.mark.parametrize("script", sorted(BENCH_QUICK))
+@pytest.mark.parametrize("where, says", [
+    ("/nonexistent/x.json", "the folder '/nonexistent' does not exist"),
+    ("{tmp}", "expected a file name ending in .json, got '{tmp}'"),
+    ("{tmp}/folder.json", "'{tmp}/folder.json' is a folder"),
+    ("/proc/cugrad-x.json", "cannot write '/proc/cugrad-x.json': ")])
+def test_bench_scripts_refuse_an_unwritable_json_before_any_work(tmp_path, script, where, says):
+    """--json where no file can be written: a usage error naming --json (exit 2, nothing on
+    stdout), before any round. Fails on the old scripts, which ran every round, printed the
+    results, then failed with a FileNotFoundError / IsADirectoryError traceback."""
+    if where.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    (tmp_path / "folder.json").mkdir()
+    where, says = where.format(tmp=tmp_path), says.format(tmp=tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "profiling" / script),
+                           *BENCH_QUICK[script], "--json", where],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"argument --json: {says}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def _planted_cuda_root(tmp_path):
+    """A CUDA root whose nvtx3/nvToolsExt.h stops any build with an #error."""
+    header = tmp_path / "cuda" / "include" / "nvtx3" / "nvToolsExt.h"
+    header.parent.mkdir(parents=True)
+    header.write_text("#error planted by the test: this build must fail\n")
+    return tmp_path / "cuda"
+
+
+@pytest.mark.parametrize("variable", ["CUDA_HOME", "CUDA_PATH"])
+def test_bench_nvtx_overhead_reports_a_failed_build_as_skipped(tmp_path, variable):
+    """The NVTX injection library's build fails (a planted header whose #error the compiler
+    prints): the tool row says "skipped: ..." with the compiler's stderr, the other modes
+    run, exit 0. The headers are looked for under $CUDA_HOME, then $CUDA_PATH (as
+    tests/test_nvtx.py looks), then /usr/local/cuda. Fails on the old script: with CUDA_HOME
+    a CalledProcessError traceback (check=True); with CUDA_PATH it never looked there."""
+    import shutil
+    if not (shutil.which("gcc") or shutil.which("cc")):
+        pytest.skip("no C compiler (gcc/cc): the build is never tried")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env[variable] = str(_planted_cuda_root(tmp_path))
+    proc = subprocess.run([sys.executable, str(ROOT / "profiling" / "bench_nvtx_overhead.py"),
+                           *BENCH_QUICK["bench_nvtx_overhead.py"]],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    tool = proc.stdout.split("\ntool ", 1)[1]
+    assert tool.lstrip().startswith("(skipped: building the NVTX injection library"), proc.stdout
+    assert f"-I{tmp_path / 'cuda' / 'include'} failed" in tool
+    assert "planted by the test" in tool                     # the compiler's stderr tail
+    assert "\noff " in proc.stdout and "\nprofile " in proc.stdout
+
+
+def test_bench_nvtx_overhead_skip_reasons(tmp_path, monkeypatch):
+    """No compiler, or no headers in any of the three places: the reason names what is
+    missing (and where the headers were looked for)."""
+    bench = _load_script("bench_nvtx_overhead.py")
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    assert bench.build_injection(tmp_path) == (
+        None, "no C compiler (gcc/cc) to build the NVTX injection library")
+    monkeypatch.setattr(bench.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "a"))
+    monkeypatch.setenv("CUDA_PATH", str(tmp_path / "b"))
+    monkeypatch.setattr(bench, "cuda_include_dirs", lambda real=bench.cuda_include_dirs:
+                        real()[:2])                # leave out this machine's /usr/local/cuda
+    a, b = tmp_path / "a" / "include", tmp_path / "b" / "include"
+    assert bench.build_injection(tmp_path) == (
+        None, f"the nvtx3 headers are not found (looked in {a}, {b})")
 
 
 GPU_SUITE = ROOT / "profiling" / "gpu_suite.sh"
