@@ -59,6 +59,13 @@ class Parameter:
     dtype = property(lambda self: self.data.dtype)
     device = property(lambda self: _backend.device_of(self.data))
 
+    def __array__(self, dtype=None, copy=None):
+        """``np.asarray(param)`` is its data (a 0-d object array before); GPU data raises
+        CuPy's TypeError, as ``np.asarray`` of a CuPy array does: use ``cugrad.to_numpy``."""
+        if copy:
+            return np.array(self.data, dtype=dtype, copy=True)
+        return np.asarray(self.data, dtype=dtype)
+
     def accumulate(self, grad) -> None:
         """Add ``grad`` to ``.grad``: the first gradient after ``zero_grad`` is stored as a
         copy (the caller's array stays the caller's: one array handed to two parameters, or
@@ -169,6 +176,17 @@ class Module:
         self._device = "cpu"
         self._saved = None
 
+    def __setattr__(self, name, value):
+        # A Parameter's slot takes a Parameter (or None): an array put there would drop out
+        # of parameters() and state_dict() without a word and fail later in another op.
+        if (value is not None and not isinstance(value, Parameter)
+                and isinstance(self.__dict__.get(name), Parameter)):
+            raise TypeError(
+                f"{type(self).__name__}: cannot assign {describe(value)} to {name!r}, which "
+                f"holds a Parameter; expected a cugrad.nn.Parameter (or None). To change its "
+                f"values, assign to {name}.data (same shape and dtype) or copy into it")
+        object.__setattr__(self, name, value)
+
     def __getattr__(self, name):
         # Reached only where the usual lookup failed (the normal path never comes here): a
         # subclass whose __init__ did not call Module.__init__ lacks the attributes it sets.
@@ -204,7 +222,8 @@ class Module:
             raise RuntimeError(
                 f"{self._range_name}.backward: nothing saved to differentiate; backward needs "
                 "a forward call first, and may run only once per forward (call the module "
-                "again before a second backward)")
+                "again before a second backward); moving the module with .to() also drops "
+                "what its forward saved")
         return saved
 
     # -- parameters and children ------------------------------------------------------------
@@ -412,7 +431,9 @@ class Module:
         return self.load_state_dict(state)
 
     def __repr__(self):
-        return f"{type(self).__name__}()"
+        inner = "".join(f"\n  ({name}): " + repr(m).replace("\n", "\n  ")
+                        for name, m in self.named_children())
+        return f"{type(self).__name__}({inner}\n)" if inner else f"{type(self).__name__}()"
 
 
 class Linear(Module):
@@ -450,7 +471,7 @@ class Linear(Module):
         self.weight = Parameter(weight.astype(dtype))
         self.bias = Parameter(rng.uniform(-bound, bound, size=out_features).astype(dtype)) \
             if bias else None
-        self.to(device)
+        self.to("cpu" if device is None else device)      # None: the default, as in PyTorch
 
     def _check_dtype(self, name: str, x, where: str) -> None:
         """A float array of another dtype than the layer's: say so in the layer's terms
@@ -466,6 +487,13 @@ class Linear(Module):
 
     def forward(self, x):
         self._check_dtype("x", x, "forward")
+        shape = getattr(x, "shape", None)
+        if shape is not None and len(shape) == 2 and shape[1] != self.weight.shape[1]:
+            raise ValueError(
+                f"{self._range_name}.forward: argument 'x' has {shape[1]} features "
+                f"({describe(x)}) but the layer takes {self.weight.shape[1]} "
+                f"(weight {self.weight.shape}); expected x of shape (batch, "
+                f"{self.weight.shape[1]})")
         b = self.bias.data if self.bias is not None else None
         y = F.linear(x, self.weight.data, b, activation=self.activation)
         self._save(x, y if self.activation else None)
@@ -685,9 +713,6 @@ class Sequential(Module):
             return arr["grad_out"] if input_grad else None
         return run_backward(self.layers[0], grad_out, input_grad)
 
-    def __repr__(self):
-        inner = "".join(f"\n  ({i}): {m!r}" for i, m in enumerate(self.layers))
-        return f"Sequential({inner}\n)"
 
 
 class MSELoss(Module):

@@ -32,6 +32,12 @@ class Optimizer:
     parameter that has a gradient, ``zero_grad()`` clears the gradients."""
 
     _range = "optimizer.step"
+    _hyperparameters: tuple[str, ...] = ()      # shown by repr
+
+    def __repr__(self):
+        hyper = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._hyperparameters)
+        n = len(self.params)
+        return f"{type(self).__name__}({hyper}; {n} parameter{'s' if n != 1 else ''})"
 
     def __init__(self, params):
         name = type(self).__name__
@@ -109,6 +115,7 @@ class SGD(Optimizer):
     ``g = buf``; ``p -= lr·g`` (PyTorch's SGD without dampening or Nesterov)."""
 
     _range = "sgd.step"
+    _hyperparameters = ("lr", "momentum", "weight_decay")
 
     def __init__(self, params, lr, momentum=0.0, weight_decay=0.0):
         super().__init__(params)
@@ -134,6 +141,7 @@ class Adam(Optimizer):
     ``capturable`` may be switched between steps: the count carries over in the new form."""
 
     _range = "adam.step"
+    _hyperparameters = ("lr", "betas", "eps", "weight_decay", "capturable")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  capturable=False):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import cugrad
-from cugrad import nn
+from cugrad import nn, optim
 
 f32 = np.float32
 
@@ -294,3 +294,76 @@ def test_save_into_a_missing_directory_names_the_path_given(tmp_path):
         nn.Linear(2, 2).save(path)
     assert ".tmp" not in str(info.value)
     assert not (tmp_path / "missing").exists()
+
+
+# ------------------------------------------------------------- parameter slots, reprs, ...
+
+def test_an_array_assigned_to_a_parameter_slot_is_a_type_error():
+    """``layer.weight = array`` dropped the weight from parameters() and state_dict() without
+    a word and failed in the next forward with an unrelated AttributeError: fails unless the
+    assignment raises TypeError naming the slot and changes nothing. A Parameter (tied
+    weights) and None (no bias) are still accepted."""
+    lin = nn.Linear(3, 2, rng=0)
+    before = lin.weight
+    for value in (np.ones((2, 3), f32), [[1.0] * 3] * 2, 0.5):
+        with pytest.raises(TypeError, match=r"Linear: cannot assign .* to 'weight', which holds a Parameter"):
+            lin.weight = value
+        assert lin.weight is before and [n for n, _ in lin.named_parameters()] == ["weight", "bias"]
+    other = nn.Linear(3, 2, rng=1)
+    other.weight = lin.weight                       # tying
+    assert other.weight is lin.weight
+    lin.bias = None
+    assert [n for n, _ in lin.named_parameters()] == ["weight"]
+    assert lin(np.ones((4, 3), f32)).shape == (4, 2)
+    lin.extra = np.ones(2)                          # not a Parameter slot: a plain attribute
+    assert [n for n, _ in lin.named_parameters()] == ["weight"]
+
+
+def test_a_linear_input_of_the_wrong_width_is_named_in_the_layers_terms():
+    """Fails unless the error names the layer, x and the width it takes (the op's message
+    told a layer user to make the weight (*, 4))."""
+    lin = nn.Linear(5, 2, rng=0)
+    with pytest.raises(ValueError, match=r"Linear.forward: argument 'x' has 4 features .* "
+                                         r"takes 5 .* expected x of shape \(batch, 5\)"):
+        lin(np.ones((3, 4), f32))
+
+
+def test_device_none_is_the_default_device():
+    """PyTorch code passes device=None for "the default": fails unless Linear takes it."""
+    assert nn.Linear(3, 2, device=None).device == "cpu"
+
+
+def test_numpy_asarray_of_a_parameter_is_its_data():
+    """np.asarray(param) was a 0-d object array holding the Parameter."""
+    p = nn.Parameter(np.arange(6, dtype=f32).reshape(2, 3))
+    a = np.asarray(p)
+    assert a.dtype == f32 and a.shape == (2, 3) and np.shares_memory(a, p.data)
+    assert np.asarray(p, dtype=np.float64).dtype == np.float64
+    c = np.array(p, copy=True)
+    assert np.array_equal(c, p.data) and not np.shares_memory(c, p.data)
+
+
+def test_reprs_show_a_user_modules_children_and_an_optimisers_settings():
+    """A user module printed as 'Block()' and an optimiser as '<... object at 0x...>'."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4, rng=0)
+            self.body = nn.Sequential(nn.ReLU(), nn.Sequential(nn.Tanh()))
+
+    assert repr(Net()) == (
+        "Net(\n"
+        "  (fc): Linear(in_features=3, out_features=4, bias=True)\n"
+        "  (body): Sequential(\n"
+        "    (0): ReLU()\n"
+        "    (1): Sequential(\n"
+        "      (0): Tanh()\n"
+        "    )\n"
+        "  )\n"
+        ")")
+    assert repr(nn.ReLU()) == "ReLU()" and repr(nn.Sequential()) == "Sequential()"
+    params = Net().parameters()
+    assert repr(optim.SGD(params, lr=0.1, momentum=0.9)) == \
+        "SGD(lr=0.1, momentum=0.9, weight_decay=0.0; 2 parameters)"
+    assert repr(optim.Adam(params[:1])) == ("Adam(lr=0.001, betas=(0.9, 0.999), eps=1e-08, "
+                                            "weight_decay=0.0, capturable=False; 1 parameter)")
