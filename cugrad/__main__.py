@@ -3,6 +3,7 @@ bench (the benchmark suite, GPU), compile (every kernel module ahead of use, GPU
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -12,8 +13,8 @@ def info(argv=()) -> int:
     import numpy as np
 
     argparse.ArgumentParser(prog="python -m cugrad info", description=COMMANDS["info"] +
-                            " (cugrad and NumPy versions, the CUDA backend's state); "
-                            "no options").parse_args(list(argv))
+                            " (cugrad and NumPy versions, the CUDA backend's state, NVTX "
+                            "ranges); no options").parse_args(list(argv))
 
     import cugrad
     print(f"cugrad {cugrad.__version__}, NumPy {np.__version__}")
@@ -24,7 +25,38 @@ def info(argv=()) -> int:
               f"{props['name'].decode()}")
     else:
         print(f"CUDA backend: unavailable ({cugrad.cuda_unavailable_reason()})")
+    print(nvtx_line())
     return 0
+
+
+def nvtx_line() -> str:
+    """``info``'s NVTX line: whether ops emit NVTX ranges, as cugrad._trace decides it
+    (CUGRAD_NVTX read by its env_flag, the nvtx package, an NVTX tool attached), and whether
+    the nvtx package imports."""
+    from importlib import metadata
+
+    from . import _trace
+    from ._backend import env_flag
+    value = os.environ.get(_trace.NVTX_ENV)
+    switch = f"{_trace.NVTX_ENV}={value}" if value is not None else f"{_trace.NVTX_ENV} unset"
+    try:
+        import nvtx  # noqa: F401
+    except Exception as exc:           # ImportError, or a broken install
+        return (f"NVTX ranges: off, the nvtx package is not importable ({type(exc).__name__}: "
+                f"{exc}; install it with the nvtx extra) ({switch})")
+    try:
+        package = f"nvtx {metadata.version('nvtx')} importable"
+    except metadata.PackageNotFoundError:
+        package = "nvtx importable"
+    if not env_flag(_trace.NVTX_ENV, default=True):
+        return f"NVTX ranges: off, {switch} ({package})"
+    if _trace.nvtx_enabled():
+        return f"NVTX ranges: on, an NVTX tool is attached ({package}, {switch})"
+    reason = _trace.nvtx_disabled_reason()
+    if "no NVTX tool" in reason:
+        return (f"NVTX ranges: on, emitted while an NVTX tool (Nsight Systems, Nsight Compute) "
+                f"is attached; none is now ({package}, {switch})")
+    return f"NVTX ranges: off, {reason} ({package}, {switch})"
 
 
 COMMANDS = {"demo": "train an MLP on handwritten digits (GPU if available)",
@@ -34,6 +66,42 @@ COMMANDS = {"demo": "train an MLP on handwritten digits (GPU if available)",
 
 
 def main(argv=None) -> int:
+    """The command line; exit status 141 (128 + SIGPIPE), quietly, when whoever reads stdout
+    closes it early (`python -m cugrad --help | head -1`)."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()        # buffered output meets a closed pipe here, not at exit
+    except BrokenPipeError:
+        if not _stdout_is_closed():
+            raise                     # another pipe broke (a worker's): a real error
+        # Point stdout at /dev/null so that the interpreter's own flush at exit finds no
+        # closed pipe either; then exit as a tool killed by SIGPIPE does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def _stdout_is_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error or hang-up on
+    it). Without poll (Windows) a BrokenPipeError is taken to be stdout's; a stdout without
+    a file descriptor is no pipe."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    try:
+        import select
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
+def _main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "--version":
         import cugrad
@@ -44,7 +112,7 @@ def main(argv=None) -> int:
         # falls through to the unknown-command error below
         if argv[1] in COMMANDS:
             try:
-                return main([argv[1], "--help"])
+                return _main([argv[1], "--help"])
             except SystemExit as e:
                 return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         argv = argv[1:]

@@ -1,4 +1,4 @@
-"""The benchmark suite (issue 8): every figure in one process, each against its peer.
+"""The benchmark suite: every figure in one process, each against its peer.
 
     python -m cugrad bench [--quick] [--only SUBSTR ...] [--out PATH] [--max-seconds S]
     python -m cugrad bench --list            # the figures, without running anything
@@ -8,7 +8,8 @@
 
 It first measures the device's two ceilings (device-to-device copy bandwidth, counting
 bytes read + written, and cuBLAS SGEMM at 8192³ through ``cupy.matmul``), then every
-figure, and writes ``profiling/results/bench-<gpu>-<yyyymmdd>.json`` (``--out``) and a
+figure, and writes ``bench-<gpu>-<yyyymmdd>.json`` (``--out``), in ``./profiling/results/``
+where that folder exists (a source checkout) and else in the current folder, and a
 Markdown table beside it (same name, ``.md``), which it prints last.
 
 A figure compares one of our calls ("ours") with a peer run in the same process on the same
@@ -437,13 +438,16 @@ def gpu_short_name(device_name: str) -> str:
 
 
 def default_out_path(device_name: str, date: datetime.date, *, scratch: bool = False) -> Path:
-    """profiling/results/bench-<gpu>-<yyyymmdd>.json; ``scratch`` (a smoke run, or the CPU
+    """bench-<gpu>-<yyyymmdd>.json in ./profiling/results/ where that folder exists (a source
+    checkout), else in the current folder: an installed cugrad run elsewhere creates no
+    profiling/results/ there. ``scratch`` (a smoke run, or the CPU
     stand-in for CuPy: no measurement) the same name under the temp folder, with
     ``-smoke``."""
     name = f"bench-{gpu_short_name(device_name)}-{date:%Y%m%d}"
     if scratch:
         return Path(tempfile.gettempdir()) / f"cugrad-{name}-smoke.json"
-    return Path("profiling") / "results" / f"{name}.json"
+    results = Path("profiling") / "results"
+    return (results if results.is_dir() else Path()) / f"{name}.json"
 
 
 def selected(specs: list[Spec], only: list[str] | None) -> list[Spec]:
@@ -1415,9 +1419,10 @@ def run_suite(settings: Settings, chosen: list[Spec], out_path: Path | None,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cugrad bench",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=new_file(".json"), help="JSON path, ending in .json (default: "
-                    "profiling/results/bench-<gpu>-<yyyymmdd>.json); the table goes beside it "
-                    "as .md")
+    ap.add_argument("--out", type=new_file(".json"), help="JSON path, ending in .json; the "
+                    "table goes beside it as .md (default: bench-<gpu>-<yyyymmdd>.json in "
+                    "./profiling/results/ when that folder exists, as in a source checkout, "
+                    "else in the current folder)")
     ap.add_argument("--only", action="append", metavar="SUBSTR",
                     help="run only figures whose 'name shape' contains SUBSTR (repeatable)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")

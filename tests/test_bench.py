@@ -212,10 +212,38 @@ def test_gpu_short_name(name, short):
     assert bench.gpu_short_name(name) == short
 
 
-def test_default_out_path():
+def test_default_out_path_is_profiling_results_in_a_checkout(tmp_path, monkeypatch):
     import datetime
+    (tmp_path / "profiling" / "results").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
     path = bench.default_out_path("NVIDIA H100 80GB HBM3", datetime.date(2026, 11, 24))
     assert path == Path("profiling/results/bench-h100-20261124.json")
+
+
+def test_default_out_path_is_the_current_folder_elsewhere(tmp_path, monkeypatch):
+    """Run where there is no ./profiling/results (an installed cugrad, from any folder): the
+    JSON goes into the current folder. Fails on the old default, which was
+    profiling/results/ relative to any current folder, so that the run created
+    ./profiling/results/ wherever it was started."""
+    import datetime
+    monkeypatch.chdir(tmp_path)
+    path = bench.default_out_path("NVIDIA H100 80GB HBM3", datetime.date(2026, 11, 24))
+    assert path == Path("bench-h100-20261124.json")
+    (tmp_path / "profiling").mkdir()           # a profiling/ folder alone is not a checkout's
+    assert bench.default_out_path("NVIDIA H100 80GB HBM3", datetime.date(2026, 11, 24)) == path
+
+
+def test_help_says_where_the_default_out_goes_and_names_no_issue(capsys):
+    """`bench --help` describes the suite without the tracker's issue numbers and says where
+    the JSON goes by default. Fails on the old help ("The benchmark suite (issue 8)",
+    default profiling/results/... wherever the command runs)."""
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "issue" not in out.lower(), out
+    assert ("(default: bench-<gpu>-<yyyymmdd>.json in ./profiling/results/ when that folder "
+            "exists, as in a source checkout, else in the current folder)") in out, out
 
 
 # ---------------------------------------------------------------------- the figure list

@@ -143,6 +143,20 @@ def test_help_before_a_command_shows_that_commands_help(capsys, flag, command, s
     assert out.startswith(says) and err == "", out + err
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["info", "--help"],
+                                  ["bench", "--help"], ["compile", "--help"]])
+def test_help_names_no_tracker_issue(capsys, argv):
+    """The help a user reads cites no internal issue numbers. Fails on the old bench help,
+    "The benchmark suite (issue 8)"."""
+    from cugrad.__main__ import main
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code == 0
+    out = capsys.readouterr().out
+    assert out and not re.search(r"\bissues?\b", out, re.I), out
+
+
 def test_help_before_an_unknown_command_is_a_usage_error(capsys):
     """`--help trian`: exit 2 naming 'trian', the usage on stderr. Fails on the old main,
     which printed the top-level help and exited 0."""
@@ -156,6 +170,114 @@ def test_help_demo_from_the_shell():
     proc = run(["-m", "cugrad", "--help", "demo"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: python -m cugrad demo") and "--epochs" in proc.stdout
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "PYTHONUNBUFFERED"])
+@pytest.mark.parametrize("args", [["--help"], ["demo", "--help"], ["--help", "bench"],
+                                  ["bench", "--list"], ["info"], ["--version"]])
+def test_a_closed_stdout_ends_quietly_with_141(args, buffered):
+    """stdout is a pipe whose reader is gone before the first write (`python -m cugrad
+    --help | head -1` when head exits first): exit status 141, as a tool killed by SIGPIPE
+    reports, and nothing on stderr. Fails on the old main: "Exception ignored ...
+    BrokenPipeError" from the interpreter's flush at exit (status 120), or with
+    PYTHONUNBUFFERED a BrokenPipeError traceback (status 1). One exception: unbuffered, an
+    argparse --help's write fails inside argparse, which ignores write errors and exits 0;
+    quiet all the same."""
+    if os.name != "posix":
+        pytest.skip("needs POSIX pipes")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONUNBUFFERED")}
+    env.update(PYTHONPATH=str(ROOT), CUGRAD_FORCE_CPU="1")
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    os.close(read_end)                       # the reader is gone: every write is EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "cugrad", *args], cwd=ROOT, env=env,
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    argparse_help = "--help" in args and len(args) == 2
+    assert proc.returncode == (0 if argparse_help and not buffered else 141), proc.stderr
+    assert proc.stderr == ""
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error():
+    """A BrokenPipeError from another pipe (a worker process's) while stdout is open is a
+    real failure: the traceback and a non-zero status, not a quiet 141."""
+    code = ("import sys, cugrad.__main__ as m\n"
+            "def info(argv=()):\n"
+            "    raise BrokenPipeError(32, 'a worker pipe broke')\n"
+            "m.info = info\n"
+            "sys.exit(m.main(['info']))\n")
+    proc = run(["-c", code])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "BrokenPipeError: [Errno 32] a worker pipe broke" in proc.stderr
+
+
+# ----------------------------------------------------------------------- info: NVTX line
+
+def _info_nvtx_line(env=None, block_nvtx=False):
+    code = ("import sys\n" + ("sys.modules['nvtx'] = None\n" if block_nvtx else "") +
+            "from cugrad.__main__ import main\nsys.exit(main(['info']))\n")
+    full = {"CUGRAD_FORCE_CPU": "1", **(env or {})}
+    proc = run(["-c", code], env=full)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("NVTX ranges: ")]
+    assert len(lines) == 1, proc.stdout
+    return lines[0]
+
+
+def _without_nvtx_env(monkeypatch):
+    for name in ("CUGRAD_NVTX", "NVTX_INJECTION64_PATH"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("value", ["0", "off", " No ", "FALSE"])
+def test_info_says_nvtx_ranges_are_off_by_cugrad_nvtx(monkeypatch, value):
+    """`python -m cugrad info` has an NVTX line: off, naming CUGRAD_NVTX as set, for each of
+    the words cugrad._trace reads as off. Fails on the old info, which had no NVTX line."""
+    pytest.importorskip("nvtx", reason="the nvtx package is not installed (pip install '.[nvtx]')")
+    _without_nvtx_env(monkeypatch)
+    from importlib import metadata
+    line = _info_nvtx_line({"CUGRAD_NVTX": value})
+    assert line == f"NVTX ranges: off, CUGRAD_NVTX={value} (nvtx {metadata.version('nvtx')} importable)"
+
+
+@pytest.mark.parametrize("value", [None, "", "1", "yes"])
+def test_info_says_nvtx_ranges_are_on_without_a_tool_attached(monkeypatch, value):
+    """CUGRAD_NVTX unset, empty or on, nvtx importable, no NVTX tool in this process: ranges
+    are on, emitted once a tool (Nsight) attaches; the line says none is attached now."""
+    pytest.importorskip("nvtx", reason="the nvtx package is not installed (pip install '.[nvtx]')")
+    _without_nvtx_env(monkeypatch)
+    from importlib import metadata
+    env = {} if value is None else {"CUGRAD_NVTX": value}
+    switch = "CUGRAD_NVTX unset" if value is None else f"CUGRAD_NVTX={value}"
+    line = _info_nvtx_line(env)
+    assert line == ("NVTX ranges: on, emitted while an NVTX tool (Nsight Systems, Nsight "
+                    f"Compute) is attached; none is now (nvtx {metadata.version('nvtx')} "
+                    f"importable, {switch})")
+
+
+def test_info_says_when_nvtx_is_not_importable(monkeypatch):
+    _without_nvtx_env(monkeypatch)
+    line = _info_nvtx_line(block_nvtx=True)
+    assert line.startswith("NVTX ranges: off, the nvtx package is not importable "
+                           "(ModuleNotFoundError: "), line
+    assert line.endswith("install it with the nvtx extra) (CUGRAD_NVTX unset)"), line
+
+
+def test_info_says_nvtx_ranges_are_on_with_a_tool_attached(monkeypatch, capsys):
+    """With a domain resolved (as _trace has one when a tool is attached), the line says on."""
+    pytest.importorskip("nvtx", reason="the nvtx package is not installed (pip install '.[nvtx]')")
+    from cugrad import _trace
+    from cugrad.__main__ import main
+    _without_nvtx_env(monkeypatch)
+    monkeypatch.setattr(_trace, "_domain", object())
+    monkeypatch.setattr(_trace, "_nvtx_off_reason", "")
+    assert main(["info"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("NVTX ranges: on, an NVTX tool is attached (nvtx "), line
+    assert line.endswith(" importable, CUGRAD_NVTX unset)"), line
 
 
 # -------------------------------------------------------------------- CUGRAD_FORCE_CPU

@@ -31,3 +31,43 @@ def test_overflow_is_inf_and_numpy_warns_on_the_cpu():
     with pytest.warns(RuntimeWarning, match="overflow"):
         y = F.linear(x, w)
     assert np.array_equal(y, np.array([[np.inf, -np.inf]] * 2, np.float32)), y
+
+
+def test_backward_sees_in_place_changes_to_what_forward_saved():
+    """README: what a forward saves are references, not copies (a Linear's input x and, with a
+    fused activation, its output; an activation's output), so an in-place change between
+    forward and backward changes the gradients: `y = layer(x); x[:] = 0; layer.backward(g)`
+    gives a zero weight gradient. Fails if README drops that warning, or if a layer starts
+    saving copies (then the warning is wrong and README must say what is saved instead)."""
+    import numpy as np
+
+    from cugrad import nn
+    if README.is_file():
+        text = " ".join(README.read_text(encoding="utf-8").split())
+        assert "What a forward saves for its backward are references, not copies" in text
+        assert "`y = layer(x); x[:] = 0; layer.backward(g)` gives a zero weight gradient" in text
+        assert "Copy first" in text
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    g = rng.standard_normal((4, 2)).astype(np.float32)
+
+    layer = nn.Linear(3, 2, rng=0)           # the README's example: the input, zeroed
+    layer(x)
+    x[:] = 0
+    layer.backward(g)
+    assert np.array_equal(layer.weight.grad, np.zeros((2, 3), np.float32))
+    np.testing.assert_allclose(layer.bias.grad, g.sum(axis=0), rtol=1e-6)
+
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    fused = nn.Linear(3, 2, rng=0, activation="tanh")    # the fused activation's output
+    y = fused(x)
+    y[:] = 0                                             # tanh' = 1 - y² = 1: dY = g
+    fused.backward(g, input_grad=False)
+    np.testing.assert_allclose(fused.weight.grad, g.T @ x, rtol=1e-5, atol=1e-6)
+
+    for act, set_to, grad in [(nn.ReLU(), -1.0, np.zeros_like(g)),       # relu' = [y > 0]
+                              (nn.Sigmoid(), 0.5, 0.25 * g),            # σ' = y(1 - y)
+                              (nn.Tanh(), 0.0, g)]:                     # tanh' = 1 - y²
+        out = act(rng.standard_normal((4, 2)).astype(np.float32) + 3)   # the model's output,
+        out[:] = set_to                                                 # changed in place
+        np.testing.assert_allclose(act.backward(g), grad, rtol=1e-6, err_msg=repr(act))
