@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
+import numbers
+from collections.abc import Mapping
 
 import numpy as np
 
 from . import _trace
 from . import functional as F
-from ._arrays import asarray
+from ._arrays import asarray, to_numpy
 from ._backend import backend_for_device, device_of
-from ._checks import check_scalar
+from ._checks import check_scalar, describe
 from ._trace import op_range
 from .nn import Module, Parameter, _add_note
 
@@ -63,6 +65,65 @@ class Optimizer:
         for p in self.params:
             p.grad = None
 
+    # -- checkpoints ---------------------------------------------------------------------
+    _state_names: tuple[str, ...] = ()     # a parameter's state entries, all or none of them
+
+    def state_dict(self) -> dict:
+        """Each parameter's optimiser state as NumPy copies, keyed ``"{i}.{name}"`` with
+        ``i`` the parameter's position in ``params``: SGD's ``"0.momentum_buf"``, Adam's
+        ``"0.exp_avg"``, ``"0.exp_avg_sq"`` and ``"0.step"`` (its step count, a 0-d int64).
+        A parameter not yet stepped has no entries. Safe to keep, and to save with
+        ``np.savez(path, **opt.state_dict())``. The hyperparameters are not in it: they are
+        the constructor's arguments (as the model's are not in ``Module.state_dict``)."""
+        out = {}
+        for i, p in enumerate(self.params):
+            for name, value in self.state[id(p)].items():
+                if name == "step":
+                    value = np.array(int(value), dtype=np.int64)   # a device count: a sync
+                else:
+                    value = np.array(to_numpy(value), copy=True)
+                out[f"{i}.{name}"] = value
+        return out
+
+    def load_state_dict(self, state) -> "Optimizer":
+        """Take the state ``state_dict()`` gave (or ``np.load`` of a file it was saved to),
+        in the parameters' dtype and on their device. Every key, shape and value is checked
+        before anything changes; an error names the key. A parameter without entries starts
+        afresh (as one never stepped). Buffers that exist already are overwritten in place,
+        so a CUDA graph captured with this optimiser (``capture_train_step``) replays with
+        the loaded state."""
+        where = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{where}: state must be a mapping (as state_dict() returns), got "
+                            f"{type(state).__name__}")
+        grouped: dict[int, dict] = {}
+        for key in state:
+            index, _, name = str(key).partition(".")
+            if (not isinstance(key, str) or not index.isdigit() or name not in self._state_names
+                    or int(index) >= len(self.params)):
+                raise ValueError(
+                    f"{where}: unexpected key {key!r}; expected '<i>.<name>' with i the index "
+                    f"of one of the {len(self.params)} parameters and name one of "
+                    f"{list(self._state_names)}")
+            grouped.setdefault(int(index), {})[name] = state[key]
+        new: dict[int, dict] = {}
+        for i, entries in sorted(grouped.items()):
+            missing = [n for n in self._state_names if n not in entries]
+            if missing:
+                raise ValueError(f"{where}: parameter {i} has {sorted(entries)} but not "
+                                 f"{missing}; its entries come together")
+            p = self.params[i]
+            new[i] = {name: (_loaded_step(where, f"{i}.{name}", value) if name == "step"
+                             else _loaded_buffer(where, f"{i}.{name}", value, p))
+                      for name, value in entries.items()}
+        for i, p in enumerate(self.params):          # only now: all or nothing
+            old, loaded = self.state[id(p)], new.get(i, {})
+            for name in [n for n in old if n not in loaded]:
+                del old[name]
+            for name, value in loaded.items():
+                _put(old, name, value)
+        return self
+
     def step(self) -> None:
         """Update every parameter that has a gradient. All of them are checked first: a step
         that raises (a gradient of the wrong dtype or shape, a hyper-parameter set out of
@@ -110,12 +171,60 @@ class Optimizer:
         return buf
 
 
+def _loaded_buffer(where, key, value, p):
+    """``value`` as an own C-contiguous array of p's shape, dtype and device."""
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        raise TypeError(f"{where}: key {key!r} holds {describe(value)}, not an array")
+    if tuple(value.shape) != p.shape:
+        raise ValueError(f"{where}: key {key!r} has shape {tuple(value.shape)}, expected "
+                         f"{p.shape}, the shape of parameter {key.split('.')[0]} "
+                         f"({describe(value)})")
+    if np.dtype(value.dtype).kind != "f" or isinstance(value, np.ma.MaskedArray):
+        raise TypeError(f"{where}: key {key!r} must be a float array (not masked), got "
+                        f"{describe(value)}")
+    try:
+        converted = asarray(value, device=p.device, dtype=p.dtype)
+    except ValueError:
+        raise ValueError(f"{where}: key {key!r} holds values beyond {p.dtype}'s range (they "
+                         f"would become inf): {describe(value)}") from None
+    return backend_for_device(p.device).xp.array(converted, order="C", copy=True)
+
+
+def _loaded_step(where, key, value) -> int:
+    """A step count: a whole number >= 0, as a Python int or a 0-d array."""
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    elif hasattr(value, "shape") and tuple(value.shape) == ():   # a 0-d device array
+        value = to_numpy(value)[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{where}: key {key!r} must be a step count, a whole number >= 0 "
+                         f"(an int or a 0-d integer array), got {value!r}")
+    return int(value)
+
+
+def _put(state: dict, name: str, value) -> None:
+    """state[name] = value, into the array already there where it has the same shape, dtype
+    and device (a captured graph keeps reading it); a device step counter takes the count."""
+    old = state.get(name)
+    if name == "step":
+        if old is not None and not isinstance(old, (int, np.integer)):
+            old[...] = value                    # capturable Adam's 0-d counter
+        else:
+            state[name] = value
+    elif (old is not None and tuple(old.shape) == tuple(value.shape)
+          and old.dtype == value.dtype and device_of(old) == device_of(value)):
+        old[...] = value
+    else:
+        state[name] = value
+
+
 class SGD(Optimizer):
     """``g = grad + weight_decay·p``; with momentum, ``buf = momentum·buf + g`` and
     ``g = buf``; ``p -= lr·g`` (PyTorch's SGD without dampening or Nesterov)."""
 
     _range = "sgd.step"
     _hyperparameters = ("lr", "momentum", "weight_decay")
+    _state_names = ("momentum_buf",)
 
     def __init__(self, params, lr, momentum=0.0, weight_decay=0.0):
         super().__init__(params)
@@ -142,6 +251,7 @@ class Adam(Optimizer):
 
     _range = "adam.step"
     _hyperparameters = ("lr", "betas", "eps", "weight_decay", "capturable")
+    _state_names = ("exp_avg", "exp_avg_sq", "step")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  capturable=False):

@@ -520,3 +520,36 @@ def test_capturable_adam_replays_equal_eager_steps(cp, dtype):
                                        rtol=1e-5 if dtype == "float32" else 1e-12, atol=0)
     for p in models[0].parameters():
         assert int(graph_opt.state[id(p)]["step"]) == len(batches)
+
+
+@pytest.mark.gpu
+def test_an_optimiser_state_loaded_after_capture_is_what_the_replays_use(cp):
+    """Capture a capturable Adam step, then load a checkpoint (another run's moments and
+    step count) into its optimiser: the load writes into the captured buffers, so the
+    replays must equal eager steps of an optimiser given the same checkpoint, bitwise. Fails
+    if load_state_dict swapped in new arrays (the graph would go on with the old state)."""
+    batches = on_gpu(host_batches(5, "xent"))
+    donor, graph_model, eager_model = (build_model("cuda") for _ in range(3))
+    donor_opt = optim.Adam(donor.parameters(), lr=1e-2, capturable=True)
+    loss_fn = nn.CrossEntropyLoss()
+    for x, y in batches[:3]:                      # the checkpoint: 3 steps of another run
+        donor_opt.zero_grad()
+        loss_fn(donor(x), y)
+        donor.backward(loss_fn.backward())
+        donor_opt.step()
+    checkpoint = donor_opt.state_dict()
+    graph_opt = optim.Adam(graph_model.parameters(), lr=1e-2, capturable=True)
+    eager_opt = optim.Adam(eager_model.parameters(), lr=1e-2, capturable=True)
+    step = cugrad.capture_train_step(graph_model, nn.CrossEntropyLoss(), graph_opt, *batches[0])
+    graph_opt.load_state_dict(checkpoint)
+    eager_opt.load_state_dict(checkpoint)
+    eager_loss = nn.CrossEntropyLoss()
+    for i, (x, y) in enumerate(batches[3:]):
+        step(x, y)
+        eager_opt.zero_grad()
+        eager_loss(eager_model(x), y)
+        eager_model.backward(eager_loss.backward())
+        eager_opt.step()
+        for p, q in zip(graph_model.parameters(), eager_model.parameters()):
+            assert np.array_equal(host(p.data), host(q.data)), f"step {i}: replay != eager"
+    assert all(int(v) == 5 for k, v in graph_opt.state_dict().items() if k.endswith(".step"))

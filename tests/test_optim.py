@@ -1,11 +1,16 @@
 """Optimiser steps against PyTorch's update rules, written out in float64."""
 
+import re
+
 import numpy as np
 import pytest
 
 import cugrad.functional as F
 from cugrad import nn, optim
-from conftest import randn, rel_err
+from cugrad._arrays import to_numpy
+from conftest import BackendCase, randn, rel_err
+
+BackendCaseCPU = BackendCase("numpy", "cpu")
 
 
 def sgd_reference(p, grads, lr, momentum, wd):
@@ -276,3 +281,136 @@ def test_an_optimiser_refuses_a_subnormal_weight_decay_for_float32_parameters():
         opt.step()
     for p, b in zip(layer.parameters(), before):
         np.testing.assert_array_equal(p.data, b)
+
+
+# ------------------------------------------------------------------ optimiser checkpoints
+
+_CHECKPOINTED = {
+    "sgd": lambda ps: optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),
+    "adam": lambda ps: optim.Adam(ps, lr=1e-2, weight_decay=0.01),
+    "adam_capturable": lambda ps: optim.Adam(ps, lr=1e-2, capturable=True),
+}
+
+
+def _ckpt_model(backend, seed):
+    return nn.Sequential(nn.Linear(5, 7, rng=seed), nn.Tanh(), nn.Linear(7, 3, rng=seed + 1)).to(
+        backend.device)
+
+
+def _ckpt_steps(backend, model, opt, rng, n):
+    for _ in range(n):
+        x = backend.put(rng.standard_normal((6, 5)).astype(np.float32))
+        opt.zero_grad()
+        model(x)
+        model.backward(backend.put(rng.standard_normal((6, 3)).astype(np.float32)),
+                       input_grad=False)
+        opt.step()
+
+
+@pytest.mark.parametrize("kind", sorted(_CHECKPOINTED))
+def test_a_run_resumed_from_a_checkpoint_is_bitwise_the_run_that_went_on(backend, kind, tmp_path):
+    """Train 3 steps, save the model and the optimiser (np.savez of state_dict()), train 3
+    more; a fresh model and optimiser loaded from the files and trained on the same 3 batches
+    must end bitwise equal. Fails if the state misses a buffer or the step count (Adam's
+    bias correction would restart), or loads into the wrong parameter."""
+    make = _CHECKPOINTED[kind]
+    model = _ckpt_model(backend, 0)
+    opt = make(model.parameters())
+    _ckpt_steps(backend, model, opt, np.random.default_rng(1), 3)
+    model.save(tmp_path / "model.npz")
+    np.savez(tmp_path / "optim.npz", **opt.state_dict())
+    names = sorted(opt.state_dict())
+    per_param = {"sgd": ["momentum_buf"], "adam": ["exp_avg", "exp_avg_sq", "step"]}[kind[:4].rstrip("_")]
+    assert names == sorted(f"{i}.{n}" for i in range(4) for n in per_param), names
+    if kind.startswith("adam"):
+        assert all(int(opt.state_dict()[f"{i}.step"]) == 3 for i in range(4))
+    _ckpt_steps(backend, model, opt, np.random.default_rng(2), 3)
+
+    resumed = _ckpt_model(backend, 10).load(tmp_path / "model.npz")
+    opt2 = make(resumed.parameters())
+    with np.load(tmp_path / "optim.npz") as saved:
+        opt2.load_state_dict(saved)
+    _ckpt_steps(backend, resumed, opt2, np.random.default_rng(2), 3)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert np.array_equal(to_numpy(a), to_numpy(b)), name
+    for key, value in opt.state_dict().items():
+        assert np.array_equal(value, opt2.state_dict()[key]), key
+
+
+def test_state_dict_holds_copies_and_loading_overwrites_buffers_in_place(backend):
+    """The state_dict's arrays are the caller's (changing them changes no buffer), and a load
+    writes into the buffers already there (a captured CUDA graph reads those): fails if
+    either is a reference to the other or a load swaps the arrays."""
+    model = _ckpt_model(backend, 0)
+    opt = optim.Adam(model.parameters(), capturable=True)
+    _ckpt_steps(backend, model, opt, np.random.default_rng(1), 2)
+    state = opt.state_dict()
+    before = {k: v.copy() for k, v in state.items()}
+    for v in state.values():
+        v[...] = 0
+    assert all(np.array_equal(opt.state_dict()[k], before[k]) for k in before)
+    held = {name: buf for name, buf in opt.state[id(opt.params[0])].items()}
+    opt.load_state_dict({**before, "0.step": np.int64(7), "0.exp_avg": before["0.exp_avg"] + 1})
+    after = opt.state[id(opt.params[0])]
+    assert all(after[name] is held[name] for name in held)
+    assert int(to_numpy(after["step"])) == 7
+    assert np.array_equal(to_numpy(after["exp_avg"]), before["0.exp_avg"] + 1)
+
+
+def test_loading_into_a_new_optimiser_and_dropping_state():
+    """A load into an optimiser that has no state yet creates it (float64 data converted to
+    the float32 parameters); a parameter without entries in the loaded state starts afresh."""
+    model = _ckpt_model(BackendCaseCPU, 0)
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    p0 = model.parameters()[0]
+    opt.load_state_dict({"0.momentum_buf": np.ones(p0.shape)})
+    buf = opt.state[id(p0)]["momentum_buf"]
+    assert buf.dtype == np.float32 and buf.flags.c_contiguous and np.all(buf == 1)
+    _ckpt_steps(BackendCaseCPU, model, opt, np.random.default_rng(0), 1)
+    assert len(opt.state_dict()) == 4
+    opt.load_state_dict({})
+    assert opt.state_dict() == {} and all(not s for s in opt.state.values())
+
+
+def _bad_states(opt):
+    good = opt.state_dict()
+    return {
+        "unknown name": ({**good, "0.velocity": good["0.exp_avg"]}, ValueError, "'0.velocity'"),
+        "index out of range": ({**good, "4.exp_avg": good["0.exp_avg"]}, ValueError, "'4.exp_avg'"),
+        "not an index": ({**good, "w.exp_avg": good["0.exp_avg"]}, ValueError, "'w.exp_avg'"),
+        "not a str": ({**good, 0: good["0.exp_avg"]}, ValueError, "unexpected key 0"),
+        "a partner missing": ({k: v for k, v in good.items() if k != "1.step"}, ValueError,
+                              "parameter 1 has"),
+        "wrong shape": ({**good, "1.exp_avg": good["1.exp_avg"].reshape(1, -1)}, ValueError,
+                        "'1.exp_avg' has shape"),
+        "not an array": ({**good, "2.exp_avg_sq": [[0.0]]}, TypeError, "'2.exp_avg_sq'"),
+        "int buffer": ({**good, "2.exp_avg": good["2.exp_avg"].astype(np.int64)}, TypeError, "'2.exp_avg'"),
+        "beyond float32": ({**good, "3.exp_avg": np.full(good["3.exp_avg"].shape, 1e300)},
+                           ValueError, "beyond float32"),
+        "negative step": ({**good, "3.step": np.int64(-1)}, ValueError, "'3.step'"),
+        "fractional step": ({**good, "3.step": 2.5}, ValueError, "'3.step'"),
+        "bool step": ({**good, "3.step": True}, ValueError, "'3.step'"),
+        "step as a vector": ({**good, "3.step": np.array([3])}, ValueError, "'3.step'"),
+        "not a mapping": ([("0.step", 1)], TypeError, "mapping"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown name", "index out of range", "not an index",
+                                  "not a str", "a partner missing", "wrong shape",
+                                  "not an array", "int buffer", "beyond float32",
+                                  "negative step", "fractional step", "bool step",
+                                  "step as a vector", "not a mapping"])
+def test_a_bad_optimiser_state_is_refused_naming_the_key_and_changes_nothing(case):
+    """Each bad entry (a key no parameter has, a missing partner of Adam's three entries, a
+    wrong shape, dtype or range, a step count that is not a whole number >= 0): fails unless
+    the load raises naming the key and the optimiser's state is as before."""
+    model = _ckpt_model(BackendCaseCPU, 0)
+    opt = optim.Adam(model.parameters())
+    _ckpt_steps(BackendCaseCPU, model, opt, np.random.default_rng(0), 1)
+    state, exc, words = _bad_states(opt)[case]
+    before = opt.state_dict()
+    with pytest.raises(exc, match=re.escape(words)):
+        opt.load_state_dict(state)
+    after = opt.state_dict()
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
