@@ -179,7 +179,8 @@ def main(argv=None) -> int:
 
     flops = step_flops(batch, widths)       # the GEMMs computed: no dX for the first layer
     per_step = elapsed / max(args.steps, 1)
-    print(f"{args.config} MLP {widths}, batch {batch}, {args.device}"
+    label = "custom" if args.widths else args.config      # --widths replaces the config's
+    print(f"{label} MLP {widths}, batch {batch}, {args.device}"
           f"{' (fused ReLU)' if args.fused else ''}: {args.steps} steps, "
           f"{per_step * 1e3:.3f} ms/step, {flops / per_step / 1e12:.2f} TFLOP/s (GEMMs), "
           f"loss {float(cugrad.to_numpy(loss)):.4f}")

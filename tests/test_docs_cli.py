@@ -394,6 +394,8 @@ def test_train_mlp_tflops_count_the_products_that_ran(monkeypatch, capsys, args)
     assert counted[0] > 0
     assert "1000.00 TFLOP/s (GEMMs)" in out, out
     assert mlp.step_flops(batch, widths) == counted[0]
+    # the label is the configuration's, or "custom" where --widths replaced its widths
+    assert out.startswith(f"small MLP {widths}" if "--config" in args else f"custom MLP {widths}"), out
 
 
 BENCH_QUICK = {"bench_numpy_step.py": ["--batch", "4", "--sizes", "8,5,3", "--repeats", "5"],
