@@ -657,6 +657,39 @@ def test_cross_entropy_special_values(cpu, rng, dtype, reduction):
             assert (grad[3] == 0).all(), grad[3]
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_probability_rows_that_do_not_sum_to_one(cpu, dtype, reduction):
+    """Target rows summing to 1.5, 0.5 and 0 on ordinary logits: the loss is
+    Σt·logsumexp(z) − Σt·z and the gradient softmax·Σt − t (MATH.md). Fails if the kernel
+    assumes Σt = 1 (log1p(s−1) − Σt·z, or e − t off the max: found surviving by a mutation
+    probe, the special-values test's zero row sits where both forms give 0)."""
+    z = np.asarray([[0.0, 1.0, 2.0, -0.5], [0.5, -1.0, 3.0, 0.25], [1.0, 0.0, -2.0, 0.5],
+                    [0.3, 0.3, -0.7, 1.1]], dtype)
+    t = np.asarray([[0.5, 0.5, 0.5, 0.0], [0.1, 0.1, 0.2, 0.1], [0.0, 0.0, 0.0, 0.0],
+                    [0.25, 0.25, 0.25, 0.25]], dtype)
+    loss_ref, grad_ref = xent64(z.astype(np.float64), t.astype(np.float64), reduction)
+    loss, grad = on_cpu(cpu, "cross_entropy_fwd_bwd", z, t, reduction)
+    check_scalar(loss, loss_ref, dtype)
+    check(grad, grad_ref, NP["cross_entropy_backward"](z, t, reduction), dtype, "elementwise")
+    assert (grad[2] == 0).all(), grad[2]
+
+
+def test_a_long_row_with_a_constant_probability_target_keeps_its_accuracy(cpu):
+    """One float32 row of 1,000,003 logits and the constant target 1/C: a constant target
+    makes each lane's plain running sums of t and t·z err in one direction (1.4e-4 loss,
+    3.2e-4 gradient relative error without the compensation, 2e-4 with its sign flipped;
+    a random target hides both). Fails unless loss and gradient are within MATH.md §7."""
+    skip_large_under_tsan()
+    c = 1_000_003
+    z = np.random.default_rng(1).uniform(-1, 1, (1, c)).astype(np.float32)
+    t = np.full((1, c), 1.0 / c, np.float32)
+    loss_ref, grad_ref = xent64(z.astype(np.float64), t.astype(np.float64), "sum")
+    loss, grad = on_cpu(cpu, "cross_entropy_fwd_bwd", z, t, "sum")
+    assert rel_err(np.asarray(loss), loss_ref) <= tol(F32, "product")
+    assert rel_err(grad, grad_ref) <= tol(F32, "elementwise")
+
+
 @pytest.mark.parametrize("target", ["index", "probs"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_nonfinite_like_numpy(cpu, dtype, target):
