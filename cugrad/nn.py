@@ -232,6 +232,21 @@ class Module:
             if isinstance(value, Module):
                 yield name, value
 
+    def children(self) -> Iterator["Module"]:
+        """The modules held directly (PyTorch's name)."""
+        for _, m in self.named_children():
+            yield m
+
+    def named_modules(self) -> Iterator[tuple[str, "Module"]]:
+        """(dotted path, module) for this module ("") and every module below it, parents
+        first (PyTorch's order)."""
+        for path, m in _module_tree(self, ""):
+            yield path[1:], m
+
+    def modules(self) -> Iterator["Module"]:
+        for _, m in self.named_modules():
+            yield m
+
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
         """(dotted name, Parameter) pairs: the module's own Parameters first (in attribute
         order), then each child's in turn, recursively (PyTorch's order); a Parameter held

@@ -367,3 +367,22 @@ def test_reprs_show_a_user_modules_children_and_an_optimisers_settings():
         "SGD(lr=0.1, momentum=0.9, weight_decay=0.0; 2 parameters)"
     assert repr(optim.Adam(params[:1])) == ("Adam(lr=0.001, betas=(0.9, 0.999), eps=1e-08, "
                                             "weight_decay=0.0, capturable=False; 1 parameter)")
+
+
+def test_children_and_modules_walk_the_tree_in_pytorchs_order():
+    """Fails unless children() lists the direct submodules and (named_)modules() the whole
+    tree, parents first, with dotted paths (the names named_parameters() uses)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4, rng=0)
+            self.body = nn.Sequential(nn.ReLU(), nn.Linear(4, 2, rng=1))
+
+    net = Net()
+    assert list(net.children()) == [net.fc, net.body]
+    assert [(name, type(m).__name__) for name, m in net.named_modules()] == [
+        ("", "Net"), ("fc", "Linear"), ("body", "Sequential"), ("body.0", "ReLU"),
+        ("body.1", "Linear")]
+    assert list(net.modules())[0] is net and len(list(net.modules())) == 5
+    assert {n.rsplit(".", 1)[0] for n, _ in net.named_parameters()} <= {
+        n for n, _ in net.named_modules()}
