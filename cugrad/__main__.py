@@ -68,11 +68,17 @@ COMMANDS = {"demo": "train an MLP on handwritten digits (GPU if available)",
 def main(argv=None) -> int:
     """The command line; exit status 141 (128 + SIGPIPE), quietly, when whoever reads stdout
     closes it early (`python -m cugrad --help | head -1`)."""
+    # stdout is flushed here, where a closed pipe can be told apart, not at exit; only on the
+    # way out of a command that ended normally (returned, or argparse's exit): an error's
+    # traceback must not be replaced by the broken pipe it then meets.
     try:
         try:
-            return _main(argv)
-        finally:
-            sys.stdout.flush()        # buffered output meets a closed pipe here, not at exit
+            status = _main(argv)
+        except SystemExit:
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()
+        return status
     except BrokenPipeError:
         if not _stdout_is_closed():
             raise                     # another pipe broke (a worker's): a real error

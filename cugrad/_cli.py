@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 
@@ -59,8 +60,19 @@ def new_file(suffix: str):
 
 
 def _cannot_write(path: Path) -> str:
-    """Why ``path`` cannot be written ("" if it can), found by opening it: appending to an
-    existing file (nothing is written), else creating it and removing it at once."""
+    """Why ``path`` cannot be written ("" if it can). Its folder must be writable (results
+    are written beside the name and renamed over it). A new name is created and removed at
+    once (this finds read-only and pseudo file systems, /proc); an existing regular file is
+    opened for appending (nothing is written); anything else that exists (a FIFO, a device,
+    a dangling link) is only asked about (``os.access``): opening a FIFO would block, or
+    hand its reader an early end of file."""
+    folder = path.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder '{folder}' is not writable"
+    if os.path.lexists(path) and not path.is_file():
+        if path.is_symlink() and not path.exists():         # dangling: its target is made
+            return ""
+        return "" if os.access(path, os.W_OK) else "permission denied"
     existed = path.exists()
     try:
         with open(path, "ab" if existed else "xb"):

@@ -61,10 +61,11 @@ class Parameter:
 
     def __array__(self, dtype=None, copy=None):
         """``np.asarray(param)`` is its data (a 0-d object array before); GPU data raises
-        CuPy's TypeError, as ``np.asarray`` of a CuPy array does: use ``cugrad.to_numpy``."""
-        if copy:
-            return np.array(self.data, dtype=dtype, copy=True)
-        return np.asarray(self.data, dtype=dtype)
+        CuPy's TypeError, as ``np.asarray`` of a CuPy array does: use ``cugrad.to_numpy``.
+        ``copy`` as NumPy's: True always copies, False never does (ValueError if it must)."""
+        if copy is None:
+            return np.asarray(self.data, dtype=dtype)
+        return np.array(self.data, dtype=dtype, copy=copy)
 
     def accumulate(self, grad) -> None:
         """Add ``grad`` to ``.grad``: the first gradient after ``zero_grad`` is stored as a
@@ -176,14 +177,18 @@ class Module:
         self._device = "cpu"
         self._saved = None
 
+    _parameter_slots: tuple[str, ...] = ()   # attributes that hold a Parameter or None
+
     def __setattr__(self, name, value):
-        # A Parameter's slot takes a Parameter (or None): an array put there would drop out
-        # of parameters() and state_dict() without a word and fail later in another op.
+        # A Parameter's slot (one holding a Parameter now, or declared) takes a Parameter or
+        # None: an array put there would drop out of parameters() and state_dict() without a
+        # word and fail later in another op.
         if (value is not None and not isinstance(value, Parameter)
-                and isinstance(self.__dict__.get(name), Parameter)):
+                and (isinstance(self.__dict__.get(name), Parameter)
+                     or name in self._parameter_slots)):
             raise TypeError(
-                f"{type(self).__name__}: cannot assign {describe(value)} to {name!r}, which "
-                f"holds a Parameter; expected a cugrad.nn.Parameter (or None). To change its "
+                f"{type(self).__name__}: cannot assign {describe(value)} to {name!r}, a "
+                f"Parameter's slot; expected a cugrad.nn.Parameter (or None). To change its "
                 f"values, assign to {name}.data (same shape and dtype) or copy into it")
         object.__setattr__(self, name, value)
 
@@ -458,6 +463,8 @@ class Linear(Module):
     ``activation`` ("sigmoid", "tanh", "relu"), a cugrad extension, fuses the activation
     into the same kernel (forward and backward)."""
 
+    _parameter_slots = ("weight", "bias")
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  device="cpu", dtype="float32", rng=None, activation=None):
         super().__init__()
@@ -672,8 +679,10 @@ class Sequential(Module):
 
     def _name_layers(self) -> None:
         """Name each layer by its index in this model ("0:Linear"), for its ranges and
-        messages; inside a Sequential that is itself a layer ("2:Sequential"), by its path
-        ("2.0:Linear"), so that no two layers of nested models share a name. Run at each
+        messages; inside a Sequential that is itself a layer of a Sequential ("2:Sequential"), by
+        its path ("2.0:Linear"), so that the layers of Sequentials nested directly in one
+        another have distinct names (a Sequential held by a user's module starts again at
+        "0:"; a model keeps the prefix of the last model that ran it). Run at each
         forward and backward, so a module shared with another Sequential carries the index
         it has in the one running it (an identity check per layer when nothing changed)."""
         head, colon, _ = self._range_name.partition(":")

@@ -67,6 +67,7 @@ class Optimizer:
 
     # -- checkpoints ---------------------------------------------------------------------
     _state_names: tuple[str, ...] = ()     # a parameter's state entries, all or none of them
+    _nonnegative_state: tuple[str, ...] = ()   # entries that cannot be negative
 
     def state_dict(self) -> dict:
         """Each parameter's optimiser state as NumPy copies, keyed ``"{i}.{name}"`` with
@@ -87,11 +88,13 @@ class Optimizer:
 
     def load_state_dict(self, state) -> "Optimizer":
         """Take the state ``state_dict()`` gave (or ``np.load`` of a file it was saved to),
-        in the parameters' dtype and on their device. Every key, shape and value is checked
-        before anything changes; an error names the key. A parameter without entries starts
-        afresh (as one never stepped). Buffers that exist already are overwritten in place,
+        in the parameters' dtype and on their device. Every key, shape, dtype and range is
+        checked before anything changes; an error names the key. A parameter without entries starts
+        afresh: its buffers are zeroed and its step count set to 0, in place (a first step
+        makes the same of absent ones). Buffers that exist already are overwritten in place,
         so a CUDA graph captured with this optimiser (``capture_train_step``) replays with
-        the loaded state."""
+        the loaded state. Values are checked for range (the parameters' dtype; Adam's
+        ``exp_avg_sq`` >= 0; a step count in int64)."""
         where = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state, Mapping):
             raise TypeError(f"{where}: state must be a mapping (as state_dict() returns), got "
@@ -99,7 +102,9 @@ class Optimizer:
         grouped: dict[int, dict] = {}
         for key in state:
             index, _, name = str(key).partition(".")
-            if (not isinstance(key, str) or not index.isdigit() or name not in self._state_names
+            canonical = (index.isascii() and index.isdigit()
+                         and (index == "0" or not index.startswith("0")))   # "00" is no alias
+            if (not isinstance(key, str) or not canonical or name not in self._state_names
                     or int(index) >= len(self.params)):
                 raise ValueError(
                     f"{where}: unexpected key {key!r}; expected '<i>.<name>' with i the index "
@@ -114,12 +119,15 @@ class Optimizer:
                                  f"{missing}; its entries come together")
             p = self.params[i]
             new[i] = {name: (_loaded_step(where, f"{i}.{name}", value) if name == "step"
-                             else _loaded_buffer(where, f"{i}.{name}", value, p))
+                             else _loaded_buffer(where, f"{i}.{name}", value, p,
+                                                 name in self._nonnegative_state))
                       for name, value in entries.items()}
         for i, p in enumerate(self.params):          # only now: all or nothing
             old, loaded = self.state[id(p)], new.get(i, {})
             for name in [n for n in old if n not in loaded]:
-                del old[name]
+                # A fresh start in place: zero buffers and step 0 are what a first step
+                # makes of absent ones, and a captured graph keeps the arrays it reads.
+                _put(old, name, 0 if name == "step" else None)
             for name, value in loaded.items():
                 _put(old, name, value)
         return self
@@ -171,7 +179,7 @@ class Optimizer:
         return buf
 
 
-def _loaded_buffer(where, key, value, p):
+def _loaded_buffer(where, key, value, p, nonnegative=False):
     """``value`` as an own C-contiguous array of p's shape, dtype and device."""
     if not (hasattr(value, "shape") and hasattr(value, "dtype")):
         raise TypeError(f"{where}: key {key!r} holds {describe(value)}, not an array")
@@ -187,6 +195,9 @@ def _loaded_buffer(where, key, value, p):
     except ValueError:
         raise ValueError(f"{where}: key {key!r} holds values beyond {p.dtype}'s range (they "
                          f"would become inf): {describe(value)}") from None
+    if nonnegative and bool((converted < 0).any()):
+        raise ValueError(f"{where}: key {key!r} holds negative values ({describe(value)}); "
+                         "a running mean of squares is >= 0 (its square root is taken)")
     return backend_for_device(p.device).xp.array(converted, order="C", copy=True)
 
 
@@ -196,17 +207,21 @@ def _loaded_step(where, key, value) -> int:
         value = value[()]
     elif hasattr(value, "shape") and tuple(value.shape) == ():   # a 0-d device array
         value = to_numpy(value)[()]
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{where}: key {key!r} must be a step count, a whole number >= 0 "
-                         f"(an int or a 0-d integer array), got {value!r}")
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
+            or not 0 <= value <= np.iinfo(np.int64).max):
+        raise ValueError(f"{where}: key {key!r} must be a step count, a whole number in "
+                         f"[0, 2**63 - 1] (an int or a 0-d integer array), got {value!r}")
     return int(value)
 
 
 def _put(state: dict, name: str, value) -> None:
     """state[name] = value, into the array already there where it has the same shape, dtype
-    and device (a captured graph keeps reading it); a device step counter takes the count."""
+    and device (a captured graph keeps reading it); a device step counter takes the count.
+    ``value`` None: zero the buffer there, in place."""
     old = state.get(name)
-    if name == "step":
+    if value is None:
+        old[...] = 0
+    elif name == "step":
         if old is not None and not isinstance(old, (int, np.integer)):
             old[...] = value                    # capturable Adam's 0-d counter
         else:
@@ -252,6 +267,7 @@ class Adam(Optimizer):
     _range = "adam.step"
     _hyperparameters = ("lr", "betas", "eps", "weight_decay", "capturable")
     _state_names = ("exp_avg", "exp_avg_sq", "step")
+    _nonnegative_state = ("exp_avg_sq",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  capturable=False):

@@ -1,5 +1,6 @@
 """The demo trains: > 95% test accuracy on the digits, and --plot writes the loss curve."""
 
+import os
 import io
 import sys
 from pathlib import Path
@@ -181,3 +182,26 @@ def test_new_file_write_check_leaves_no_trace(tmp_path):
     old = tmp_path / "old.png"
     old.write_bytes(b"kept")
     assert new_file(".png")(str(old)) == old and old.read_bytes() == b"kept"
+
+
+def test_new_file_takes_a_fifo_and_a_dangling_link_without_opening_them(tmp_path):
+    """A FIFO named as the output (a reader waiting on it) must not be opened by the check:
+    with no reader the open blocked the command line forever, with one the reader got an
+    early end of file. A dangling symlink is accepted (writing creates its target; the
+    check's exclusive create said "File exists")."""
+    import threading
+
+    from cugrad._cli import new_file
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    fifo = tmp_path / "out.png"
+    os.mkfifo(fifo)
+    result = []
+    t = threading.Thread(target=lambda: result.append(new_file(".png")(str(fifo))), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "the check blocked opening a FIFO"
+    assert result == [fifo]
+    link = tmp_path / "link.png"
+    link.symlink_to(tmp_path / "target.png")
+    assert new_file(".png")(str(link)) == link and not (tmp_path / "target.png").exists()

@@ -201,6 +201,29 @@ def test_a_closed_stdout_ends_quietly_with_141(args, buffered):
     assert proc.stderr == ""
 
 
+def test_an_error_is_not_hidden_by_a_closed_stdout():
+    """A command that raises while stdout's reader is gone: its traceback and status 1, not
+    a quiet 141 (a flush on the way out replaced the error with the broken pipe)."""
+    if os.name != "posix":
+        pytest.skip("needs POSIX pipes")
+    code = ("import sys, cugrad.__main__ as m\n"
+            "def info(argv=()):\n"
+            "    print('partial output')\n"
+            "    raise RuntimeError('the real error')\n"
+            "m.info = info\n"
+            "sys.exit(m.main(['info']))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONUNBUFFERED")}
+    env.update(PYTHONPATH=str(ROOT))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode != 141 and "RuntimeError: the real error" in proc.stderr, proc.stderr
+
+
 def test_a_broken_pipe_that_is_not_stdout_is_still_an_error():
     """A BrokenPipeError from another pipe (a worker process's) while stdout is open is a
     real failure: the traceback and a non-zero status, not a quiet 141."""

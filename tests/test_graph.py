@@ -553,3 +553,28 @@ def test_an_optimiser_state_loaded_after_capture_is_what_the_replays_use(cp):
         for p, q in zip(graph_model.parameters(), eager_model.parameters()):
             assert np.array_equal(host(p.data), host(q.data)), f"step {i}: replay != eager"
     assert all(int(v) == 5 for k, v in graph_opt.state_dict().items() if k.endswith(".step"))
+
+
+@pytest.mark.gpu
+def test_an_empty_optimiser_state_loaded_after_capture_restarts_the_replays(cp):
+    """After 2 replays, load_state_dict({}) (every parameter starts afresh): the next
+    replays must equal eager steps of a fresh SGD from the same weights. Fails if the load
+    dropped the buffers from the optimiser's dict while the graph kept its momentum."""
+    batches = on_gpu(host_batches(5, "xent"))
+    graph_model, eager_model = build_model("cuda"), build_model("cuda")
+    graph_opt = make_sgd(graph_model)
+    step = cugrad.capture_train_step(graph_model, nn.CrossEntropyLoss(), graph_opt, *batches[0])
+    for x, y in batches[:2]:
+        step(x, y)
+    graph_opt.load_state_dict({})
+    for p, q in zip(eager_model.parameters(), graph_model.parameters()):
+        cp.copyto(p.data, q.data)
+    eager_opt, eager_loss = make_sgd(eager_model), nn.CrossEntropyLoss()
+    for i, (x, y) in enumerate(batches[2:]):
+        step(x, y)
+        eager_opt.zero_grad()
+        eager_loss(eager_model(x), y)
+        eager_model.backward(eager_loss.backward())
+        eager_opt.step()
+        for p, q in zip(graph_model.parameters(), eager_model.parameters()):
+            assert np.array_equal(host(p.data), host(q.data)), f"step {i}: replay != eager"

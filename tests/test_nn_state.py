@@ -306,7 +306,7 @@ def test_an_array_assigned_to_a_parameter_slot_is_a_type_error():
     lin = nn.Linear(3, 2, rng=0)
     before = lin.weight
     for value in (np.ones((2, 3), f32), [[1.0] * 3] * 2, 0.5):
-        with pytest.raises(TypeError, match=r"Linear: cannot assign .* to 'weight', which holds a Parameter"):
+        with pytest.raises(TypeError, match=r"Linear: cannot assign .* to 'weight', a Parameter's slot"):
             lin.weight = value
         assert lin.weight is before and [n for n, _ in lin.named_parameters()] == ["weight", "bias"]
     other = nn.Linear(3, 2, rng=1)
@@ -317,6 +317,13 @@ def test_an_array_assigned_to_a_parameter_slot_is_a_type_error():
     assert lin(np.ones((4, 3), f32)).shape == (4, 2)
     lin.extra = np.ones(2)                          # not a Parameter slot: a plain attribute
     assert [n for n, _ in lin.named_parameters()] == ["weight"]
+    # a declared slot holding None (bias=False, or set to None) takes a Parameter only
+    for layer in (lin, nn.Linear(3, 2, bias=False)):
+        with pytest.raises(TypeError, match=r"to 'bias', a Parameter's slot"):
+            layer.bias = np.full(2, 5.0, f32)
+        assert layer.bias is None
+    lin.bias = nn.Parameter(np.zeros(2, f32))
+    assert [n for n, _ in lin.named_parameters()] == ["weight", "bias"]
 
 
 def test_a_linear_input_of_the_wrong_width_is_named_in_the_layers_terms():
@@ -341,6 +348,10 @@ def test_numpy_asarray_of_a_parameter_is_its_data():
     assert np.asarray(p, dtype=np.float64).dtype == np.float64
     c = np.array(p, copy=True)
     assert np.array_equal(c, p.data) and not np.shares_memory(c, p.data)
+    if np.lib.NumpyVersion(np.__version__) >= "2.0.0":      # copy=False: never a copy
+        assert np.shares_memory(np.array(p, copy=False), p.data)
+        with pytest.raises(ValueError):
+            np.array(p, dtype=np.float64, copy=False)
 
 
 def test_reprs_show_a_user_modules_children_and_an_optimisers_settings():

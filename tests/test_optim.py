@@ -368,8 +368,16 @@ def test_loading_into_a_new_optimiser_and_dropping_state():
     assert buf.dtype == np.float32 and buf.flags.c_contiguous and np.all(buf == 1)
     _ckpt_steps(BackendCaseCPU, model, opt, np.random.default_rng(0), 1)
     assert len(opt.state_dict()) == 4
-    opt.load_state_dict({})
-    assert opt.state_dict() == {} and all(not s for s in opt.state.values())
+    held = opt.state[id(p0)]["momentum_buf"]
+    opt.load_state_dict({})                 # a fresh start: zero buffers, in place
+    assert opt.state[id(p0)]["momentum_buf"] is held
+    assert all(not v.any() for v in opt.state_dict().values())
+    adam = optim.Adam(model.parameters(), capturable=True)
+    _ckpt_steps(BackendCaseCPU, model, adam, np.random.default_rng(0), 2)
+    counter = adam.state[id(p0)]["step"]
+    adam.load_state_dict({})
+    assert adam.state[id(p0)]["step"] is counter and int(counter) == 0
+    assert all(not v.any() for v in adam.state_dict().values())
 
 
 def _bad_states(opt):
@@ -391,6 +399,12 @@ def _bad_states(opt):
         "fractional step": ({**good, "3.step": 2.5}, ValueError, "'3.step'"),
         "bool step": ({**good, "3.step": True}, ValueError, "'3.step'"),
         "step as a vector": ({**good, "3.step": np.array([3])}, ValueError, "'3.step'"),
+        "step past int64": ({**good, "3.step": 2**63}, ValueError, "'3.step'"),
+        "negative moment": ({**good, "2.exp_avg_sq": -good["2.exp_avg_sq"] - 1}, ValueError,
+                            "'2.exp_avg_sq' holds negative"),
+        "leading zero": ({**good, "00.exp_avg": good["0.exp_avg"]}, ValueError, "'00.exp_avg'"),
+        "non-ASCII digit": ({**good, "\u00b2.exp_avg": good["0.exp_avg"]}, ValueError,
+                            "unexpected key"),
         "not a mapping": ([("0.step", 1)], TypeError, "mapping"),
     }
 
@@ -399,7 +413,8 @@ def _bad_states(opt):
                                   "not a str", "a partner missing", "wrong shape",
                                   "not an array", "int buffer", "beyond float32",
                                   "negative step", "fractional step", "bool step",
-                                  "step as a vector", "not a mapping"])
+                                  "step as a vector", "step past int64", "negative moment",
+                                  "leading zero", "non-ASCII digit", "not a mapping"])
 def test_a_bad_optimiser_state_is_refused_naming_the_key_and_changes_nothing(case):
     """Each bad entry (a key no parameter has, a missing partner of Adam's three entries, a
     wrong shape, dtype or range, a step count that is not a whole number >= 0): fails unless
