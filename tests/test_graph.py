@@ -222,6 +222,26 @@ def snapshot(model, opt):
             "buf": [host(opt.state[id(p)].get("momentum_buf")) for p in model.parameters()]}
 
 
+def eager_step(model, opt, loss_fn, x, y):
+    """One training step run op by op (what a captured step replays)."""
+    opt.zero_grad()
+    loss = loss_fn(model(x), y)
+    model.backward(loss_fn.backward())
+    opt.step()
+    return loss
+
+
+def assert_replays_match_eager(step, graph_model, eager_model, eager_opt, batches):
+    """Replay ``step`` and run an eager step on each batch: the parameters bitwise equal
+    after every one."""
+    eager_loss = nn.CrossEntropyLoss()
+    for i, (x, y) in enumerate(batches):
+        step(x, y)
+        eager_step(eager_model, eager_opt, eager_loss, x, y)
+        for p, q in zip(graph_model.parameters(), eager_model.parameters()):
+            assert np.array_equal(host(p.data), host(q.data)), f"step {i}: replay != eager"
+
+
 def assert_bitwise_equal(a, b, what):
     for i, (u, v) in enumerate(zip(a, b)):
         if u is None or v is None:
@@ -249,10 +269,7 @@ def test_replays_equal_eager_steps_bitwise(cp, loss, dtype):
     assert all(b is not None and not b.any() for b in after_capture["buf"])
 
     for i, (x, y) in enumerate(batches):
-        eager_opt.zero_grad()
-        expected = eager_loss(eager_model(x), y)
-        eager_model.backward(eager_loss.backward())
-        eager_opt.step()
+        expected = eager_step(eager_model, eager_opt, eager_loss, x, y)
         got = step(x, y)
         assert got.shape == () and got.dtype == np.dtype(dtype)
         assert host(got) == host(expected), f"loss of step {i}"
@@ -501,16 +518,10 @@ def test_capturable_adam_replays_equal_eager_steps(cp, dtype):
     for p in models[0].parameters():
         assert int(graph_opt.state[id(p)]["step"]) == 0, "warm-up steps were counted"
 
-    def eager(model, opt, loss_fn, x, y):
-        opt.zero_grad()
-        loss_fn(model(x), y)
-        model.backward(loss_fn.backward())
-        opt.step()
-
     for i, (x, y) in enumerate(batches):
         step(x, y)
-        eager(models[1], eager_opt, losses[1], x, y)
-        eager(models[2], host_opt, losses[2], x, y)
+        eager_step(models[1], eager_opt, losses[1], x, y)
+        eager_step(models[2], host_opt, losses[2], x, y)
         for p, q, r in zip(*(m.parameters() for m in models)):
             assert np.array_equal(host(p.data), host(q.data)), f"step {i}: replay != eager"
             for name in ("exp_avg", "exp_avg_sq"):
@@ -533,25 +544,14 @@ def test_an_optimiser_state_loaded_after_capture_is_what_the_replays_use(cp):
     donor_opt = optim.Adam(donor.parameters(), lr=1e-2, capturable=True)
     loss_fn = nn.CrossEntropyLoss()
     for x, y in batches[:3]:                      # the checkpoint: 3 steps of another run
-        donor_opt.zero_grad()
-        loss_fn(donor(x), y)
-        donor.backward(loss_fn.backward())
-        donor_opt.step()
+        eager_step(donor, donor_opt, loss_fn, x, y)
     checkpoint = donor_opt.state_dict()
     graph_opt = optim.Adam(graph_model.parameters(), lr=1e-2, capturable=True)
     eager_opt = optim.Adam(eager_model.parameters(), lr=1e-2, capturable=True)
     step = cugrad.capture_train_step(graph_model, nn.CrossEntropyLoss(), graph_opt, *batches[0])
     graph_opt.load_state_dict(checkpoint)
     eager_opt.load_state_dict(checkpoint)
-    eager_loss = nn.CrossEntropyLoss()
-    for i, (x, y) in enumerate(batches[3:]):
-        step(x, y)
-        eager_opt.zero_grad()
-        eager_loss(eager_model(x), y)
-        eager_model.backward(eager_loss.backward())
-        eager_opt.step()
-        for p, q in zip(graph_model.parameters(), eager_model.parameters()):
-            assert np.array_equal(host(p.data), host(q.data)), f"step {i}: replay != eager"
+    assert_replays_match_eager(step, graph_model, eager_model, eager_opt, batches[3:])
     assert all(int(v) == 5 for k, v in graph_opt.state_dict().items() if k.endswith(".step"))
 
 
@@ -569,12 +569,4 @@ def test_an_empty_optimiser_state_loaded_after_capture_restarts_the_replays(cp):
     graph_opt.load_state_dict({})
     for p, q in zip(eager_model.parameters(), graph_model.parameters()):
         cp.copyto(p.data, q.data)
-    eager_opt, eager_loss = make_sgd(eager_model), nn.CrossEntropyLoss()
-    for i, (x, y) in enumerate(batches[2:]):
-        step(x, y)
-        eager_opt.zero_grad()
-        eager_loss(eager_model(x), y)
-        eager_model.backward(eager_loss.backward())
-        eager_opt.step()
-        for p, q in zip(graph_model.parameters(), eager_model.parameters()):
-            assert np.array_equal(host(p.data), host(q.data)), f"step {i}: replay != eager"
+    assert_replays_match_eager(step, graph_model, eager_model, make_sgd(eager_model), batches[2:])
