@@ -343,41 +343,8 @@ class Module:
                             f"array (as state_dict() returns), got {type(state).__name__}")
         params = dict(self.named_parameters())
         _check_keys(params, state)
-        new = {}
-        for name, p in params.items():
-            value = state[name]
-            if not (hasattr(value, "shape") and hasattr(value, "dtype")):
-                raise TypeError(f"load_state_dict: key {name!r} holds {describe(value)}, not "
-                                "an array (state_dict() gives arrays); convert it with "
-                                "cugrad.asarray() or numpy.asarray()")
-            shape = tuple(getattr(value, "shape", ()))
-            if shape != p.shape:
-                raise ValueError(f"load_state_dict: key {name!r} has shape {shape}, expected "
-                                 f"{p.shape} ({describe(value)})")
-            dtype = getattr(value, "dtype", None)
-            if dtype is None or np.dtype(dtype).kind not in "fiu":
-                raise TypeError(f"load_state_dict: key {name!r} is not a numeric array "
-                                f"({describe(value)})")
-            if isinstance(value, np.ma.MaskedArray):
-                raise TypeError(f"load_state_dict: key {name!r} is a masked array "
-                                f"({describe(value)}); its mask would be lost: pass "
-                                "value.filled(...) or np.asarray(value)")
-            if isinstance(value, np.ndarray):
-                value = value.view(np.ndarray)          # np.matrix, memmap: plain arrays
-            # An own, C-contiguous array of the parameter's dtype and device, never a view
-            # of the caller's array (the optimisers update it in place).
-            xp = _backend.backend_for_device(p.device).xp
-            try:           # asarray refuses a value the dtype cannot hold (1e300 in
-                converted = asarray(value, device=p.device, dtype=p.dtype)  # float32, 1.5
-            except ValueError as exc:                                      # in int64)
-                if p.dtype.kind == "f":     # the one thing a float dtype refuses
-                    raise ValueError(f"load_state_dict: key {name!r} holds values beyond "
-                                     f"{p.dtype}'s range (they would become inf): "
-                                     f"{describe(value)}") from None
-                reason = str(exc).removeprefix("asarray: argument 'x' ")
-                raise ValueError(f"load_state_dict: key {name!r} {reason}") from None
-            cast = xp.array(converted, order="C", copy=True)
-            new[name] = cast
+        new = {name: _loaded_array("load_state_dict", name, state[name], p)
+               for name, p in params.items()}
         for name, p in params.items():          # only now: all or nothing
             p.data = new[name]
         return self
@@ -604,6 +571,37 @@ def _write_error(where: str, path: str, exc: OSError) -> OSError:
     """``exc`` told in terms of the file the caller named (the same OSError subclass)."""
     message = f"{where}: cannot write weights to {path!r}: {exc.strerror or exc}"
     return OSError(exc.errno, message) if exc.errno is not None else OSError(message)
+
+
+def _loaded_array(where: str, key, value, p: Parameter, kinds: str = "fiu"):
+    """``value``, a state entry for ``p``, as an own C-contiguous array of p's shape, dtype
+    and device, never a view of the caller's array (it is updated in place); ``kinds``: the
+    dtype kinds it may come in. TypeError or ValueError naming ``key`` otherwise."""
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        raise TypeError(f"{where}: key {key!r} holds {describe(value)}, not an array "
+                        "(state_dict() gives arrays); convert it with cugrad.asarray() or "
+                        "numpy.asarray()")
+    shape = tuple(value.shape)
+    if shape != p.shape:
+        raise ValueError(f"{where}: key {key!r} has shape {shape}, expected {p.shape} "
+                         f"({describe(value)})")
+    if np.dtype(value.dtype).kind not in kinds:
+        raise TypeError(f"{where}: key {key!r} is not a {'float' if kinds == 'f' else 'numeric'} "
+                        f"array ({describe(value)})")
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(f"{where}: key {key!r} is a masked array ({describe(value)}); its "
+                        "mask would be lost: pass value.filled(...) or np.asarray(value)")
+    if isinstance(value, np.ndarray):
+        value = value.view(np.ndarray)          # np.matrix, memmap: plain arrays
+    try:           # asarray refuses a value the dtype cannot hold (1e300 in float32, 1.5
+        converted = asarray(value, device=p.device, dtype=p.dtype)          # in int64)
+    except ValueError as exc:
+        if p.dtype.kind == "f":     # the one thing a float dtype refuses
+            raise ValueError(f"{where}: key {key!r} holds values beyond {p.dtype}'s range "
+                             f"(they would become inf): {describe(value)}") from None
+        reason = str(exc).removeprefix("asarray: argument 'x' ")
+        raise ValueError(f"{where}: key {key!r} {reason}") from None
+    return _backend.backend_for_device(p.device).xp.array(converted, order="C", copy=True)
 
 
 def _check_keys(params: dict, state, where: str = "load_state_dict") -> None:

@@ -14,7 +14,7 @@ from ._arrays import asarray, to_numpy
 from ._backend import backend_for_device, device_of
 from ._checks import check_scalar, describe
 from ._trace import op_range
-from .nn import Module, Parameter, _add_note
+from .nn import Module, Parameter, _add_note, _loaded_array
 
 __all__ = ["Optimizer", "SGD", "Adam"]
 
@@ -88,13 +88,13 @@ class Optimizer:
 
     def load_state_dict(self, state) -> "Optimizer":
         """Take the state ``state_dict()`` gave (or ``np.load`` of a file it was saved to),
-        in the parameters' dtype and on their device. Every key, shape, dtype and range is
-        checked before anything changes; an error names the key. A parameter without entries starts
+        in the parameters' dtype and on their device. Every key, shape, dtype and range (the
+        parameters' dtype; Adam's ``exp_avg_sq`` >= 0; a step count in int64) is checked
+        before anything changes; an error names the key. A parameter without entries starts
         afresh: its buffers are zeroed and its step count set to 0, in place (a first step
         makes the same of absent ones). Buffers that exist already are overwritten in place,
         so a CUDA graph captured with this optimiser (``capture_train_step``) replays with
-        the loaded state. Values are checked for range (the parameters' dtype; Adam's
-        ``exp_avg_sq`` >= 0; a step count in int64)."""
+        the loaded state."""
         where = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state, Mapping):
             raise TypeError(f"{where}: state must be a mapping (as state_dict() returns), got "
@@ -127,7 +127,10 @@ class Optimizer:
             for name in [n for n in old if n not in loaded]:
                 # A fresh start in place: zero buffers and step 0 are what a first step
                 # makes of absent ones, and a captured graph keeps the arrays it reads.
-                _put(old, name, 0 if name == "step" else None)
+                if name == "step":
+                    _put(old, name, 0)
+                else:
+                    old[name][...] = 0
             for name, value in loaded.items():
                 _put(old, name, value)
         return self
@@ -180,25 +183,13 @@ class Optimizer:
 
 
 def _loaded_buffer(where, key, value, p, nonnegative=False):
-    """``value`` as an own C-contiguous array of p's shape, dtype and device."""
-    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
-        raise TypeError(f"{where}: key {key!r} holds {describe(value)}, not an array")
-    if tuple(value.shape) != p.shape:
-        raise ValueError(f"{where}: key {key!r} has shape {tuple(value.shape)}, expected "
-                         f"{p.shape}, the shape of parameter {key.split('.')[0]} "
-                         f"({describe(value)})")
-    if np.dtype(value.dtype).kind != "f" or isinstance(value, np.ma.MaskedArray):
-        raise TypeError(f"{where}: key {key!r} must be a float array (not masked), got "
-                        f"{describe(value)}")
-    try:
-        converted = asarray(value, device=p.device, dtype=p.dtype)
-    except ValueError:
-        raise ValueError(f"{where}: key {key!r} holds values beyond {p.dtype}'s range (they "
-                         f"would become inf): {describe(value)}") from None
-    if nonnegative and bool((converted < 0).any()):
+    """``value`` as an own C-contiguous float array of p's shape, dtype and device;
+    ``nonnegative``: no element below 0."""
+    buf = _loaded_array(where, key, value, p, kinds="f")
+    if nonnegative and bool((buf < 0).any()):
         raise ValueError(f"{where}: key {key!r} holds negative values ({describe(value)}); "
                          "a running mean of squares is >= 0 (its square root is taken)")
-    return backend_for_device(p.device).xp.array(converted, order="C", copy=True)
+    return buf
 
 
 def _loaded_step(where, key, value) -> int:
@@ -216,12 +207,9 @@ def _loaded_step(where, key, value) -> int:
 
 def _put(state: dict, name: str, value) -> None:
     """state[name] = value, into the array already there where it has the same shape, dtype
-    and device (a captured graph keeps reading it); a device step counter takes the count.
-    ``value`` None: zero the buffer there, in place."""
+    and device (a captured graph keeps reading it); a device step counter takes the count."""
     old = state.get(name)
-    if value is None:
-        old[...] = 0
-    elif name == "step":
+    if name == "step":
         if old is not None and not isinstance(old, (int, np.integer)):
             old[...] = value                    # capturable Adam's 0-d counter
         else:

@@ -27,7 +27,8 @@ How nested ranges are counted (the same convention as PyTorch's profiler):
   *total %* column does not sum to 100 %.
 * **self**: total less the time of the ranges directly inside it (on its clock: a
   device range inside a host range inside a device range counts against the outer
-  device range). Every instant of profiled time belongs to exactly one range's self time, so **self % sums to 100 %**:
+  device range). Every instant of profiled time belongs to exactly one range's self
+  time, so **self % sums to 100 %**:
   it is the column that answers "where does the time go".
 * **profiled time**, the base of both percentages: the sum of the durations of the
   outermost ranges (equal to the sum of all self times). Time between ops (user code,
