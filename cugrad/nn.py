@@ -176,6 +176,7 @@ class Module:
         self._range_name = type(self).__name__
         self._device = "cpu"
         self._saved = None
+        self.training = True
 
     _parameter_slots: tuple[str, ...] = ()   # attributes that hold a Parameter or None
 
@@ -276,6 +277,20 @@ class Module:
     def zero_grad(self) -> None:
         for p in self.parameters():
             p.grad = None
+
+    def train(self, mode: bool = True) -> "Module":
+        """Set ``training`` to ``mode`` on this module and every module below it; returns
+        self (PyTorch's method). No cugrad layer computes differently in evaluation mode
+        (there is no dropout or batch norm); the flag is there for a user's own modules and
+        for code written for PyTorch."""
+        mode = check_flag(f"{type(self).__name__}.train", "mode", mode)
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self) -> "Module":
+        """``train(False)``."""
+        return self.train(False)
 
     @property
     def device(self) -> str:
@@ -546,7 +561,7 @@ class ReLU(_Activation):
 
 
 # The attributes Module.__init__ sets (see Module.__getattr__).
-_INIT_ATTRIBUTES = frozenset({"_range_name", "_device", "_saved"})
+_INIT_ATTRIBUTES = frozenset({"_range_name", "_device", "_saved", "training"})
 
 
 def _moved(a, device: str):

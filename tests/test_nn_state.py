@@ -397,3 +397,34 @@ def test_children_and_modules_walk_the_tree_in_pytorchs_order():
     assert list(net.modules())[0] is net and len(list(net.modules())) == 5
     assert {n.rsplit(".", 1)[0] for n, _ in net.named_parameters()} <= {
         n for n, _ in net.named_modules()}
+
+
+def test_train_and_eval_set_the_flag_on_the_whole_tree_and_change_nothing_else():
+    """Fails unless train()/eval() exist as in PyTorch (flag on every module below, self
+    returned, a bool only) and leave the computation as it was (no cugrad layer has an
+    evaluation mode)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(5, 7, rng=0), nn.Tanh(), nn.Linear(7, 3, rng=1))
+
+    net = Net()
+    assert all(m.training for m in net.modules())
+    x = np.random.default_rng(2).standard_normal((4, 5)).astype(np.float32)
+    before = net.body(x).copy()
+    assert net.eval() is net
+    assert [m.training for m in net.modules()] == [False] * 5
+    np.testing.assert_array_equal(net.body(x), before)
+    assert net.body[0].train() is net.body[0]
+    assert [m.training for m in net.modules()] == [False, False, True, False, False]
+    assert net.train(np.True_) is net and all(m.training for m in net.modules())
+    with pytest.raises(TypeError, match=r"Net\.train: mode must be a bool, got str 'no'"):
+        net.train("no")
+    assert all(m.training for m in net.modules())
+
+    class Forgot(nn.Module):
+        def __init__(self):
+            pass
+
+    with pytest.raises(AttributeError, match="must call super"):
+        Forgot().training
