@@ -127,6 +127,8 @@ def _ranged_backward(backward):
     @functools.wraps(backward)
     def wrapper(self, *args, **kwargs):
         outer = type(self).backward is wrapper
+        if outer:
+            self._name_children()
         if _trace._quiet or not outer:
             result = backward(self, *args, **kwargs)
         else:
@@ -177,8 +179,11 @@ class Module:
         self._device = "cpu"
         self._saved = None
         self.training = True
+        self._child_prefix = ""
+        self._child_names: dict[str, str] = {}
 
     _parameter_slots: tuple[str, ...] = ()   # attributes that hold a Parameter or None
+    _has_children = False       # set on an instance when a Module is assigned to it
 
     def __setattr__(self, name, value):
         # A Parameter's slot (one holding a Parameter now, or declared) takes a Parameter or
@@ -191,6 +196,8 @@ class Module:
                 f"{type(self).__name__}: cannot assign {describe(value)} to {name!r}, a "
                 f"Parameter's slot; expected a cugrad.nn.Parameter (or None). To change its "
                 f"values, assign to {name}.data (same shape and dtype) or copy into it")
+        if isinstance(value, Module):
+            object.__setattr__(self, "_has_children", True)
         object.__setattr__(self, name, value)
 
     def __getattr__(self, name):
@@ -206,6 +213,7 @@ class Module:
 
     # -- forward / backward plumbing ------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        self._name_children()
         if _trace._quiet:          # nothing listens: no range to open
             return self.forward(*args, **kwargs)
         with op_range(f"{self._range_name}.forward", self._call_device(args, kwargs)):
@@ -231,6 +239,25 @@ class Module:
                 "again before a second backward); moving the module with .to() also drops "
                 "what its forward saved")
         return saved
+
+    def _name_children(self) -> None:
+        """Name each child module by its place in this one, for its ranges and messages:
+        ``"{name}:{Class}"`` (``"fc:Linear"``; in a Sequential the name is the index,
+        ``"0:Linear"``), and below a child that has such a name, by its dotted path
+        (``"body.0:Linear"``, ``"2.0:Linear"``), the path ``named_modules()`` gives from the
+        outermost module called. Run at each call and backward, so a module shared by two
+        parents carries the name it has in the one running it (an identity check per child
+        when nothing changed); a module's own name stays its class until a parent runs it."""
+        if not self._has_children:      # a layer: nothing to name (the common case)
+            return
+        head, colon, _ = self._range_name.partition(":")
+        prefix = f"{head}." if colon else ""
+        if prefix != self._child_prefix:        # this module was renamed (moved, nested)
+            self._child_prefix, self._child_names = prefix, {}
+        names = self._child_names
+        for key, m in self.named_children():
+            if m._range_name is not names.get(key):
+                names[key] = m._range_name = f"{prefix}{key}:{type(m).__name__}"
 
     # -- parameters and children ------------------------------------------------------------
     def named_children(self) -> Iterator[tuple[str, "Module"]]:
@@ -561,7 +588,8 @@ class ReLU(_Activation):
 
 
 # The attributes Module.__init__ sets (see Module.__getattr__).
-_INIT_ATTRIBUTES = frozenset({"_range_name", "_device", "_saved", "training"})
+_INIT_ATTRIBUTES = frozenset({"_range_name", "_device", "_saved", "training",
+                              "_child_prefix", "_child_names"})
 
 
 def _moved(a, device: str):
@@ -664,6 +692,8 @@ def _module_tree(module: Module, path: str) -> Iterator[tuple[str, Module]]:
 class Sequential(Module):
     """Modules applied in order; backward runs them in reverse."""
 
+    _has_children = True        # in self.layers, a list
+
     def __init__(self, *modules: Module):
         super().__init__()
         for i, m in enumerate(modules):
@@ -686,28 +716,7 @@ class Sequential(Module):
             raise ValueError(f"Sequential: layers live on different devices {sorted(devices)}; "
                              "move them to one with .to(device)")
         self._set_device(devices.pop() if devices else "cpu")
-        self._layer_names: list[str] = []
-        self._layer_prefix = ""
-        self._name_layers()
-
-    def _name_layers(self) -> None:
-        """Name each layer by its index in this model ("0:Linear"), for its ranges and
-        messages; inside a Sequential that is itself a layer of a Sequential ("2:Sequential"), by
-        its path ("2.0:Linear"), so that the layers of Sequentials nested directly in one
-        another have distinct names (a Sequential held by a user's module starts again at
-        "0:"; a model keeps the prefix of the last model that ran it). Run at each
-        forward and backward, so a module shared with another Sequential carries the index
-        it has in the one running it (an identity check per layer when nothing changed)."""
-        head, colon, _ = self._range_name.partition(":")
-        prefix = f"{head}." if colon else ""
-        if prefix != self._layer_prefix:        # this model was renamed (moved, nested)
-            self._layer_prefix, self._layer_names = prefix, []
-        names = self._layer_names
-        for i, m in enumerate(self.layers):
-            if i == len(names):
-                names.append(None)
-            if m._range_name is not names[i]:
-                names[i] = m._range_name = f"{prefix}{i}:{type(m).__name__}"
+        self._name_children()           # "0:Linear", ... from the start
 
     def named_children(self):
         for i, m in enumerate(self.layers):
@@ -720,7 +729,7 @@ class Sequential(Module):
         return self.layers[i]
 
     def forward(self, x):
-        self._name_layers()
+        self._name_children()           # also when called as .forward(x)
         for i, m in enumerate(self.layers):
             try:
                 x = m(x)
@@ -737,7 +746,6 @@ class Sequential(Module):
 
     def backward(self, grad_out, *, input_grad=True):
         input_grad = check_flag(f"{self._range_name}.backward", "input_grad", input_grad)
-        self._name_layers()
         for i in range(len(self.layers) - 1, 0, -1):
             try:
                 grad_out = self.layers[i].backward(grad_out)

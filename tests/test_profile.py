@@ -15,7 +15,7 @@ import cugrad
 import cugrad.functional as F
 from cugrad import _trace
 from cugrad._trace import op_range
-from cugrad.nn import CrossEntropyLoss, Linear, ReLU, Sequential
+from cugrad.nn import CrossEntropyLoss, Linear, Module, ReLU, Sequential
 from cugrad.optim import SGD
 from cugrad.profiler import OpStat, Profile, profile
 
@@ -563,6 +563,44 @@ def test_layers_of_nested_sequentials_have_distinct_names():
         other(x)
     assert {s.name for s in prof.stats() if ":" in s.name} == {
         "0:Linear.forward", "1:Sequential.forward", "1.0:Linear.forward", "1.1:Linear.forward"}
+
+
+def test_layers_of_a_users_module_are_named_by_their_path():
+    """A user's module holding two Sequentials and a Linear: fails unless each layer's range
+    carries its dotted path from the module called (both Sequentials' first layers were
+    "0:Linear", one row of 2 calls; the Linear held directly was plain "Linear")."""
+    class Net(Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = Sequential(Linear(4, 5, rng=0), ReLU())
+            self.decoder = Sequential(Linear(5, 4, rng=1), ReLU())
+            self.head = Linear(4, 2, rng=2)
+
+        def forward(self, x):
+            return self.head(self.decoder(self.encoder(x)))
+
+        def backward(self, grad_out):
+            return self.encoder.backward(self.decoder.backward(self.head.backward(grad_out)))
+
+    net = Net()
+    x = np.ones((3, 4), np.float32)
+    with profile() as prof:
+        y = net(x)
+        net.backward(np.ones_like(y))
+    names = ("encoder:Sequential", "encoder.0:Linear", "encoder.1:ReLU",
+             "decoder:Sequential", "decoder.0:Linear", "decoder.1:ReLU", "head:Linear")
+    assert {s.name: s.calls for s in prof.stats() if ":" in s.name} == {
+        f"{n}.{d}": 1 for n in names for d in ("forward", "backward")}
+    assert {n for n, _ in net.named_modules()} >= {n.partition(":")[0] for n in names}
+    # the same names in messages, ranges or not
+    with pytest.raises(TypeError, match=r"^head:Linear\.forward: argument 'x' has dtype"):
+        net.head(x.astype(np.float64))
+    # moved into a Sequential, the whole tree follows
+    outer = Sequential(Linear(4, 4, rng=3), net)
+    with profile() as prof:
+        outer(x)
+    assert {"1:Net.forward", "1.encoder:Sequential.forward", "1.encoder.0:Linear.forward",
+            "1.head:Linear.forward"} <= {s.name for s in prof.stats()}
 
 
 @pytest.mark.parametrize("ns,text", [(0, "0ns"), (999.4, "999ns"), (999.6, "1.000us"),
