@@ -3,7 +3,8 @@
 #   make test   set up .venv and run the test suite, then the GPU-marked tests on the CPU
 #               stand-in for CuPy (alone: make fake-gpu-test), then the kernels' racecheck
 #               on the CPU harness built with ThreadSanitizer (alone: make race-test)
-# `make gpu-venv` adds CuPy (CUDA 12 wheels) and nvtx to the same environment.
+# .venv holds cugrad in editable mode (it follows the checkout; made once, again when
+# pyproject.toml changes). `make gpu-venv` adds CuPy (CUDA 12 wheels) and nvtx to it.
 # The stand-in (tests/fake_cupy/README.md) runs the GPU-marked tests' host code without a
 # GPU, with the kernels on the CPU harness; it is not a GPU run.
 
@@ -17,7 +18,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet ".[test,examples]"
+	$(PY) -m pip install --quiet -e ".[test,examples]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -38,7 +39,7 @@ race-test: $(STAMP)
 		tests/test_kernels_cpu.py tests/test_harness_edges.py $(PYTEST_ARGS)
 
 gpu-venv: $(STAMP)
-	$(PY) -m pip install --quiet ".[gpu,test,examples]"
+	$(PY) -m pip install --quiet -e ".[gpu,test,examples]"
 
 clean:
 	rm -rf $(VENV) build *.egg-info tests/cuda_harness/build

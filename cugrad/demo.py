@@ -224,17 +224,23 @@ def save_plot(losses, path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cugrad demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int_at_least(1), default=30)
-    p.add_argument("--batch-size", type=int_at_least(1), default=64)
+    p.add_argument("--epochs", type=int_at_least(1), default=30,
+                   help="passes over the training set (default: %(default)s)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64,
+                   help="examples per step (default: %(default)s)")
     p.add_argument("--lr", type=finite_positive(),
                    help="learning rate (default: 3e-3 for Adam, 0.05 for SGD)")
     p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="adam (default) or sgd (momentum 0.9)")
     p.add_argument("--graph", action="store_true",
                    help="replay the training step as a CUDA graph (GPU only)")
-    p.add_argument("--hidden", type=int_at_least(1), default=128)
-    p.add_argument("--seed", type=int_at_least(0), default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--hidden", type=int_at_least(1), default=128,
+                   help="width of the hidden layer (default: %(default)s)")
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="seed of the weights, the split and the batch order "
+                        "(default: %(default)s)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto (default): the GPU if one works, else the CPU")
     p.add_argument("--plot", metavar="FILE.png", type=new_file(".png"),
                    help="save the loss curve to this file (a .png, overwritten if it exists)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -261,7 +261,8 @@ def tanh(x):
 
 @_op("tanh.backward")
 def tanh_backward(grad_out, out):
-    """``grad_out * (1 - out²)`` with ``out = tanh(x)``."""
+    """``grad_out * (1 - out)(1 + out)`` with ``out = tanh(x)``: 1 − out², formed without
+    the cancellation near |out| = 1 (MATH.md §3)."""
     return _activation_backward("tanh", "out", grad_out, out)
 
 

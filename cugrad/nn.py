@@ -60,7 +60,7 @@ class Parameter:
     device = property(lambda self: _backend.device_of(self.data))
 
     def __array__(self, dtype=None, copy=None):
-        """``np.asarray(param)`` is its data (a 0-d object array before); GPU data raises
+        """``np.asarray(param)`` is its data (not a 0-d object array); GPU data raises
         CuPy's TypeError, as ``np.asarray`` of a CuPy array does: use ``cugrad.to_numpy``.
         ``copy`` as NumPy's: True always copies, False never does (ValueError if it must)."""
         if copy is None:
@@ -167,7 +167,8 @@ class Module:
     PyTorch lists them). A subclass's ``__init__`` must call ``super().__init__()``.
 
     ``device`` is the device of the module's parameters; a module without parameters
-    reports the device it was last moved to with ``to()`` ("cpu" at first)."""
+    reports the device it was last moved to with ``to()`` ("cpu" at first), and a loss the
+    device of its last forward's data."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -533,6 +534,12 @@ class Linear(Module):
     def backward(self, grad_out, *, input_grad=True):
         x, y = self._take_saved()
         self._check_dtype("grad_out", grad_out, "backward")
+        shape, want = getattr(grad_out, "shape", None), (x.shape[0], self.weight.shape[0])
+        if shape is not None and len(shape) == 2 and tuple(shape) != want:
+            raise ValueError(       # in the layer's terms (F.linear_backward names grad_y)
+                f"{self._range_name}.backward: argument 'grad_out' is {describe(grad_out)}, "
+                f"expected shape {want} (the forward's batch of {want[0]} rows, "
+                f"out_features {want[1]})")
         gx, gw, gb = F.linear_backward(grad_out, x, self.weight.data,
                                        bias=self.bias is not None,
                                        activation=self.activation, out=y,

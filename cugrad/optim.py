@@ -31,7 +31,14 @@ def _in_range(name, device, update):
 
 class Optimizer:
     """Holds the parameters and their per-parameter state; ``step()`` updates every
-    parameter that has a gradient, ``zero_grad()`` clears the gradients."""
+    parameter that has a gradient, ``zero_grad()`` clears the gradients.
+
+    A subclass defines ``_check(p, state)``: validate the update of Parameter ``p`` (its
+    ``state`` is a dict kept for it across steps) and return a function of no arguments that
+    makes it, so that ``step()`` checks every parameter before updating any. It may set
+    ``_range`` (the step's NVTX range name, "optimizer.step" otherwise), ``_hyperparameters``
+    (names shown by repr) and ``_state_names`` (the names of its per-parameter state
+    entries: ``state_dict()`` saves every entry, ``load_state_dict()`` takes these)."""
 
     _range = "optimizer.step"
     _hyperparameters: tuple[str, ...] = ()      # shown by repr

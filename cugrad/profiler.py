@@ -295,7 +295,7 @@ def profile(sort_by: str = "total") -> Profile:
     """Record every cugrad op and layer call in a ``with`` block::
 
         with cugrad.profile() as prof:
-            train_step()
+            train_step()         # your code: a step, a loop, any cugrad calls
         print(prof)              # the table; prof.stats() / prof["linear.forward"] for data
 
     ``sort_by`` orders the table: "total" (inclusive time, the default), "self", "mean",

@@ -261,3 +261,13 @@ def test_inline_ptx_kernels_are_listed_as_gpu_only_and_the_rest_runs(tmp_path):
     out = np.zeros(64, np.float32)
     c.function("mixed.cu", "plain<float>")((1, 1, 1), (64, 1, 1), (out,))
     np.testing.assert_array_equal(out, np.arange(64) % 32)
+
+
+@pytest.mark.parametrize("value,expected", [("", "address"), ("  ", "address"), ("1", "address"),
+                                            ("Address", "address"), ("thread", "thread"),
+                                            ("0", None)])
+def test_sanitizer_setting_reads_empty_as_the_default(monkeypatch, value, expected):
+    """Fails if an empty CUGRAD_HARNESS_SANITIZE turns the sanitizer off (the project's
+    variables read unset and empty alike: the default)."""
+    monkeypatch.setenv("CUGRAD_HARNESS_SANITIZE", value)
+    assert ch.sanitizer() == expected

@@ -276,11 +276,24 @@ def test_linear_dtype_mismatch_names_the_input_and_the_layer():
         model.backward(np.ones((4, 2)))
 
 
+def test_linear_backward_names_grad_out_and_the_shape_it_wanted():
+    """Fails if a wrong-shaped grad_out to a layer is reported as F.linear_backward's
+    'grad_y' (a name the layer's user never wrote) or as a shape of another argument."""
+    model = nn.Sequential(_linear(0, 3, 2), nn.ReLU(), _linear(1, 2, 5))
+    model(np.ones((4, 3), f32))
+    with pytest.raises(ValueError, match=r"^2:Linear\.backward: argument 'grad_out' is "
+                                         r"numpy\.ndarray of shape \(4, 2\).*expected shape "
+                                         r"\(4, 5\) \(the forward's batch of 4 rows, "
+                                         r"out_features 5\)"):
+        model.backward(np.ones((4, 2), f32))
+    model.backward(np.ones((4, 5), f32))        # nothing was consumed by the failed call
+
+
 def test_a_failed_backward_can_be_retried(rng):
     lin = _linear(0, 3, 4)
     x = randn(rng, 5, 3)
     lin(x)
-    with pytest.raises(ValueError, match="'grad_y'"):
+    with pytest.raises(ValueError, match="'grad_out'"):
         lin.backward(np.ones((5, 3), f32))
     assert lin.weight.grad is None
     g = randn(rng, 5, 4)

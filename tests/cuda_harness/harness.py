@@ -106,9 +106,10 @@ def sanitizer() -> str | None:
     """The sanitizer the modules and the runner are built with, from CUGRAD_HARNESS_SANITIZE:
     "address" (the default, also "1": AddressSanitizer + UBSan(alignment)), "thread"
     (ThreadSanitizer: races between the threads of a block, the harness's racecheck; see
-    README.md) or None ("0" or empty: no sanitizer)."""
-    value = os.environ.get("CUGRAD_HARNESS_SANITIZE", "1").strip().lower()
-    if value in ("0", ""):
+    README.md) or None ("0": no sanitizer). Unset or empty is the default, as with the
+    project's other variables."""
+    value = os.environ.get("CUGRAD_HARNESS_SANITIZE", "").strip().lower() or "1"
+    if value == "0":
         return None
     if value in ("1", "address"):
         return "address"
