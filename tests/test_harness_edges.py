@@ -33,7 +33,7 @@ if ch.unavailable():
 from conftest import (confident_rows, elementwise_rel_err, near_one_hot_rows,  # noqa: E402
                       rel_err, row_rel_err, tol)
 from kernel_checks import (ACTS, CU, DTYPES, EPILOGUES, F32, F64, LAYOUTS, NP,  # noqa: E402
-                           act64, check, data, log_softmax64, mse64, on_cpu, sgd_case,
+                           act64, act_bwd64, check, data, log_softmax64, mse64, on_cpu, sgd_case,
                            softmax64, targets, xent64)
 
 from cugrad.backends.cuda import config, gemm_reference  # noqa: E402
@@ -235,6 +235,66 @@ def test_gemm_long_k_is_split_for_accuracy_whatever_the_output(cpu, rng, monkeyp
             assert plan.splits == 47 and plan.k_split == 64, plan
 
 
+@pytest.mark.parametrize("sms", [1, 10_000], ids=["largest-tile", "smallest-tile"])
+def test_gemm_split_k_partials_each_cover_their_own_k_range(cpu, rng, monkeypatch, sms):
+    """Split-K's first pass: partial z is the product over its own range of K,
+    [z k_split, min(K, (z + 1) k_split)). The whole K in partial 0 and zeros in the others
+    (K passed as k_split) sums to the same product, so the result alone cannot tell; but then
+    one thread adds the whole K in its register, what GEMM_MAX_K_PER_SPLIT forbids. The cap
+    shrunk to 64: K = 200 is 4 ranges of 56 (the last 32 deep). Each partial is read back from
+    the first launch's output and checked against float64 over its range."""
+    monkeypatch.setattr(config, "GEMM_MAX_K_PER_SPLIT", 64)
+    monkeypatch.setattr(cpu, "sm_count", sms)
+    firsts = []
+    real_function = cpu.function
+
+    def function(file, name):
+        kern = real_function(file, name)
+
+        def launch(grid, block, args, shared_mem=0):
+            result = kern(grid, block, args, shared_mem)
+            if name.startswith("gemm_tiled<"):     # args: A, B, bias, target, M, N, K, k_split
+                firsts.append((grid[2], np.array(args[3], copy=True), int(args[7])))
+            return result
+        return launch
+
+    monkeypatch.setattr(cpu, "function", function)
+    m, n, k = 9, 13, 200
+    for layout, (ta, tb) in LAYOUTS.items():
+        with case(layout):
+            firsts.clear()
+            a, b, bias = gemm_operands(rng, m, n, k, ta, tb, F32, True)
+            _, plan = run_gemm(cpu, a, b, ta, tb, bias, "tanh", F32, m, n, k)
+            assert plan.splits == 4 and plan.k_split == 56, plan
+            (splits, partials, k_split), = firsts
+            assert (splits, k_split) == (plan.splits, plan.k_split), (splits, k_split, plan)
+            assert partials.shape == (splits, m, n)
+            a64 = np.asarray(a.T if ta else a, np.float64)
+            b64 = np.asarray(b.T if tb else b, np.float64)
+            for z in range(splits):
+                r = slice(z * k_split, min(k, (z + 1) * k_split))
+                err = rel_err(partials[z], a64[:, r] @ b64[r])
+                assert err <= tol(F32), f"partial {z}, k in [{r.start}, {r.stop}): error {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_split_sum_adds_the_partials_in_order(cpu, dtype):
+    """gemm_split_sum adds partials 0, 1, ..., splits - 1 in that order (gemm.cu), so a split-K
+    product's bits are a function of its plan alone. Partials 1, 2^p, -2^p (p the significand's
+    width, 24 or 53): in order 1 + 2^p rounds to 2^p and the sum is 0; added backwards it is 1.
+    Launched directly (no product has partials that cancel so exactly), 300 outputs on 2 blocks
+    of 64 threads (grid-stride), with the bias epilogue."""
+    p = 2.0 ** (24 if dtype == F32 else 53)
+    m, n = 20, 15
+    parts = np.stack([np.ones((m, n)), np.full((m, n), p), np.full((m, n), -p)]).astype(dtype)
+    bias = np.arange(n, dtype=dtype)
+    out = cpu.empty((m, n), dtype)
+    name = config.gemm_split_sum_name(dtype.name, config.gemm_epilogue(True, None))
+    cpu.function("gemm.cu", name)((2, 1, 1), (64, 1, 1),
+                                  (parts, bias, out, np.int64(m * n), np.int32(n), np.int32(3)))
+    np.testing.assert_array_equal(out, np.broadcast_to(bias, (m, n)))
+
+
 TILE_MN = [(63, 65), (64, 64), (65, 63), (127, 129), (128, 128), (129, 127)]
 
 
@@ -267,6 +327,7 @@ VEC_CASES = {  # (M, N, K, a offset, b offset, Fortran-ordered operands)
     "aligned-splitK": (68, 20, 264, 0, 0, False),    # 4 splits of 72 with 16-byte loads
     "fortran-order": (68, 20, 36, 0, 0, True),
     "fortran-misaligned": (68, 20, 36, 0, 1, True),  # b: the transpose of a misaligned view
+    "fortran-ld-not-vector": (66, 20, 36, 0, 0, True),  # f32: a's rows 36 floats as given, 66 stored (NN)
 }
 
 
@@ -304,6 +365,8 @@ def _vector_path_case(cpu, rng, variant, layout, dtype):
         assert want_vec == (layout == "TN")
     elif variant.endswith("misaligned"):
         assert not want_vec
+    elif variant == "fortran-ld-not-vector":   # a's own rows are whole vectors; stored, not in NN/NT
+        assert want_vec == (ta or dtype == F64)
     assert names[0].endswith(f", {int(want_vec)}>"), (want_vec, names[0])
     flip_a, flip_b = (ta != fortran), (tb != fortran)      # the layout the kernel reads
     assert f", {int(flip_a)}, {int(flip_b)}, " in names[0], names[0]
@@ -566,6 +629,30 @@ def test_a_width_past_int32_is_refused_before_anything_is_allocated(cpu, monkeyp
         call(np.ones((4, 16), np.float32))
     assert allocs == []
     call(np.ones((4, 15), np.float32))      # 2^31 - 1 itself is in range: it runs
+
+
+@pytest.mark.parametrize("dim", ["M", "K"])
+def test_gemm_m_or_k_past_int32_is_refused_before_anything_is_allocated(cpu, monkeypatch, dim):
+    """The kernels take M, N and K as 32-bit ints: an M or a K past 2^31 - 1 is refused like N
+    (the test above), a ValueError naming it before the output is allocated (config.INT32_MAX
+    shrunk to 15: 16 stands for 2^31), in every layout. Unchecked, M = 2^31 would allocate its
+    output first and then fail in numpy.int32(m) with an OverflowError."""
+    monkeypatch.setattr(config, "INT32_MAX", 15)
+    allocs = []
+    real_empty = cpu.empty
+    monkeypatch.setattr(cpu, "empty", lambda shape, dtype: (allocs.append(shape),
+                                                            real_empty(shape, dtype))[1])
+    m, k = (16, 4) if dim == "M" else (4, 16)
+    for layout, (ta, tb) in LAYOUTS.items():
+        with case(layout):
+            a = np.ones((k, m) if ta else (m, k), np.float32)
+            b = np.ones((3, k) if tb else (k, 3), np.float32)
+            with pytest.raises(ValueError, match=rf"matmul size {dim} = 16 exceeds 2\^31 - 1"):
+                on_cpu(cpu, "gemm", a, b, ta, tb, None, None)
+    assert allocs == []
+    out = on_cpu(cpu, "gemm", np.ones((15, 15), np.float32), np.ones((15, 15), np.float32),
+                 False, False, None, None)     # 2^31 - 1 itself is in range: it runs
+    np.testing.assert_array_equal(out, np.full((15, 15), 15, np.float32))
 
 
 def test_a_long_float32_row_keeps_its_accuracy(cpu):
@@ -1037,3 +1124,153 @@ def test_reductions_are_bitwise_reproducible(cpu, rng, schedule):
     for i, (x, y) in enumerate(zip(mine, outputs(other))):
         assert np.isfinite(np.asarray(x)).all() and np.isfinite(np.asarray(y)).all(), f"output {i} not finite"
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"output {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_elementwise_launcher_covers_n_with_one_block(cpu, rng, monkeypatch, dtype):
+    """ELEMENTWISE_MAX_BLOCKS = 1: every kernel _launch_elementwise runs must cover n = 1000
+    elements with one block of 256 threads (four trips round its grid-stride loop), not only
+    the ones test_launchers_respect_shrunk_grid_limits happens to call: activation forward
+    and backward (each activation), accumulate, SGD with and without momentum, Adam counted
+    on the host and on the device. A stride that skips elements (2 * gridDim * blockDim) in
+    activation_bwd or accumulate passed every other test: their launches never made a thread
+    go round its loop twice. Outputs poisoned; references float64 and the NumPy backend."""
+    rec = _Recorder(cpu)
+    monkeypatch.setattr(cpu, "function", rec.function)
+    monkeypatch.setattr(config, "ELEMENTWISE_MAX_BLOCKS", 1)
+    n = 1000
+    for name in ACTS:
+        with case(name):
+            x = data(rng, 1, n, dtype=dtype, scale=3.0)
+            check(on_cpu(cpu, "activation", name, x), act64(name, x), NP["activation"](name, x),
+                  dtype, "elementwise")
+            g, saved = data(rng, 1, n, dtype=dtype), NP["activation"](name, x)
+            check(on_cpu(cpu, "activation_backward", name, g, saved), act_bwd64(name, g, saved),
+                  NP["activation_backward"](name, g, saved), dtype, "elementwise")
+    with case("accumulate"):
+        total, grad = data(rng, n, dtype=dtype), data(rng, n, dtype=dtype)
+        expected = total + grad
+        on_cpu(cpu, "accumulate", total, grad)
+        np.testing.assert_array_equal(total, expected)
+    for momentum, weight_decay in [(0.0, 0.01), (0.9, 0.01)]:
+        with case(f"sgd momentum={momentum}"):
+            sgd_case(cpu, rng, (n,), momentum, weight_decay, dtype)
+    for count in ("host", "counter"):
+        with case(f"adam {count}"):
+            p, g = data(rng, n, dtype=dtype), data(rng, n, dtype=dtype)
+            m, v = np.zeros(n, dtype), np.zeros(n, dtype)
+            p64, m64, v64 = p.astype(np.float64), np.zeros(n), np.zeros(n)
+            args = (1e-2, 0.9, 0.999, 1e-8, 0.01)
+            on_cpu(cpu, "adam_step", p, g, m, v, 1 if count == "host" else np.zeros((), np.int64), *args)
+            NP["adam_step"](p64, g.astype(np.float64), m64, v64, 1, *args)
+            for out, ref in ((p, p64), (m, m64), (v, v64)):
+                check(out, ref, ref, dtype, "elementwise")
+    kernels = {name for name, _, _ in rec.launches}
+    for prefix in ("activation_fwd", "activation_bwd", "accumulate", "sgd_step", "adam_step<",
+                   "adam_step_counted"):
+        assert any(k.startswith(prefix) for k in kernels), (prefix, sorted(kernels))
+    for name, grid, block in rec.launches:
+        if not name.startswith("counter_increment"):
+            assert grid == (1, 1, 1) and block == (config.ELEMENTWISE_THREADS, 1, 1), (name, grid)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [2, 4])
+def test_bias_grad_with_more_chunks_than_rows_per_chunk(cpu, rng, monkeypatch, rows_per_chunk):
+    """The second pass of the split-M column sum adds `chunks` partial rows as one chunk of
+    its own. Past COLSUM_ROWS_PER_CHUNK^2 rows (262,144 at 512) there are more partials than
+    rows in a first-pass chunk, so a second pass given the first pass's rows_per_chunk would
+    sum only the first rows_per_chunk of them (the (TALL, 64) GPU test of test_reliability.py
+    has 65,409 chunks of 513 rows; none of the CPU tests has more than 10 chunks). The
+    chunk length is a launcher constant, not compiled into the kernel: shrunk here so that
+    M = 5 * rows_per_chunk^2 + 1 rows take 5 * rows_per_chunk + 1 chunks. Plain and fused,
+    N = 1 and 33 (a partial column block), both dtypes (looped)."""
+    monkeypatch.setattr(config, "COLSUM_ROWS_PER_CHUNK", rows_per_chunk)
+    m = 5 * rows_per_chunk**2 + 1
+    for dtype in (F32, F64):
+        for n in (1, 33):
+            with case(f"{dtype.name} {m}x{n}"):
+                g = data(rng, m, n, dtype=dtype)
+                first = len(cpu.calls)
+                check(on_cpu(cpu, "bias_grad", g), g.astype(np.float64).sum(0), NP["bias_grad"](g), dtype)
+                assert len(launched(cpu, first)) == 2
+                z = NP["activation"]("tanh", data(rng, m, n, dtype=dtype))
+                gi, db = on_cpu(cpu, "activation_backward_bias_grad", "tanh", g, z)
+                g64 = act_bwd64("tanh", g, z)
+                check(gi, g64, NP["activation_backward"]("tanh", g, z), dtype, "elementwise")
+                check(db, g64.sum(0), NP["bias_grad"](g64), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sigmoid_backward_near_saturation_element_by_element(cpu, dtype):
+    """sigmoid' = z (1 - z) at saved outputs close to 1 (y from 3 to 15 in float32, to 35 in
+    float64, z < 1 all the same) and close to 0, element by element against float64 of the
+    same z: 1 - z is exact there, but the textbook z - z*z cancels (float32 y = 9: 1.2e-4
+    off, past the 1e-5 bound), which a norm over random data (most z well inside (0, 1), the
+    rest exactly 0 or 1) does not see; the sigmoid counterpart of the tanh test above. Both
+    kernels that form it: activation_backward and the fused activation-backward + bias-gradient."""
+    top = 15.0 if dtype == F32 else 35.0
+    y = np.linspace(3.0, top, 64)
+    y = np.concatenate([y, -y]).astype(dtype).reshape(2, 64)
+    z = NP["activation"]("sigmoid", y)
+    assert ((z > 0) & (z < 1)).all()
+    g = np.ones_like(z)
+    z64 = z.astype(np.float64)
+    want = z64 * (1 - z64)
+    bound = tol(dtype, "elementwise")
+    dx = on_cpu(cpu, "activation_backward", "sigmoid", g, z)
+    dx_fused, db = on_cpu(cpu, "activation_backward_bias_grad", "sigmoid", g, z)
+    for got in (dx, dx_fused, NP["activation_backward"]("sigmoid", g, z)):
+        worst = float(np.max(np.abs(got.astype(np.float64) - want) / want))
+        assert worst <= bound, f"worst element off by {worst:.3g} (bound {bound})"
+    assert rel_err(db, want.sum(axis=0)) <= tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise_ops_on_empty_arrays_launch_nothing(cpu, dtype):
+    """n = 0: a grid of 0 blocks is a launch error on the GPU (and on the harness), so every
+    op that goes through _launch_elementwise must return without launching: activation
+    forward and backward, accumulate, SGD (both variants), Adam (host count; the device
+    count still counts the step), MSE gradient."""
+    e = np.empty((0, 5), dtype)
+    first = len(cpu.calls)
+    for name in ACTS:
+        with case(name):
+            assert on_cpu(cpu, "activation", name, e).shape == (0, 5)
+            assert on_cpu(cpu, "activation_backward", name, e, e).shape == (0, 5)
+    on_cpu(cpu, "accumulate", e.copy(), e)
+    on_cpu(cpu, "sgd_step", e.copy(), e, None, 0.1, 0.0, 0.0)
+    on_cpu(cpu, "sgd_step", e.copy(), e, e.copy(), 0.1, 0.9, 0.01)
+    on_cpu(cpu, "adam_step", e.copy(), e, e.copy(), e.copy(), 1, 1e-2, 0.9, 0.999, 1e-8, 0.0)
+    assert on_cpu(cpu, "mse_loss_backward", e, e, "sum").shape == (0, 5)
+    assert launched(cpu, first) == []
+    counter = np.zeros((), np.int64)
+    on_cpu(cpu, "adam_step", e.copy(), e, e.copy(), e.copy(), counter, 1e-2, 0.9, 0.999, 1e-8, 0.0)
+    assert int(counter) == 1
+    assert launched(cpu, first) == [config.COUNTER_INCREMENT]
+
+
+def test_bias_grad_width_past_int32_is_refused_before_a_copy(cpu, monkeypatch):
+    """As test_a_width_past_int32_is_refused_before_anything_is_allocated, with a Fortran-
+    ordered gradient: bias_grad makes it C-contiguous (a full copy: on a full card, out of
+    memory instead of the clear error) only after the width check."""
+    monkeypatch.setattr(config, "INT32_MAX", 15)
+    copies = []
+
+    class _Xp:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def ascontiguousarray(x):
+            if not x.flags.c_contiguous:
+                copies.append(x.shape)
+            return np.ascontiguousarray(x)
+
+    monkeypatch.setattr(cpu, "xp", _Xp())
+    for op in ("bias_grad", "activation_backward_bias_grad"):
+        with case(op):
+            g = np.asfortranarray(np.ones((4, 16), np.float32))
+            args = (g,) if op == "bias_grad" else ("relu", g, g)
+            with pytest.raises(ValueError, match=r"exceeds 2\^31 - 1"):
+                on_cpu(cpu, op, *args)
+            assert copies == []
