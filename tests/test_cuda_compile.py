@@ -3,7 +3,8 @@
 For each module of ``config.instantiations()`` (a kernel file and its options) and each of
 sm_80 and sm_90, one nvcc call compiles a generated translation unit that includes the .cu
 and takes the address of every name expression, which forces nvcc to instantiate and
-compile each kernel. Warnings are errors. Skipped, with the reason, where nvcc is absent.
+compile each kernel. Warnings are errors, and so is a register spill (ptxas
+-warn-spills). Skipped, with the reason, where nvcc is absent.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ def compile_module(module, arch: str, workdir: Path) -> subprocess.CompletedProc
     file, options, names = module
     tu = workdir / f"{re.sub(r'[^A-Za-z0-9.]+', '_', _module_id(module))}_{arch}.cu"
     tu.write_text(instantiation_unit(file, names))
-    cmd = [NVCC, "-c", f"-arch={arch}", "-Werror", "all-warnings", *options,
+    # -warn-spills: with -Werror, a kernel that spills registers to local memory fails
+    # (launch bounds that squeeze a tile below its registers: config.py's tiles run without)
+    cmd = [NVCC, "-c", f"-arch={arch}", "-Werror", "all-warnings", "-Xptxas", "-warn-spills",
+           *options,
            "-o", str(tu.with_suffix(".o")), str(tu)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
