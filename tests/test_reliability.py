@@ -1220,6 +1220,33 @@ def test_products_past_2_31_elements_are_exact(big):
 
 @pytest.mark.gpu
 @pytest.mark.slow
+def test_product_output_and_split_k_partials_past_2_31_elements(big, monkeypatch):
+    """An output of 2^31 + 3·2^15 float32 elements ((2^16 + 3) x 2^15, K = 24, small integers:
+    every sum exact), unsplit, then split with GEMM_MAX_K_PER_SPLIT shrunk to 8 (3 partials:
+    partial z starts at z·M·N, past 2^31 for z = 1 and past 2^32 for z = 2). Fails unless rows
+    on both sides of output element 2^31 are exact (a 32-bit output index, partial offset or
+    split-sum index wraps: mutants no other test kills, the test above has outputs of 10^8
+    elements). Written in session 12 without a GPU; its plan and host logic were checked at
+    300 x 200 x 24 on the CPU harness only."""
+    m, n, k = 2**16 + 3, 2**15, 24
+    big.need(4 * 4 * m * n + 2**31, "a 2^31-element product split 3 ways")
+    cp, a = big.cp, big.arrays
+    rng = np.random.default_rng(12)
+    ints = lambda *s: rng.choice(np.array([-3, -2, -1, 1, 2, 3], np.float32), size=s)  # noqa: E731
+    a_h, b_h = ints(m, k), ints(k, n)
+    a["a"], a["b"] = cp.asarray(a_h), cp.asarray(b_h)
+    rows = [0, 1, 2**16 - 1, 2**16, 2**16 + 1, m - 1]
+    for cap in (config.GEMM_MAX_K_PER_SPLIT, 8):
+        monkeypatch.setattr(config, "GEMM_MAX_K_PER_SPLIT", cap)
+        a["c"] = F.matmul(a["a"], a["b"])
+        for r in rows:
+            assert np.array_equal(a["c"][r].get(), a_h[r].astype(np.float64) @ b_h), \
+                f"cap {cap}: row {r}"
+        del a["c"]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
 def test_row_kernels_past_2_31_elements(big):
     """log_softmax and cross_entropy_backward on (2^31/33 + 2, 33) float32 logits: fails if
     rows at the start and on both sides of element 2^31 differ from float64 by > 1e-5."""
