@@ -606,6 +606,15 @@ def test_near_one_hot_probability_rows_through_the_row_kernel(cpu, dtype, c):
     assert row_rel_err(grad, grad_np) <= 2 * tol(dtype, "elementwise")
 
 
+def _recorded_allocations(cpu, monkeypatch) -> list:
+    """The shapes of the outputs ``cpu.empty`` allocates from now on (a list it appends to)."""
+    allocs = []
+    real_empty = cpu.empty
+    monkeypatch.setattr(cpu, "empty", lambda shape, dtype: (allocs.append(shape),
+                                                            real_empty(shape, dtype))[1])
+    return allocs
+
+
 @pytest.mark.parametrize("op", ["bias_grad", "activation_backward_bias_grad", "softmax", "gemm"])
 def test_a_width_past_int32_is_refused_before_anything_is_allocated(cpu, monkeypatch, op):
     """config.INT32_MAX shrunk to 15, so N = 16 stands for N = 2^31: refused with a
@@ -613,10 +622,7 @@ def test_a_width_past_int32_is_refused_before_anything_is_allocated(cpu, monkeyp
     the fused activation-backward its (M, N) gradient, first: out of memory on a full card
     instead of the clear error; found by a probe)."""
     monkeypatch.setattr(config, "INT32_MAX", 15)
-    allocs = []
-    real_empty = cpu.empty
-    monkeypatch.setattr(cpu, "empty", lambda shape, dtype: (allocs.append(shape),
-                                                            real_empty(shape, dtype))[1])
+    allocs = _recorded_allocations(cpu, monkeypatch)
 
     def call(g):
         return {"bias_grad": lambda: on_cpu(cpu, "bias_grad", g),
@@ -638,10 +644,7 @@ def test_gemm_m_or_k_past_int32_is_refused_before_anything_is_allocated(cpu, mon
     shrunk to 15: 16 stands for 2^31), in every layout. Unchecked, M = 2^31 would allocate its
     output first and then fail in numpy.int32(m) with an OverflowError."""
     monkeypatch.setattr(config, "INT32_MAX", 15)
-    allocs = []
-    real_empty = cpu.empty
-    monkeypatch.setattr(cpu, "empty", lambda shape, dtype: (allocs.append(shape),
-                                                            real_empty(shape, dtype))[1])
+    allocs = _recorded_allocations(cpu, monkeypatch)
     m, k = (16, 4) if dim == "M" else (4, 16)
     for layout, (ta, tb) in LAYOUTS.items():
         with case(layout):
@@ -934,25 +937,37 @@ def test_activation_nan_inf_like_numpy(cpu, rng, name, n, dtype):
     same_as_numpy(on_cpu(cpu, "activation_backward", name, g, saved), ref)
 
 
+# Saved outputs z near saturation for each activation's derivative test below: the top of
+# y's range per dtype, where z is still inside its open range (checked), and f'(z) in float64.
+SATURATION = {
+    "tanh": ({F32: 8.0, F64: 18.0}, lambda z: np.abs(z) < 1, lambda z: (1 - z) * (1 + z)),
+    "sigmoid": ({F32: 15.0, F64: 35.0}, lambda z: (z > 0) & (z < 1), lambda z: z * (1 - z)),
+}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_tanh_backward_near_saturation_element_by_element(cpu, dtype):
-    """tanh' = (1 - z)(1 + z) at saved outputs close to ±1 (y from 3 to 8 in float32, to 18
-    in float64, |z| < 1 all the same), element by element against float64: 1 - z*z cancels
-    there (float32 y = 5: 4.5e-5 off, past the 1e-5 bound), which a norm over random data
-    (most |z| well below 1, the rest exactly 1) does not see. Both kernels that form it:
-    activation_backward and the fused activation-backward + bias-gradient."""
-    top = 8.0 if dtype == F32 else 18.0
-    y = np.linspace(3.0, top, 64)
+@pytest.mark.parametrize("name", list(SATURATION))
+def test_activation_backward_near_saturation_element_by_element(cpu, name, dtype):
+    """f'(z) at saved outputs close to saturation (y from 3 up, both signs), element by
+    element against float64 of the same z, which a norm over random data (most z well inside
+    the range, the rest exactly saturated) does not see.
+    tanh' = (1 - z)(1 + z) near ±1 (y to 8 in float32, 18 in float64, |z| < 1 all the same):
+    1 - z*z cancels there (float32 y = 5: 4.5e-5 off, past the 1e-5 bound).
+    sigmoid' = z (1 - z) near 1 and 0 (y to 15 in float32, 35 in float64, z < 1 all the
+    same): 1 - z is exact there, but the textbook z - z*z cancels (float32 y = 9: 1.2e-4 off).
+    Both kernels that form it: activation_backward and the fused activation-backward +
+    bias-gradient."""
+    tops, inside, derivative = SATURATION[name]
+    y = np.linspace(3.0, tops[dtype], 64)
     y = np.concatenate([y, -y]).astype(dtype).reshape(2, 64)
-    z = NP["activation"]("tanh", y)
-    assert (np.abs(z) < 1).all()
+    z = NP["activation"](name, y)
+    assert inside(z).all()
     g = np.ones_like(z)
-    z64 = z.astype(np.float64)
-    want = (1 - z64) * (1 + z64)
+    want = derivative(z.astype(np.float64))
     bound = tol(dtype, "elementwise")
-    dx = on_cpu(cpu, "activation_backward", "tanh", g, z)
-    dx_fused, db = on_cpu(cpu, "activation_backward_bias_grad", "tanh", g, z)
-    for got in (dx, dx_fused, NP["activation_backward"]("tanh", g, z)):
+    dx = on_cpu(cpu, "activation_backward", name, g, z)
+    dx_fused, db = on_cpu(cpu, "activation_backward_bias_grad", name, g, z)
+    for got in (dx, dx_fused, NP["activation_backward"](name, g, z)):
         worst = float(np.max(np.abs(got.astype(np.float64) - want) / want))
         assert worst <= bound, f"worst element off by {worst:.3g} (bound {bound})"
     assert rel_err(db, want.sum(axis=0)) <= tol(dtype)
@@ -1199,31 +1214,6 @@ def test_bias_grad_with_more_chunks_than_rows_per_chunk(cpu, rng, monkeypatch, r
                 g64 = act_bwd64("tanh", g, z)
                 check(gi, g64, NP["activation_backward"]("tanh", g, z), dtype, "elementwise")
                 check(db, g64.sum(0), NP["bias_grad"](g64), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_sigmoid_backward_near_saturation_element_by_element(cpu, dtype):
-    """sigmoid' = z (1 - z) at saved outputs close to 1 (y from 3 to 15 in float32, to 35 in
-    float64, z < 1 all the same) and close to 0, element by element against float64 of the
-    same z: 1 - z is exact there, but the textbook z - z*z cancels (float32 y = 9: 1.2e-4
-    off, past the 1e-5 bound), which a norm over random data (most z well inside (0, 1), the
-    rest exactly 0 or 1) does not see; the sigmoid counterpart of the tanh test above. Both
-    kernels that form it: activation_backward and the fused activation-backward + bias-gradient."""
-    top = 15.0 if dtype == F32 else 35.0
-    y = np.linspace(3.0, top, 64)
-    y = np.concatenate([y, -y]).astype(dtype).reshape(2, 64)
-    z = NP["activation"]("sigmoid", y)
-    assert ((z > 0) & (z < 1)).all()
-    g = np.ones_like(z)
-    z64 = z.astype(np.float64)
-    want = z64 * (1 - z64)
-    bound = tol(dtype, "elementwise")
-    dx = on_cpu(cpu, "activation_backward", "sigmoid", g, z)
-    dx_fused, db = on_cpu(cpu, "activation_backward_bias_grad", "sigmoid", g, z)
-    for got in (dx, dx_fused, NP["activation_backward"]("sigmoid", g, z)):
-        worst = float(np.max(np.abs(got.astype(np.float64) - want) / want))
-        assert worst <= bound, f"worst element off by {worst:.3g} (bound {bound})"
-    assert rel_err(db, want.sum(axis=0)) <= tol(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
