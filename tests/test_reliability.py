@@ -17,9 +17,10 @@
   ordered on that stream (a kernel sent to another stream would read unfinished input).
 * Soak: 10,000 SGD steps of a 64-128-10 MLP on the GPU (marks gpu, slow) and 1,000 on the
   CPU: the loss stays finite and falls, and memory in use does not grow after warm-up.
-* Past 2^31 elements (marks gpu, slow): element-wise, row-wise, column-sum, reduction and
-  product kernels give exact or float64-close values at indices past 2^31 (spot-checked on
-  host slices, never copying the whole array); sizes a kernel cannot index (a matrix
+* Past 2^31 elements (marks gpu, slow): element-wise, row-wise, column-sum (also fused with
+  an activation's backward, and past 2^32 rows), reduction, optimiser and product kernels
+  give exact or float64-close values at indices past 2^31 (spot-checked on host slices,
+  never copying the whole array); sizes a kernel cannot index (a matrix
   dimension of 2^31 or more, an output wider than the grid allows) are refused before any
   launch with a clear error.
 
@@ -1043,17 +1044,20 @@ extern "C" __global__ void fill_pattern(float* x, long long n) {
 }
 
 // x[m * cols + c] = s(m) * (c % 7 + 1), s(m) in {-2, -1, 1, 2} from the top 2 bits of mix64(m).
-extern "C" __global__ void fill_rows(float* x, long long rows, int cols) {
+template <typename T>
+__device__ void fill_rows_of(T* x, long long rows, int cols) {
     const long long n = rows * cols;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const long long m = i / cols;
         const int c = (int)(i - m * cols);
         const int k = (int)(mix64((unsigned long long)m) >> 62);
-        const float s = k == 0 ? -2.0f : k == 1 ? -1.0f : k == 2 ? 1.0f : 2.0f;
-        x[i] = s * (float)(c % 7 + 1);
+        const T s = k == 0 ? T(-2) : k == 1 ? T(-1) : k == 2 ? T(1) : T(2);
+        x[i] = s * (T)(c % 7 + 1);
     }
 }
+extern "C" __global__ void fill_rows(float* x, long long rows, int cols) { fill_rows_of(x, rows, cols); }
+extern "C" __global__ void fill_rows_f64(double* x, long long rows, int cols) { fill_rows_of(x, rows, cols); }
 
 // x[i] = lo for i < split, hi from split on.
 extern "C" __global__ void fill_step(float* x, long long n, long long split, float lo, float hi) {
@@ -1145,7 +1149,7 @@ def test_elementwise_past_2_31_relu_relu_backward_sgd(big):
     big.launch("fill_pattern", a["x"], np.int64(n))
     a["out"] = F.relu(a["x"])
     a["grad"] = F.relu_backward(a["x"], a["out"])
-    spans = [(0, 64), (2**30 - 5, 2**30 + 59), (TWO31 - 40, n)]
+    spans = [(0, 64), (TWO31 // 2 - 5, TWO31 // 2 + 59), (TWO31 - 40, n)]
     for lo, hi in spans:
         x = _pattern(np.arange(lo, hi))
         assert np.array_equal(_host(a["x"], lo, hi), x), f"fill_pattern itself is wrong at [{lo}, {hi})"
@@ -1160,9 +1164,10 @@ def test_elementwise_past_2_31_relu_relu_backward_sgd(big):
             f"sgd_step wrong in [{lo}, {hi})"
 
 
-def _rows_matrix(big, rows, cols):
-    g = big.cp.empty((rows, cols), dtype=big.cp.float32)
-    big.launch("fill_rows", g, np.int64(rows), np.int32(cols))
+def _rows_matrix(big, rows, cols, dtype=np.float32):
+    g = big.cp.empty((rows, cols), dtype=dtype)
+    big.launch("fill_rows" if g.dtype == np.float32 else "fill_rows_f64", g, np.int64(rows),
+               np.int32(cols))
     return g
 
 
@@ -1186,6 +1191,99 @@ def test_bias_grad_past_2_31_elements_is_exact(big):
     expected = sign_sum * (np.arange(64) % 7 + 1)
     got = F.bias_grad(a["g"]).get().astype(np.float64)
     assert np.array_equal(got, expected), f"column sums differ at {np.flatnonzero(got != expected)[:8]}"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_accumulate_and_adam_past_2_31_elements(big):
+    """accumulate, then adam_step with a step number (step 1, kernel adam_step) and with a
+    device step counter (step 2, adam_step_counted), on 2^31 + 17 float32 elements (four
+    8.6 GB arrays). Fails if, in slices at the start, around 2^30 and on both sides of 2^31,
+    the sum is not exact or a parameter or moment is not the float64 formula's to 1e-5 (a
+    32-bit index in either loop wraps: mutants that no other test killed)."""
+    n = TWO31 + 17
+    big.need(4 * 4 * n + 2**31, "accumulate and Adam on 2^31 + 17 float32 elements")
+    cp, a = big.cp, big.arrays
+    for name in ("p", "g"):
+        a[name] = cp.empty(n, dtype=cp.float32)
+        big.launch("fill_pattern", a[name], np.int64(n))
+    F.accumulate(a["g"], a["p"])                          # g = 2x, exact
+    spans = [(0, 64), (TWO31 // 2 - 5, TWO31 // 2 + 59), (TWO31 - 40, n)]
+    ref = {}
+    for lo, hi in spans:
+        x = _pattern(np.arange(lo, hi))
+        assert np.array_equal(_host(a["g"], lo, hi), 2 * x), f"accumulate wrong in [{lo}, {hi})"
+        ref[lo, hi] = [x.astype(np.float64), 2.0 * x, np.zeros(hi - lo), np.zeros(hi - lo)]  # p g m v
+    a["m"] = cp.zeros(n, dtype=cp.float32)
+    a["v"] = cp.zeros(n, dtype=cp.float32)
+    lr, beta1, beta2, eps = 0.01, 0.9, 0.999, 1e-8
+    counter = cp.ones((), dtype=cp.int64)                 # one step taken: the next is 2
+    for step in (1, counter):
+        F.adam_step(a["p"], a["g"], a["m"], a["v"], step=step, lr=lr, beta1=beta1,
+                    beta2=beta2, eps=eps)
+        t = 1 if step is not counter else 2
+        for (lo, hi), (p, g, m, v) in ref.items():
+            m[:] = beta1 * m + (1 - beta1) * g
+            v[:] = beta2 * v + (1 - beta2) * g * g
+            p -= lr / (1 - beta1**t) * m / (np.sqrt(v / (1 - beta2**t)) + eps)
+            for name, want in (("p", p), ("m", m), ("v", v)):
+                assert rel_err(_host(a[name], lo, hi), want) < 1e-5, \
+                    f"adam step {t}: {name} wrong in [{lo}, {hi})"
+    assert int(counter) == 2, f"the step counter holds {int(counter)} after one counted step"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_fused_activation_backward_and_bias_grad_past_2_31_elements_are_exact(big):
+    """linear_backward with each activation, whose dZ = dY * f'(out) and db (dZ's column
+    sums) come from one kernel (bias_grad_colsum with ACT 1-3), on float64 dY = out =
+    fill_rows values ((2^31/64 + 3, 64): 2^31 + 192 elements; integers, so every product and
+    sum is exact in float64 in any order), x = ones (rows, 1) and weight = ones (64, 1): db
+    and dW are dZ's column sums, dX its row sums. Fails unless db and dW equal the exact
+    host sums and dX the exact row sums at rows on both sides of element 2^31 (a 32-bit
+    index in the fused kernel's reads of out or writes of dZ: mutants no other test killed)."""
+    big.need(2 * 8 * 64 * TALL + 2**31, "fused backward on 2^31 + 192 float64 elements")
+    cp, a = big.cp, big.arrays
+    a["g"] = _rows_matrix(big, TALL, 64, np.float64)
+    a["x"] = cp.ones((TALL, 1), dtype=cp.float64)
+    w = cp.ones((64, 1), dtype=cp.float64)
+    signs = np.array([-2.0, -1.0, 1.0, 2.0])               # _row_sign's values, by top bits
+    counts = np.zeros(4, np.int64)
+    for lo in range(0, TALL, 1 << 22):
+        top = _mix64(np.arange(lo, min(TALL, lo + (1 << 22)))) >> _U64(62)
+        counts += np.bincount(top.astype(np.int64), minlength=4)
+    cols = (np.arange(64) % 7 + 1).astype(np.float64)
+    derivative = {"relu": lambda g, y: g * (y > 0), "sigmoid": lambda g, y: g * y * (1 - y),
+                  "tanh": lambda g, y: g * (1 - y) * (1 + y)}
+    rows = _spot_rows()
+    for activation, f in derivative.items():
+        dz = f(np.outer(signs, cols), np.outer(signs, cols))      # dZ of a row, by its sign
+        a["dx"], a["dw"], a["db"] = F.linear_backward(a["g"], a["x"], w, activation=activation,
+                                                      out=a["g"])
+        expected = counts.astype(np.float64) @ dz
+        assert np.array_equal(a["db"].get(), expected), f"{activation}: db wrong"
+        assert np.array_equal(a["dw"].get()[:, 0], expected), f"{activation}: dW wrong"
+        sign_of = np.searchsorted(signs, _row_sign(np.array(rows)))
+        got = a["dx"][cp.asarray(rows)].get()[:, 0]
+        assert np.array_equal(got, dz.sum(axis=1)[sign_of]), f"{activation}: dX rows {rows}"
+        del a["dx"], a["dw"], a["db"]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_bias_grad_past_2_32_rows(big):
+    """bias_grad of a (2^32 + 5, 1) float32 column, zero but for 4 at row 5, 1 at row
+    2^31 + 7 and 2 at row 2^32 + 3 (the chunks of the split-M reduction then start past 2^31
+    and past 2^32 rows): fails unless the sum is exactly 7 (a 32-bit signed or unsigned row
+    offset loses a marked row: mutants that the (2^31/64 + 3)-row test cannot reach)."""
+    m = 2 * TWO31 + 5
+    big.need(4 * m + 2**31, "bias_grad on 2^32 + 5 rows")
+    a = big.arrays
+    a["g"] = big.cp.zeros((m, 1), dtype=big.cp.float32)
+    for row, value in ((5, 4.0), (TWO31 + 7, 1.0), (2 * TWO31 + 3, 2.0)):
+        a["g"][row, 0] = value
+    got = F.bias_grad(a["g"]).get()
+    assert got.shape == (1,) and got[0] == 7.0, f"column sum {got}, expected [7.]"
 
 
 def _spot_rows():
