@@ -1152,16 +1152,20 @@ def _mlp_step_products(shapes: Shapes = FULL_SHAPES) -> list[tuple[str, int, int
     return out
 
 
-def gemm_plan_specs(splits=(1, 2, 4, 8), shapes: Shapes = FULL_SHAPES) -> list[Spec]:
+def gemm_plan_specs(splits=(1, 2, 4, 8), shapes: Shapes = FULL_SHAPES,
+                    sm_count: int = 132) -> list[Spec]:
     """``--gemm-plans``: the MLP-shape products and those of the MLP training step, each
     under every tile of config.GEMM_TILES (float32) and K split in ``splits``, against cuBLAS
-    (reported only): the measurements that config.gemm_plan's heuristic is tuned by."""
+    (reported only): the measurements that config.gemm_plan's heuristic is tuned by. The
+    plan F.matmul itself takes on a GPU of ``sm_count`` SMs is marked ``_auto`` (the bench
+    passes the device's count; 132, an H100 SXM's, where no device is asked, as for
+    ``--list``)."""
     from .backends.cuda import config
     cublas = "cupy.matmul (cuBLAS SGEMM, TF32 off)"
     products = [("NN", m, n, k) for m, n, k in shapes.mlp] + _mlp_step_products(shapes)
     out = []
     for layout, m, n, k in dict.fromkeys(products):
-        auto = config.gemm_plan(m, n, k, "float32", 132)
+        auto = config.gemm_plan(m, n, k, "float32", sm_count)
         plans = [auto]
         for tiles in config.GEMM_TILES["float32"]:
             for want in splits:
@@ -1170,7 +1174,7 @@ def gemm_plan_specs(splits=(1, 2, 4, 8), shapes: Shapes = FULL_SHAPES) -> list[S
                     plans.append(plan)
         for plan in plans:
             tiles = plan.tiles
-            mark = " (gemm_plan's choice on 132 SMs)" if plan == auto else ""
+            mark = f" (gemm_plan's choice on {sm_count} SMs)" if plan == auto else ""
             name = f"gemm_plan_{layout.lower()}_t{tiles.bm}_s{plan.splits}"
             out.append(Spec(name + ("_auto" if plan == auto else ""), f"{m}x{n}x{k}",
                             f"F.matmul, tile {tiles.bm}x{tiles.bn}, {plan.splits} K "
@@ -1439,8 +1443,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     shapes = SMOKE_SHAPES if args.smoke else FULL_SHAPES
-    chosen = selected(specs(shapes) + (gemm_plan_specs(shapes=shapes) if args.gemm_plans
-                                       else []), args.only)
+
+    def choose(sm_count=132):
+        return selected(specs(shapes) + (gemm_plan_specs(shapes=shapes, sm_count=sm_count)
+                                         if args.gemm_plans else []), args.only)
+    chosen = choose()
     if args.list:
         for s in chosen:
             for p in s.peers:
@@ -1463,6 +1470,9 @@ def main(argv=None) -> int:
     if cupy_loaded:
         print("cugrad bench: warning: CuPy was imported before the bench set CUPY_TF32=0",
               file=sys.stderr)
+    if args.gemm_plans:     # mark the plan F.matmul takes on this device, not on 132 SMs
+        from .backends.cuda.context import current_context
+        chosen = choose(current_context().sm_count)
     settings = SMOKE if args.smoke else QUICK if args.quick else FULL
     result, out_path = run_suite(settings, chosen, args.out, args.max_seconds,
                                  smoke=args.smoke, shapes=shapes)

@@ -338,6 +338,24 @@ def test_gemm_plan_sweep_covers_every_tile_and_marks_the_launchers_choice():
     assert not set(labels) & {s.label for s in bench.specs()}
 
 
+def test_gemm_plan_sweep_marks_the_choice_for_the_devices_sm_count():
+    """On a GPU with another SM count than 132 (an H100 PCIe has 114) the plan marked
+    ``_auto`` is the one F.matmul takes there; the bench passes the device's count."""
+    from cugrad.backends.cuda import config
+    for sm_count in (114, 16):
+        specs = bench.gemm_plan_specs(sm_count=sm_count)
+        autos = [s for s in specs if s.name.endswith("_auto")]
+        assert autos and all(f"choice on {sm_count} SMs" in s.ours for s in autos)
+        for s in autos:
+            m, n, k = map(int, s.shape.split("x"))
+            plan = config.gemm_plan(m, n, k, "float32", sm_count)
+            assert f"_t{plan.tiles.bm}_s{plan.splits}_auto" in s.name, (sm_count, s.name)
+    # the counts differ where it matters: some product is planned otherwise on 16 SMs
+    marked = lambda c: {s.name for s in bench.gemm_plan_specs(sm_count=c)  # noqa: E731
+                        if s.name.endswith("_auto")}
+    assert marked(16) != marked(132)
+
+
 def test_forced_gemm_plan_is_used_and_undone():
     from cugrad.backends.cuda import config
     chosen = config.gemm_plan
