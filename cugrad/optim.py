@@ -145,15 +145,23 @@ class Optimizer:
     def step(self) -> None:
         """Update every parameter that has a gradient. All of them are checked first: a step
         that raises (a gradient of the wrong dtype or shape, a hyper-parameter set out of
-        range) has updated none of them, and the error says which parameter it was."""
+        range) has updated none of them, nor made any state (a first step's buffers), and
+        the error says which parameter it was."""
         with op_range(self._range, self.params[0].device):
-            updates = []
+            updates, made = [], []      # made: (state, its entries before this step's checks)
             for i, p in enumerate(self.params):
                 if p.grad is None:
                     continue
+                state = self.state[id(p)]
+                made.append((state, set(state)))
                 try:
-                    updates.append(self._check(p, self.state[id(p)]))
+                    updates.append(self._check(p, state))
                 except (TypeError, ValueError) as exc:
+                    # The checks may have made a parameter's first buffers: a step that
+                    # changed nothing leaves no entries (state_dict() stays loadable).
+                    for st, before in made:
+                        for name in set(st) - before:
+                            del st[name]
                     _add_note(exc, f"(in {type(self).__name__}.step, params[{i}]: {p!r}; "
                                    "no parameter was updated)")
                     raise

@@ -428,3 +428,186 @@ def test_train_and_eval_set_the_flag_on_the_whole_tree_and_change_nothing_else()
 
     with pytest.raises(AttributeError, match="must call super"):
         Forgot().training
+
+
+# -------------------------------------------- from a mutation probe of nn.py (session 13)
+# Behaviours the docstrings promise that no test pinned: each test below fails on a mutant
+# the suite let live.
+
+def _linear(seed=0, n_in=4, n_out=3):
+    return nn.Linear(n_in, n_out, rng=seed)
+
+
+def _randn(rng, *shape):
+    return rng.standard_normal(shape).astype(f32)
+
+
+def test_accumulate_into_a_grad_that_cannot_take_it_is_refused_in_the_parameters_terms():
+    """A later accumulate checks the held .grad itself (C-contiguous, writable, not the new
+    gradient's memory) and says so as Parameter.accumulate, not as F.accumulate."""
+    p = nn.Parameter(np.zeros((2, 3), f32))
+    p.grad = np.zeros((3, 2), f32).T                   # the right shape, not C-contiguous
+    with pytest.raises(ValueError, match=r"^Parameter\.accumulate: the parameter's \.grad is "
+                                         r"added to in place and must be a writable "
+                                         r"C-contiguous array"):
+        p.accumulate(np.ones((2, 3), f32))
+    assert not p.grad.any()
+    p.grad = None
+    p.accumulate(np.ones((2, 3), f32))
+    with pytest.raises(ValueError, match=r"^Parameter\.accumulate: the parameter's \.grad "
+                                         r"shares memory with the new gradient"):
+        p.accumulate(p.grad)
+    np.testing.assert_array_equal(p.grad, np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("held", ["shape", "strided", "read-only"])
+def test_a_bias_grad_that_cannot_take_the_gradient_leaves_the_weight_grad_alone(rng, held):
+    """Linear.backward checks weight.grad and bias.grad before adding to either: a bias.grad
+    of the wrong shape, or not a writable C-contiguous array, raises naming it and the
+    weight's .grad is untouched; mended, the retry counts each gradient once."""
+    lin = _linear()
+    x, g = _randn(rng, 5, 4), _randn(rng, 5, 3)
+    lin(x)
+    bad = {"shape": np.zeros((1, 3), f32),
+           "strided": np.zeros(6, f32)[::2],
+           "read-only": np.zeros(3, f32)}[held]
+    if held == "read-only":
+        bad.flags.writeable = False
+    lin.bias.grad = bad
+    with pytest.raises(ValueError, match=r"^Linear\.backward: bias\.grad "):
+        lin.backward(g)
+    assert lin.weight.grad is None and lin.bias.grad is bad and not bad.any()
+    lin.bias.grad = None
+    lin.backward(g)
+    g64, x64 = g.astype(np.float64), x.astype(np.float64)
+    np.testing.assert_allclose(lin.weight.grad, g64.T @ x64, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lin.bias.grad, g64.sum(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_to_drops_what_the_forward_saved_in_every_layer(rng):
+    """Module docstring: moving the module with .to() drops what its forward saved (in the
+    module and every module below it), so the backward raises until the next forward."""
+    for model in (_linear(), nn.Sequential(_linear(), nn.ReLU(), _linear(1, 3, 2))):
+        x = _randn(rng, 5, 4)
+        out = model(x)
+        model.to("cpu")
+        with pytest.raises(RuntimeError, match="nothing saved to differentiate"):
+            model.backward(np.ones_like(out))
+        assert all(p.grad is None for p in model.parameters())
+        model(x)
+        model.backward(np.ones_like(out))           # a new forward: backward works again
+        assert all(p.grad is not None for p in model.parameters())
+
+
+def test_to_gives_parameters_in_native_byte_order():
+    """.to() keeps each parameter's dtype in native byte order (a big-endian array becomes
+    the same values, same dtype, native)."""
+    class Big(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(np.arange(6, dtype=">f8").reshape(2, 3))
+            self.k = nn.Parameter(np.arange(3, dtype=">i4"))
+
+    m = Big().to("cpu")
+    assert m.w.data.dtype == np.float64 and m.w.data.dtype.isnative
+    assert m.k.data.dtype == np.int32 and m.k.data.dtype.isnative
+    np.testing.assert_array_equal(m.w.data, np.arange(6.0).reshape(2, 3))
+    np.testing.assert_array_equal(m.k.data, np.arange(3))
+
+
+def test_load_state_dict_refuses_unexpected_and_missing_keys_and_changes_nothing():
+    """Every key must be present and no other (KeyError naming them); nothing is loaded."""
+    lin = _linear()
+    before = {k: v.copy() for k, v in lin.state_dict().items()}
+    good = {k: v + 1 for k, v in before.items()}
+    with pytest.raises(KeyError, match=r"unexpected keys \['extra'\]"):
+        lin.load_state_dict({**good, "extra": np.ones(3, f32)})
+    with pytest.raises(KeyError, match=r"missing keys \['bias'\], unexpected keys \[\]"):
+        lin.load_state_dict({"weight": good["weight"]})
+    for k, v in lin.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_load_refuses_a_member_that_is_not_a_npy_array(tmp_path):
+    """Module.load takes only <name>.npy members: a member of another name, even one that
+    holds a valid .npy array for a parameter, is a ValueError and loads nothing."""
+    lin = _linear()
+    before = {k: v.copy() for k, v in lin.state_dict().items()}
+    path = tmp_path / "w.npz"
+    _linear(1).save(path)
+    with zipfile.ZipFile(path) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist()}
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("weight.npy", members["weight.npy"])
+        zf.writestr("bias.bin", members["bias.npy"])        # four characters: ".bin"
+    with pytest.raises(ValueError, match=r"member 'bias\.bin' is not a \.npy array"):
+        lin.load(path)
+    for k, v in lin.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_load_reads_npy_format_2_members(tmp_path):
+    """Module.load takes .npy members of format 1.0 or 2.0 (both are what NumPy writes)."""
+    src, dst = _linear(1), _linear(0)
+    path = tmp_path / "w.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, a in src.state_dict().items():
+            with zf.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, a, version=(2, 0), allow_pickle=False)
+    dst.load(path)
+    for k, v in src.state_dict().items():
+        np.testing.assert_array_equal(dst.state_dict()[k], v)
+
+
+def test_a_parameter_needs_an_array_with_a_dtype():
+    class ShapeOnly:
+        shape = (2, 3)
+
+    with pytest.raises(TypeError, match=r"^Parameter: data must be an array"):
+        nn.Parameter(ShapeOnly())
+
+
+def test_a_failed_forward_clears_the_saved_state_of_nested_layers(rng):
+    """After a failed Sequential forward nothing is saved anywhere below it (nested
+    Sequentials included): the backward raises and accumulates no gradient."""
+    inner = nn.Sequential(_linear(1, 3, 3))
+    model = nn.Sequential(_linear(0, 4, 3), inner)
+    model(_randn(rng, 5, 4))                      # every layer saves this batch
+    with pytest.raises(ValueError):
+        model(_randn(rng, 5, 7))                  # the first layer refuses 7 features
+    with pytest.raises(RuntimeError, match="nothing saved to differentiate"):
+        model.backward(_randn(rng, 5, 3))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_sequentials_layers_carry_their_names_from_the_start():
+    """Sequential names its layers "0:Linear", ... when it is made, so a layer called on its
+    own before the model ever ran reports its place in the model."""
+    model = nn.Sequential(_linear(0, 4, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"^0:Linear\.forward: argument 'x' has 5 features"):
+        model[0](np.ones((2, 5), f32))
+
+
+@pytest.mark.gpu
+def test_a_module_with_parameters_on_two_devices_has_no_device(gpu):
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(2, 2, rng=0)
+            self.b = nn.Linear(2, 2, rng=1, device="cuda")
+
+    with pytest.raises(ValueError, match=r"different devices \['cpu', 'cuda'\]"):
+        Two().device
+    assert Two().to("cuda").device == "cuda"
+
+
+@pytest.mark.gpu
+def test_a_loss_reports_the_device_of_its_last_forward(gpu):
+    for crit in (nn.MSELoss(), nn.CrossEntropyLoss()):
+        assert crit.device == "cpu"
+        pred = np.arange(6, dtype=f32).reshape(2, 3)
+        target = pred if isinstance(crit, nn.MSELoss) else np.array([0, 2])
+        crit(gpu.asarray(pred), gpu.asarray(target))
+        assert crit.device == "cuda"
+        crit(pred, target)
+        assert crit.device == "cpu"

@@ -8,6 +8,7 @@ import pytest
 import cugrad.functional as F
 from cugrad import nn, optim
 from cugrad._arrays import to_numpy
+from cugrad._backend import device_of
 from conftest import BackendCase, randn, rel_err
 
 BackendCaseCPU = BackendCase("numpy", "cpu")
@@ -429,3 +430,158 @@ def test_a_bad_optimiser_state_is_refused_naming_the_key_and_changes_nothing(cas
     after = opt.state_dict()
     assert before.keys() == after.keys()
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+# -------------------------------------------- from a mutation probe of optim.py (session 13)
+# Behaviours the docstrings promise that no test pinned: each test below fails on a mutant
+# the suite let live (the last
+# two fail on the code before session 13: a refused step left the buffers its checks made).
+
+f32 = np.float32
+
+
+def _linear(seed=0, n_in=4, n_out=3):
+    return nn.Linear(n_in, n_out, rng=seed)
+
+
+def _randn(rng, *shape):
+    return rng.standard_normal(shape).astype(f32)
+
+
+def test_an_optimiser_refuses_a_module_or_a_parameter_for_params():
+    """Even a user's module that can be iterated (over its layers) is refused as params,
+    with the message that says to pass model.parameters()."""
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = _linear(0), _linear(1)
+
+        def __iter__(self):
+            return iter((self.a, self.b))
+
+    for params in (_linear(), _linear().weight, nn.Sequential(), Stack()):
+        with pytest.raises(TypeError, match=r"params must be an iterable of "
+                                            r"cugrad\.nn\.Parameter.*model\.parameters\(\)"):
+            optim.SGD(params, lr=0.1)
+
+
+def test_the_largest_int64_step_count_loads():
+    """A step count is a whole number in [0, 2**63 - 1]: both ends load, one past is refused."""
+    p = nn.Parameter(np.ones(3, f32))
+    opt = optim.Adam([p])
+    zeros = np.zeros(3, f32)
+    for n in (0, 2**63 - 1):
+        opt.load_state_dict({"0.exp_avg": zeros, "0.exp_avg_sq": zeros, "0.step": np.int64(n)})
+        assert opt.state_dict()["0.step"] == n
+    with pytest.raises(ValueError, match="'0.step' must be a step count"):
+        opt.load_state_dict({"0.exp_avg": zeros, "0.exp_avg_sq": zeros, "0.step": 2**63})
+
+
+def _adam_pair(rng):
+    ps = [nn.Parameter(_randn(rng, 3, 2)), nn.Parameter(_randn(rng, 4))]
+    opt = optim.Adam(ps, lr=0.01)
+    for p in ps:
+        p.grad = _randn(rng, *p.shape)
+    opt.step()
+    return ps, opt
+
+
+def test_a_refused_optimiser_state_for_a_later_parameter_changes_no_earlier_one(rng):
+    """load_state_dict checks every entry before it changes anything: a bad entry for
+    parameter 1 leaves parameter 0's state as it was."""
+    _, opt = _adam_pair(rng)
+    before = opt.state_dict()
+    bad = {**before, "0.exp_avg": before["0.exp_avg"] + 1, "0.step": np.int64(7),
+           "1.exp_avg_sq": -np.ones(4, f32)}
+    with pytest.raises(ValueError, match="'1.exp_avg_sq' holds negative values"):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert sorted(after) == sorted(before)
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k])
+
+
+def test_a_zero_second_moment_round_trips_through_load_state_dict(rng):
+    """exp_avg_sq must be >= 0, so zeros (a gradient element that has always been 0) load;
+    the resumed step is the one PyTorch's Adam makes (written out in float64)."""
+    p = nn.Parameter(np.array([1.0, -2.0, 0.5], f32))
+    opt = optim.Adam([p], lr=0.1)
+    g = np.array([0.5, 0.0, -1.0], f32)
+    p.grad = g
+    opt.step()
+    state = opt.state_dict()
+    assert state["0.exp_avg_sq"][1] == 0
+    opt2 = optim.Adam([p], lr=0.1).load_state_dict(state)
+    start = p.data.astype(np.float64)
+    opt2.step()
+    b1, b2, g64 = 0.9, 0.999, g.astype(np.float64)
+    m = b1 * (1 - b1) * g64 + (1 - b1) * g64
+    v = b2 * (1 - b2) * g64**2 + (1 - b2) * g64**2
+    want = start - 0.1 * (m / (1 - b1**2)) / (np.sqrt(v / (1 - b2**2)) + 1e-8)
+    np.testing.assert_allclose(p.data, want, rtol=1e-6, atol=1e-7)
+
+
+def test_loading_state_after_a_parameter_dtype_change_keeps_the_values_exactly(rng):
+    """A parameter made float64 after its float32 state was made takes a loaded float64
+    state as given (not rounded into the old float32 buffer)."""
+    p = nn.Parameter(_randn(rng, 3))
+    opt = optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = _randn(rng, 3)
+    opt.step()
+    p.data, p.grad = p.data.astype(np.float64), None
+    want = np.array([0.1, 1 / 3, 2 ** -40], np.float64)       # none is a float32
+    opt.load_state_dict({"0.momentum_buf": want})
+    got = opt.state_dict()["0.momentum_buf"]
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.gpu
+def test_a_capturable_adam_counter_follows_its_parameter_to_the_gpu(gpu):
+    """The device step counter follows the parameter to the GPU, with its count: the second
+    step there is PyTorch's step 2 (written out in float64)."""
+    lin = nn.Linear(3, 2, rng=0)
+    opt = optim.Adam(lin.parameters(), lr=0.1, capturable=True)
+    w0 = lin.weight.data.astype(np.float64)
+    g = np.linspace(-1, 1, 6).reshape(2, 3).astype(f32)
+    lin.weight.grad = g
+    opt.step()
+    lin.to("cuda")
+    lin.weight.grad = gpu.asarray(g)
+    opt.step()
+    count = opt.state[id(lin.weight)]["step"]
+    assert device_of(count) == "cuda" and int(count) == 2
+    b1, b2, g64 = 0.9, 0.999, g.astype(np.float64)
+    m1, v1 = (1 - b1) * g64, (1 - b2) * g64**2
+    w1 = w0 - 0.1 * (m1 / (1 - b1)) / (np.sqrt(v1 / (1 - b2)) + 1e-8)
+    m2, v2 = b1 * m1 + (1 - b1) * g64, b2 * v1 + (1 - b2) * g64**2
+    w2 = w1 - 0.1 * (m2 / (1 - b1**2)) / (np.sqrt(v2 / (1 - b2**2)) + 1e-8)
+    np.testing.assert_allclose(gpu.asnumpy(lin.weight.data), w2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda ps: optim.Adam(ps, lr=0.1),
+                                  lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9)],
+                         ids=["adam", "sgd-momentum"])
+def test_a_refused_first_step_leaves_no_state_and_a_loadable_state_dict(make):
+    """Optimizer.state_dict: a parameter not yet stepped has no entries. A first step that
+    raises (the second parameter's gradient has the wrong dtype) updated nothing, so it
+    leaves none either: Adam kept zero moments without a step count, a state its own
+    load_state_dict refused; SGD a zero momentum buffer. The retry then matches a step
+    that never failed."""
+    ps = [nn.Parameter(np.ones(3, f32)), nn.Parameter(np.ones(2, f32))]
+    opt = make(ps)
+    ps[0].grad, ps[1].grad = np.full(3, 0.5, f32), np.ones(2, np.float64)   # the second: refused
+    with pytest.raises(TypeError):
+        opt.step()
+    assert opt.state_dict() == {} and all(not st for st in opt.state.values())
+    opt.load_state_dict(opt.state_dict())
+    np.testing.assert_array_equal(ps[0].data, np.ones(3, f32))
+    ps[1].grad = np.ones(2, f32)
+    opt.step()
+    twin = [nn.Parameter(np.ones(3, f32)), nn.Parameter(np.ones(2, f32))]
+    twin[0].grad, twin[1].grad = np.full(3, 0.5, f32), np.ones(2, f32)
+    ref = make(twin)
+    ref.step()
+    for a, b in zip(ps, twin):
+        np.testing.assert_array_equal(a.data, b.data)
+    assert sorted(opt.state_dict()) == sorted(ref.state_dict())
