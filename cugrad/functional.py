@@ -18,9 +18,9 @@ import numbers
 import numpy as np
 
 from . import _backend, _trace
-from ._checks import (check_choice, check_class_indices, check_flag, check_min_ndim,
-                      check_ndim, check_no_nan, check_no_overlap, check_scalar, check_shape,
-                      describe, prepare)
+from ._checks import (_to_backend_array, check_choice, check_class_indices, check_flag,
+                      check_min_ndim, check_ndim, check_no_nan, check_no_overlap, check_scalar,
+                      check_shape, describe, prepare)
 from ._trace import op_range
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
@@ -344,6 +344,10 @@ def mse_loss_with_grad(pred, target, *, reduction="mean"):
 
 def _xent_args(op, logits, target, reduction):
     check_choice(op, "reduction", reduction, XENT_REDUCTIONS)
+    # Another library's array (a PyTorch tensor, through DLPack) comes in first, so that the
+    # target's dtype below is NumPy's or CuPy's (np.dtype(torch.float32) is an error).
+    logits, target = (None if x is None else _to_backend_array(op, name, x)
+                      for name, x in (("logits", logits), ("target", target)))
     target_is_index = (getattr(target, "ndim", None) == 1)
     target_dtype = getattr(target, "dtype", None)
     if (not target_is_index and target_dtype is not None and np.dtype(target_dtype).kind in "iub"

@@ -1,11 +1,15 @@
 """Bad input gets a clear ValueError/TypeError naming the argument, what it got and what
 was expected — never a crash inside a kernel, never a silently wrong answer."""
 
+import re
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
+import cugrad
 import cugrad.functional as F
-from cugrad import nn
+from cugrad import _checks, nn
 
 f32 = np.float32
 
@@ -99,3 +103,297 @@ def test_nan_and_inf_inputs_propagate_like_the_reference():
     s = F.sigmoid(x)
     assert np.isnan(s[0, 0]) and s[0, 1] == 1.0 and s[0, 2] == 0.0
     assert np.isnan(F.mse_loss(x[:, :1], a(1, 1)))
+
+
+# -------------------------------- from a mutation probe of functional.py and _checks.py
+# (session 13: 102 mutants; each test below fails on one that every other test let live)
+
+# shape checks
+@pytest.mark.parametrize("trans_a,trans_b,a_shape,b_shape,seen", [
+    (False, False, (3, 5), (4, 2), "a is (3, 5) but b is (4, 2)"),     # K_a > K_b
+    (True, False, (5, 3), (4, 2), "aᵀ is (3, 5) but b is (4, 2)"),
+    (False, True, (3, 5), (2, 4), "a is (3, 5) but bᵀ is (4, 2)"),
+])
+def test_matmul_inner_dimension_larger_than_b_rows_is_a_clear_error(trans_a, trans_b, a_shape,
+                                                                     b_shape, seen):
+    """K of a larger than b's rows is refused by cugrad with the shapes named, not by the
+    backend's own product (mutant F01: `k < k2`)."""
+    with pytest.raises(ValueError) as info:
+        F.matmul(a(*a_shape), a(*b_shape), trans_a=trans_a, trans_b=trans_b)
+    message = str(info.value)
+    assert message.startswith("matmul: inner dimensions do not match: ")
+    assert seen in message and "expected b" in message and "to have 5 rows" in message
+
+
+def test_matmul_backward_grad_c_of_the_transposed_shape_names_grad_c():
+    """grad_c (2, 3) for c (3, 2): same size, wrong shape (mutant F03 compared sizes)."""
+    with pytest.raises(ValueError) as info:
+        F.matmul_backward(a(2, 3), a(3, 4), a(4, 2))
+    assert str(info.value) == ("matmul_backward: argument 'grad_c' has shape (2, 3), expected "
+                               "(3, 2) (the shape of op(a) @ op(b))")
+
+
+@pytest.mark.parametrize("grad_shape", [(4,), (12,), (1, 3, 4)])
+def test_accumulate_refuses_a_grad_of_another_ndim_instead_of_broadcasting(grad_shape):
+    """total (3, 4) += grad (4,) would broadcast silently (mutant F31 skipped the shape check
+    when the ranks differ); total must be unchanged."""
+    total = a(3, 4)
+    with pytest.raises(ValueError) as info:
+        F.accumulate(total, np.full(grad_shape, 2.0, f32))
+    assert str(info.value) == (f"accumulate: argument 'grad' has shape {grad_shape}, expected "
+                               "(3, 4) (the shape of total)")
+    assert np.array_equal(total, a(3, 4))
+
+
+def test_mse_loss_refuses_a_0d_pred():
+    """(mutant F18 dropped check_min_ndim for pred.)"""
+    for op in (F.mse_loss, F.mse_loss_backward, F.mse_loss_with_grad):
+        with pytest.raises(ValueError) as info:
+            op(np.array(1.0, f32), np.array(2.0, f32))
+        assert str(info.value) == (
+            f"{op.__name__}: argument 'pred' must have at least 1 dimension(s), got "
+            "numpy.ndarray of shape (), dtype float32, on cpu")
+
+
+def test_cross_entropy_with_zero_classes_says_logits_is_empty():
+    """(3, 0) logits with a (3, 0) probability target (mutant F27 checked only the rows)."""
+    with pytest.raises(ValueError) as info:
+        F.cross_entropy(a(3, 0), a(3, 0))
+    assert str(info.value).startswith("cross_entropy: logits is empty (numpy.ndarray of shape "
+                                      "(3, 0), dtype float32, on cpu)")
+
+
+def test_boolean_target_of_the_wrong_shape_says_class_indices_must_be_1d():
+    """A bool (N, 1) target is class indices of the wrong shape, as an int one is (mutant F19
+    left bool out and it became a dtype TypeError)."""
+    with pytest.raises(ValueError) as info:
+        F.cross_entropy(a(3, 4), np.zeros((3, 1), bool))
+    assert "an integer target holds class indices and must be 1-D" in str(info.value)
+    assert "numpy.ndarray of shape (3, 1), dtype bool, on cpu" in str(info.value)
+
+
+# messages
+
+def test_mixed_dtype_message_blames_the_argument_that_differs():
+    """(mutant C14 swapped the two names: "'a' has dtype float64 ... shape (4, 2)".)"""
+    with pytest.raises(TypeError) as info:
+        F.matmul(a(3, 4), a(4, 2, dtype=np.float64))
+    assert str(info.value).startswith(
+        "matmul: argument 'b' has dtype float64 (numpy.ndarray of shape (4, 2), dtype float64, "
+        "on cpu) but 'a' has dtype float32;")
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    (dict(low_open=True), "> 0.0"),
+    (dict(), ">= 0.0"),
+    (dict(high=1.0, high_open=True), "in [0.0, 1.0)"),
+    (dict(high=1.0), "in [0.0, 1.0]"),
+    (dict(low_open=True, high=1.0), "in (0.0, 1.0]"),
+])
+def test_out_of_range_scalar_message_states_the_interval_exactly(kwargs, expected):
+    """(mutants C36 and C37 swapped the open and closed bounds in the message.)"""
+    with pytest.raises(ValueError) as info:
+        _checks.check_scalar("op", "lr", -1.0, **kwargs)
+    assert str(info.value) == f"op: lr=-1.0 is out of range; expected a finite number {expected}"
+
+
+def test_adam_eps_and_beta_messages_state_open_bounds():
+    p = [a(3) for _ in range(4)]
+    with pytest.raises(ValueError, match=re.escape("eps=-1.0 is out of range; expected a finite "
+                                                   "number > 0.0")):
+        F.adam_step(*p, step=1, lr=0.1, eps=-1.0)
+    with pytest.raises(ValueError, match=re.escape("beta1=2.0 is out of range; expected a finite "
+                                                   "number in [0.0, 1.0)")):
+        F.adam_step(*p, step=1, lr=0.1, beta1=2.0)
+
+
+# flags and scalars
+
+@pytest.mark.parametrize("call,op,flag", [
+    (lambda v: F.matmul(a(4, 3), a(4, 2), trans_a=v), "matmul", "trans_a"),
+    (lambda v: F.matmul(a(3, 4), a(2, 4), trans_b=v), "matmul", "trans_b"),
+    (lambda v: F.matmul_backward(a(3, 2), a(4, 3), a(4, 2), trans_a=v), "matmul_backward",
+     "trans_a"),
+    (lambda v: F.matmul_backward(a(3, 2), a(3, 4), a(2, 4), trans_b=v), "matmul_backward",
+     "trans_b"),
+    (lambda v: F.linear_backward(a(3, 5), a(3, 4), a(5, 4), bias=v), "linear_backward", "bias"),
+])
+@pytest.mark.parametrize("value", [1, "yes", 1.0])
+def test_flags_must_be_bools(call, op, flag, value):
+    """A truthy non-bool is refused, not taken as True (mutant C18 accepted ints in
+    check_flag; F49 and F54 dropped check_flag for matmul's trans_b and matmul_backward's
+    trans_a)."""
+    with pytest.raises(TypeError) as info:
+        call(value)
+    assert str(info.value) == (f"{op}: {flag} must be a bool, got {type(value).__name__} "
+                               f"{value!r}")
+
+
+@pytest.mark.parametrize("value", [True, False, np.bool_(True)])
+def test_a_bool_hyperparameter_is_refused(value):
+    """lr=True is not lr=1.0 (mutant C29 dropped the bool test of check_scalar)."""
+    with pytest.raises(TypeError) as info:
+        F.sgd_step(a(3), a(3), lr=value)
+    assert str(info.value) == (f"sgd_step: lr must be a real number, got "
+                               f"{type(value).__name__} {value!r}")
+
+
+@pytest.mark.parametrize("value", [np.int64(1), np.int32(1), np.uint8(1)])
+def test_numpy_integer_hyperparameters_are_accepted(value):
+    """(mutant C30 refused NumPy integers.)"""
+    assert _checks.check_scalar("op", "lr", value) == 1.0
+    p = np.full(3, 5.0, f32)
+    F.sgd_step(p, np.full(3, 2.0, f32), lr=value)
+    assert np.array_equal(p, np.full(3, 3.0, f32))
+
+
+# in-place state
+
+def test_read_only_state_is_refused_by_name_before_any_update():
+    """(mutant F29 dropped the writable test: the backend then raised its own "output array
+    is read-only", or updated param before failing on the moment buffer.)"""
+    total = a(3)
+    total.flags.writeable = False
+    with pytest.raises(ValueError) as info:
+        F.accumulate(total, a(3))
+    assert str(info.value) == ("accumulate: argument 'total' is updated in place and must be a "
+                               "writable C-contiguous array, but it is read-only: "
+                               "numpy.ndarray of shape (3,), dtype float32, on cpu")
+    p, m, v = a(3), np.zeros(3, f32), np.zeros(3, f32)
+    v.flags.writeable = False
+    with pytest.raises(ValueError, match="argument 'exp_avg_sq' is updated in place"):
+        F.adam_step(p, a(3), m, v, step=1, lr=0.1)
+    assert np.array_equal(p, a(3)) and np.array_equal(m, np.zeros(3, f32))
+
+
+# Adam's step
+
+def test_numpy_integer_step_is_a_step_number_not_a_counter():
+    """step=np.int64(3) is t = 3, as step=3 (mutant F42 took it for a step counter)."""
+    out = []
+    for step in (3, np.int64(3)):
+        p, m, v = np.full(3, 1.0, f32), np.zeros(3, f32), np.zeros(3, f32)
+        F.adam_step(p, np.full(3, 0.5, f32), m, v, step=step, lr=0.1)
+        out.append(p)
+    assert np.array_equal(out[0], out[1])
+
+
+def test_read_only_step_counter_is_refused_before_any_update():
+    """(mutant F45 dropped the writable test: NumPy's own error came from the kernel.)"""
+    counter = np.array(0, np.int64)
+    counter.flags.writeable = False
+    p = a(3)
+    with pytest.raises(ValueError) as info:
+        F.adam_step(p, a(3), np.zeros(3, f32), np.zeros(3, f32), step=counter, lr=0.1)
+    assert str(info.value) == ("adam_step: the step counter is incremented in place and must be "
+                               "a writable NumPy array, got numpy.ndarray of shape (), dtype "
+                               "int64, on cpu")
+    assert np.array_equal(p, a(3)) and int(counter) == 0
+
+
+def test_an_empty_parameters_step_counter_still_counts():
+    """(mutant F48 returned before the counter's increment for an empty parameter.)"""
+    counter = np.array(4, np.int64)
+    F.adam_step(a(0), a(0), a(0), a(0), step=counter, lr=0.1)
+    assert int(counter) == 5
+
+
+# the device overlap test, DLPack
+
+def _device_array(ptr, shape, strides, itemsize=4):
+    return SimpleNamespace(data=SimpleNamespace(ptr=ptr), shape=shape, strides=strides,
+                           itemsize=itemsize, size=int(np.prod(shape)))
+
+
+def test_device_extents_sharing_one_byte_overlap():
+    """(mutant C40 needed two bytes in common.)"""
+    a4 = _device_array(1000, (4,), (4,))                       # bytes [1000, 1016)
+    last = _device_array(1015, (1,), (1,), itemsize=1)         # byte 1015
+    assert _checks.shares_memory(a4, last) and _checks.shares_memory(last, a4)
+    assert not _checks.shares_memory(a4, _device_array(1016, (1,), (1,), itemsize=1))
+
+
+def test_empty_device_arrays_never_overlap():
+    """CuPy gives zero-size arrays a null pointer, so an empty parameter's state arrays all
+    start at 0; they hold nothing and must not be refused as sharing memory (mutant C42 kept
+    empty arrays in the test, and a (5, 0) array's extent is not empty)."""
+    arrays = {name: _device_array(0, (5, 0), (4, 4)) for name in ("param", "exp_avg")}
+    _checks.check_no_overlap("adam_step", arrays)
+
+
+class _BrokenDLPack:
+    """Exports DLPack in name only: asking for its device fails."""
+
+    def __init__(self):
+        self._data = np.arange(3, dtype=f32)
+
+    def __dlpack__(self, **kwargs):
+        raise RuntimeError("no export")
+
+    def __dlpack_device__(self):
+        raise RuntimeError("no device")
+
+    def __array__(self, dtype=None, copy=None):
+        return self._data
+
+
+def test_a_failing_dlpack_device_is_not_a_cuda_array():
+    """(mutant C04 answered True, and to_numpy then raised the object's own error.)"""
+    obj = _BrokenDLPack()
+    assert _checks.is_cuda_dlpack(obj) is False
+    assert np.array_equal(cugrad.to_numpy(obj), np.arange(3, dtype=f32))
+
+
+# class indices of any integer dtype
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.uint8, np.int16, np.uint64])
+def test_class_indices_of_any_integer_dtype_match_int64(backend, index_dtype):
+    """The CUDA kernels read int64 indices: other integer dtypes are converted first (mutant
+    F25 dropped the conversion; the CUDA launch then refused an int32 array for an int64
+    pointer). Same loss and gradient bits as int64 indices, on both backends."""
+    logits = backend.put(np.arange(12, dtype=f32).reshape(3, 4) / 7)
+    want = [backend.get(op(logits, backend.put(np.array([0, 3, 1], np.int64)), reduction="sum"))
+            for op in (F.cross_entropy, F.cross_entropy_backward)]
+    target = backend.put(np.array([0, 3, 1], index_dtype))
+    got = [backend.get(op(logits, target, reduction="sum"))
+           for op in (F.cross_entropy, F.cross_entropy_backward)]
+    loss, grad = F.cross_entropy_with_grad(logits, target, reduction="sum")
+    got += [backend.get(loss), backend.get(grad)]
+    for g, w in zip(got, want + want):
+        assert np.array_equal(g, w)
+
+
+class _TorchLikeCPUTensor:
+    """A CPU DLPack producer whose ``dtype`` NumPy cannot interpret, as a PyTorch tensor's
+    ``torch.float32`` is not a NumPy dtype."""
+
+    class _Dtype:
+        def __repr__(self):
+            return "torch.float32"
+
+    def __init__(self, arr):
+        self._arr, self.shape, self.ndim, self.dtype = arr, arr.shape, arr.ndim, self._Dtype()
+
+    def __dlpack__(self, **kwargs):
+        return self._arr.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._arr.__dlpack_device__()
+
+
+def test_cross_entropy_takes_targets_whose_dtype_numpy_cannot_interpret():
+    """A probability target (or logits) from another library comes in through DLPack as it
+    does for every other op: the same loss and gradient as from NumPy arrays, and an integer
+    (N, 1) target gets the class-index message. Before, cross-entropy alone called
+    np.dtype(target.dtype) first and failed with NumPy's 'Cannot interpret'."""
+    z = np.arange(12, dtype=f32).reshape(3, 4) / 5
+    t = np.full((3, 4), 0.25, f32)
+    wrapped = _TorchLikeCPUTensor
+    for op in (F.cross_entropy, F.cross_entropy_backward):
+        assert np.array_equal(op(wrapped(z), wrapped(t)), op(z, t))
+    loss, grad = F.cross_entropy_with_grad(z, wrapped(t))
+    assert np.array_equal(loss, F.cross_entropy(z, t))
+    assert np.array_equal(grad, F.cross_entropy_backward(z, t))
+    with pytest.raises(ValueError, match=r"an integer target holds class indices and must be "
+                                         r"1-D.*numpy\.ndarray of shape \(3, 1\), dtype int64"):
+        F.cross_entropy(z, wrapped(np.zeros((3, 1), np.int64)))
