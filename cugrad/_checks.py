@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import threading
 
 import numpy as np
@@ -240,7 +241,7 @@ def check_scalar(op: str, name: str, value, *, low: float = 0.0, high: float = m
     if (type(value) is float and -math.inf < value < math.inf   # the common case, finite
             and (low < value < high or (value == low and not low_open))):
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):   # np.bool_ is not Real
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} "
                         f"{value!r}")
     try:

@@ -2,6 +2,7 @@
 was expected — never a crash inside a kernel, never a silently wrong answer."""
 
 import re
+from fractions import Fraction
 from types import SimpleNamespace
 
 import numpy as np
@@ -238,9 +239,10 @@ def test_a_bool_hyperparameter_is_refused(value):
                                f"{type(value).__name__} {value!r}")
 
 
-@pytest.mark.parametrize("value", [np.int64(1), np.int32(1), np.uint8(1)])
+@pytest.mark.parametrize("value", [np.int64(1), np.int32(1), np.uint8(1), Fraction(1)])
 def test_numpy_integer_hyperparameters_are_accepted(value):
-    """(mutant C30 refused NumPy integers.)"""
+    """(mutant C30 refused NumPy integers; a Fraction, a real number too, was refused as
+    not one.)"""
     assert _checks.check_scalar("op", "lr", value) == 1.0
     p = np.full(3, 5.0, f32)
     F.sgd_step(p, np.full(3, 2.0, f32), lr=value)
