@@ -277,6 +277,19 @@ def shares_memory(a, b) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def exported_read_only(x) -> bool:
+    """Whether ``x``, another library's GPU array, exports its memory as read-only through
+    ``__cuda_array_interface__`` (``data = (ptr, True)``: JAX's arrays, which are immutable).
+    CuPy drops the flag when it wraps the pointer, so an in-place update would write memory
+    its owner promised nobody writes; NumPy and CuPy arrays say False."""
+    if type(x) is np.ndarray or _backend.is_cupy_array(x):
+        return False
+    try:
+        return bool(x.__cuda_array_interface__["data"][1])
+    except Exception:            # no interface, or not one that says so: nothing to refuse
+        return False
+
+
 def check_no_overlap(op: str, arrays: dict) -> None:
     """No two of ``arrays`` (name -> array or None, one device) share memory: in-place
     updates of aliased state would read what they have just written."""

@@ -20,7 +20,7 @@ import numpy as np
 from . import _backend, _trace
 from ._checks import (_to_backend_array, check_choice, check_class_indices, check_flag,
                       check_min_ndim, check_ndim, check_no_nan, check_no_overlap, check_scalar,
-                      check_shape, describe, prepare)
+                      check_shape, describe, exported_read_only, prepare)
 from ._trace import op_range
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
@@ -413,6 +413,11 @@ def _inplace_args(op, arrays, optional=()):
     (``param``, ``total``), every one but ``grad`` is written and so must be a writable
     C-contiguous array, and none overlaps another. Only those named in ``optional`` may be
     None."""
+    for name, a in arrays.items():       # before CuPy wraps it and forgets the flag
+        if name != "grad" and exported_read_only(a):
+            raise ValueError(f"{op}: argument {name!r} is updated in place and must be a "
+                             "writable C-contiguous array, but its __cuda_array_interface__ "
+                             f"marks it read-only: {describe(a)}")
     backend, arr = prepare(op, arrays, optional=optional)
     ref_name = next(iter(arr))
     ref = arr[ref_name]

@@ -412,3 +412,43 @@ def test_a_masked_or_big_endian_interface_is_a_type_error_naming_the_argument(cp
     import cupy
     with pytest.raises(ValueError, match="masked|big-endian"):   # the stand-in as CuPy
         cupy.asarray(odd)
+
+
+class _JaxLikeDeviceArray(_NumbaLikeDeviceArray):
+    """A GPU array exported read-only, as JAX's immutable arrays are: ``data = (ptr, True)``
+    in ``__cuda_array_interface__`` (CuPy drops that flag when it wraps the pointer)."""
+
+    @property
+    def __cuda_array_interface__(self):
+        return {**super().__cuda_array_interface__, "data": (self._host.ctypes.data, True)}
+
+
+@fake_only
+def test_an_array_exported_read_only_is_read_but_never_updated_in_place(cp):
+    """A read-only export is a fine input, but as the state an optimiser or accumulate writes
+    it is a ValueError naming the argument, before anything is written (CuPy would have
+    wrapped it writable and the update would have changed the owner's immutable array);
+    through an optimiser, the step names the parameter and updates none."""
+    import cugrad.functional as F
+    from cugrad import nn, optim
+    host = np.arange(6, dtype=np.float32).reshape(2, 3)
+    frozen = _JaxLikeDeviceArray(host)
+    np.testing.assert_array_equal(F.relu(frozen).get(), np.maximum(host, 0))
+    ones = cp.ones((2, 3), np.float32)
+    for call, name in ((lambda: F.accumulate(frozen, ones), "total"),
+                       (lambda: F.sgd_step(frozen, ones, lr=0.1), "param"),
+                       (lambda: F.adam_step(ones.copy(), ones, frozen, cp.zeros((2, 3), np.float32),
+                                            step=1, lr=0.1), "exp_avg")):
+        with pytest.raises(ValueError, match=rf"argument '{name}' is updated in place .* its "
+                                             r"__cuda_array_interface__ marks it read-only"):
+            call()
+    np.testing.assert_array_equal(host, np.arange(6, dtype=np.float32).reshape(2, 3))
+    param = cp.zeros((2, 3), np.float32)
+    F.sgd_step(param, frozen, lr=1.0)                    # read-only grad: only read
+    np.testing.assert_array_equal(param.get(), -host)
+    p = nn.Parameter(frozen)
+    p.grad = ones
+    with pytest.raises(ValueError, match="argument 'param' .* read-only") as info:
+        optim.SGD([p], lr=0.1).step()
+    assert "no parameter was updated" in "".join(getattr(info.value, "__notes__", []))
+    np.testing.assert_array_equal(host, np.arange(6, dtype=np.float32).reshape(2, 3))
