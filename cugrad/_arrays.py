@@ -85,6 +85,15 @@ def _real_numbers(x, arr, dtype):
     raise TypeError(f"asarray: argument 'x' must hold real numbers, got {_what(x)}")
 
 
+def _rounds_to_infinity(dtype: np.dtype) -> float:
+    """The smallest magnitude that rounding to the float ``dtype`` makes infinite: its
+    largest finite value plus half a unit in the last place there (a tie rounds to the even
+    neighbour, which is infinity: the largest value's last bit is 1). Below it a value rounds
+    to at most the largest finite one (65519 becomes 65504 in float16; 65520 is inf)."""
+    info = np.finfo(dtype)
+    return float(info.max) + 2.0 ** (info.maxexp - info.nmant - 2)
+
+
 def _check_representable(arr, dtype: np.dtype) -> None:
     """ValueError unless every value of ``arr`` survives the conversion to ``dtype``: an
     integer dtype takes only whole numbers in its range (no NaN, inf or fraction: a label
@@ -110,11 +119,11 @@ def _check_representable(arr, dtype: np.dtype) -> None:
                            f"{info.max}]")
     elif dtype.kind == "f" and src.kind == "f":
         finite = arr[xp.isfinite(arr)]
-        if finite.size and float(xp.abs(finite).max()) > float(np.finfo(dtype).max):
+        if finite.size and float(xp.abs(finite).max()) >= _rounds_to_infinity(dtype):
             problem = "a finite value too large for it (it would become infinity)"
     elif dtype.kind == "f" and src.kind in "iu":      # 70000 in float16, say
         lo, hi = arr.min().item(), arr.max().item()     # Python ints: exact compares
-        if max(-lo, hi) > float(np.finfo(dtype).max):
+        if max(-lo, hi) >= _rounds_to_infinity(dtype):
             problem = (f"{lo if -lo > hi else hi}, too large for it (it would become "
                        "infinity)")
     if problem is not None:

@@ -212,6 +212,8 @@ def jacobian(fn, x, *, eps=1e-6):
     ``eps`` > 0 must move every element of x."""
     eps = _check_eps("jacobian", eps)
     x = _float64_copies("jacobian", [x])[0]
+    # A copy of each output: fn may return x itself or a view of it (the identity, a
+    # transpose), which the next perturbation of x would change under the difference.
     return _central_differences(
-        "jacobian", lambda: np.asarray(to_numpy(_output("jacobian", fn(x))), dtype=np.float64),
+        "jacobian", lambda: np.array(to_numpy(_output("jacobian", fn(x))), dtype=np.float64),
         x, eps)

@@ -96,3 +96,140 @@ class _DLPackOnly:
 
     def __dlpack_device__(self):
         return self._arr.__dlpack_device__()
+
+
+# ---------------------------- from a mutation probe of _arrays.py and _backend.py (session 13)
+# Each test below fails on a mutant that every other test let live.
+
+
+class _CpuDlpack:
+    """A host array seen only through DLPack (no __array__, not an ndarray)."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kwargs):
+        return self._a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def test_asarray_takes_a_dlpack_cpu_array():
+    out = cugrad.asarray(_CpuDlpack(np.array([1.5, -2.0, 3.0])))
+    assert type(out) is np.ndarray
+    assert out.dtype == np.float64
+    assert out.tolist() == [1.5, -2.0, 3.0]
+
+
+def test_asarray_refuses_complex_numbers_held_as_objects():
+    """An object array of complex numbers is complex data: a TypeError, not a silent drop of
+    the imaginary part in the float32 cast."""
+    with pytest.raises(TypeError, match=r"^asarray: argument 'x' must hold real numbers, got "
+                                        r"numpy.ndarray of shape \(2,\), dtype object"):
+        cugrad.asarray(np.array([1 + 2j, 3.0], dtype=object))
+
+
+def test_asarray_keeps_the_largest_finite_value_of_a_narrower_float():
+    """float32's own maximum, held in float64, stays finite in float32: not 'too large'."""
+    top = float(np.finfo(np.float32).max)
+    out = cugrad.asarray(np.array([top, -top]), dtype=np.float32)
+    assert out.dtype == np.float32
+    assert out.tolist() == [top, -top]
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8, np.float16])
+def test_asarray_of_an_empty_array_into_a_narrower_dtype(dtype):
+    """No values, nothing to refuse: an empty float64 array (empty targets, say) converts."""
+    out = cugrad.asarray(np.zeros((0, 3)), dtype=dtype)
+    assert out.dtype == dtype and out.shape == (0, 3)
+    assert cugrad.asarray([], dtype=dtype).shape == (0,)
+
+
+class _ShapedThing:
+    shape = (2,)          # a shape but no dtype: not an array
+
+    def __repr__(self):
+        return "<shaped thing>"
+
+
+def test_asarray_names_a_non_array_by_its_type_and_repr():
+    with pytest.raises(TypeError, match=r"^asarray: argument 'x' must hold real numbers, got "
+                                        r"_ShapedThing <shaped thing>$"):
+        cugrad.asarray(_ShapedThing())
+
+
+@pytest.mark.parametrize("device", ["cpu", "CPU", "numpy", "Cpu"])
+def test_device_names_are_case_insensitive(device):
+    assert _backend.normalize_device(device) == "cpu"
+    out = cugrad.asarray([1.0, 2.0], device=device)
+    assert type(out) is np.ndarray and out.tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "CUDA", "CUDA:0"])
+def test_cuda_and_cuda_0_name_the_current_device(device):
+    assert _backend.normalize_device(device) == "cuda"
+
+
+def test_cuda_1_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"^cugrad: device 'cuda:1' is not supported; "
+                                         r"expected 'cpu' or 'cuda'"):
+        _backend.normalize_device("cuda:1")
+
+
+def test_an_implementation_must_take_the_parameters_in_order():
+    with pytest.raises(TypeError, match=r"^cugrad: probe_c implementation of 'activation' "
+                                        r"has parameters \('x', 'name'\), expected "
+                                        r"\('name', 'x'\)$"):
+        _backend.implements("probe_c", "activation")(lambda x, name: None)
+    assert "probe_c" not in _backend._IMPLS
+
+
+def test_missing_ops_of_an_unregistered_backend_is_every_op():
+    assert _backend.missing_ops("probe_c_nothing") == sorted(_backend.OPS)
+
+
+def test_an_op_a_backend_lacks_is_a_not_implemented_error_naming_it():
+    table = _backend._OpTable("probe_c", {})
+    with pytest.raises(NotImplementedError, match=r"^cugrad: the probe_c backend does not "
+                                                  r"implement op 'gemm'$"):
+        table.gemm
+
+
+def test_cupy_seeing_no_device_is_reported_as_such(monkeypatch):
+    """getDeviceCount() == 0: CUDA is unavailable because CuPy sees no device, said so (not
+    an error from a probe kernel run on no device)."""
+    import sys
+    import types
+
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 0)
+    stub = types.ModuleType("cupy")
+    stub.cuda = types.SimpleNamespace(runtime=runtime)
+    monkeypatch.setitem(sys.modules, "cupy", stub)
+    monkeypatch.delenv(_backend.FORCE_CPU_ENV, raising=False)
+    assert _backend._probe_cuda() == (False, "CuPy sees no CUDA device")
+
+
+def test_an_array_type_from_a_cupy_submodule_is_a_cupy_array():
+    """Real CuPy arrays are of type cupy._core.core.ndarray (the stand-in of tests/fake_cupy
+    defines its ndarray in `cupy` itself, so it cannot show a check of the top module only)."""
+    fake = type("ndarray", (), {"__module__": "cupy._core.core"})()
+    assert _backend.is_cupy_array(fake) and _backend.device_of(fake) == "cuda"
+    other = type("ndarray", (), {"__module__": "mylib.cupy_like"})()
+    assert not _backend.is_cupy_array(other)
+
+
+@pytest.mark.parametrize("dtype, fits, overflows", [
+    (np.float16, 65519, 65520),                      # 65504 + 16: half a unit in the last place
+    (np.float32, float(np.finfo(np.float32).max) * (1 + 2.0**-25),
+     float(np.finfo(np.float32).max) * (1 + 2.0**-24)),
+])
+def test_asarray_refuses_only_values_that_round_to_infinity(dtype, fits, overflows):
+    """A value a little past a narrower float's largest finite one rounds to it, as NumPy's
+    cast gives: converted, not refused as 'it would become infinity'; from half a unit in the
+    last place up it does become infinity and is refused. Integers and floats alike."""
+    for src in (np.float64, np.int64) if dtype == np.float16 else (np.float64,):
+        got = cugrad.asarray(np.array([fits, -fits], dtype=src), dtype=dtype)
+        assert got.tolist() == [float(np.finfo(dtype).max), -float(np.finfo(dtype).max)]
+        with pytest.raises(ValueError, match="it would become infinity"):
+            cugrad.asarray(np.array([1.0, -overflows], dtype=src), dtype=dtype)

@@ -85,3 +85,131 @@ def test_gradcheck_works_in_float64_from_float32_inputs(rng):
     x = rng.standard_normal((2, 3)).astype(np.float32)
     assert cugrad.gradcheck(F.relu, x + np.sign(x) * 0.1,
                             backward=lambda g, x: F.relu_backward(g, x))
+
+
+# ---------------------------- from a mutation probe of gradcheck.py (session 13)
+# Each test below fails on a mutant that every other test let live.
+
+
+def _identity(v):
+    return v + 0.0          # a fresh array: v itself is perturbed in place
+
+
+def test_jacobian_divides_by_the_step_float64_holds_not_2eps():
+    """At 1e8 the float64 spacing is 1.5e-8, so x ± 1e-6 lie (2e-6 up to rounding) apart;
+    the difference quotient of the identity is exactly 1 only over that distance."""
+    jac = jacobian(_identity, np.array([1e8, -3e7]), eps=1e-6)
+    assert jac.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_jacobian_refuses_an_eps_that_moves_only_one_side():
+    """Just below 1.0 the float64 spacing is half that above it: eps=7e-17 moves 1.0 down
+    but not up, which would be a one-sided difference."""
+    with pytest.raises(ValueError, match=r"^jacobian: eps=7e-17 does not change input 0, "
+                                         r"element \(1,\) \(value 1.0\) in float64"):
+        jacobian(_identity, np.array([0.5, 1.0]), eps=7e-17)
+
+
+def test_jacobian_refuses_eps_zero_by_name():
+    with pytest.raises(ValueError, match=r"^jacobian: eps=0.0 is out of range; expected a "
+                                         r"finite number > 0"):
+        jacobian(_identity, np.array([1.0]), eps=0.0)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_jacobian_refuses_an_infinite_or_nan_point(bad):
+    with pytest.raises(ValueError, match=r"^jacobian: input 0 holds NaN or infinity \(numpy."
+                                         r"ndarray of shape \(2,\), dtype float64, on cpu\)"):
+        jacobian(_identity, np.array([1.0, bad]))
+
+
+def test_jacobian_of_an_empty_input_has_shape_out_plus_in():
+    jac = jacobian(lambda v: np.ones(3), np.zeros((0, 2)))
+    assert jac.shape == (3, 0, 2)
+
+
+def test_jacobian_perturbs_a_copy_not_the_callers_array():
+    """fn closing over the caller's array sees it unchanged: d(v + a)/dv is I, not 2I."""
+    a = np.array([1.0, 2.0, 3.0])
+    jac = jacobian(lambda v: v + a, a)
+    np.testing.assert_allclose(jac, np.eye(3), rtol=1e-9, atol=0)
+    assert a.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_gradcheck_passes_an_exact_match_with_zero_tolerances():
+    """atol = rtol = 0 are allowed: a gradient equal to the numeric one passes."""
+    assert gradcheck(_identity, np.array([0.75]), backward=lambda g, x: g,
+                     grad_output=np.array([1.0]), atol=0.0, rtol=0.0) is True
+
+
+def test_gradcheck_scales_rtol_by_the_numeric_gradient():
+    """analytic 1.5 against numeric 1.0: |error| 0.5 > 0.4 * |numeric| (it would pass
+    against 0.4 * |analytic| = 0.6)."""
+    with pytest.raises(GradcheckError, match=r"^gradcheck: input 0, element \(0,\): analytic "
+                                             r"1.5, numeric 1(\.0+)?\b"):
+        gradcheck(_identity, np.array([0.25]), backward=lambda g, x: 1.5 * g,
+                  grad_output=np.array([1.0]), atol=0.0, rtol=0.4)
+
+
+def test_gradcheck_names_the_worst_element():
+    x = np.array([0.1, 0.2, 0.3, 0.4])
+    wrong = np.array([0.0, 1e-3, 0.5, 0.0])         # element 2 is the worst
+
+    with pytest.raises(GradcheckError, match=r"^gradcheck: input 0, element \(2,\): analytic "
+                                             r"1.5, numeric 1"):
+        gradcheck(_identity, x, backward=lambda g, x: g + wrong, grad_output=np.ones(4))
+
+
+def test_gradcheck_gives_backward_copies_a_nonlinear_fn_is_checked_at_the_point():
+    """A backward that overwrites its input must not move the point the numeric gradient of a
+    nonlinear fn is taken at."""
+    def backward(g, x):
+        grad = 2.0 * x * g
+        x[...] = 100.0
+        return grad
+
+    x = np.array([0.3, -1.2, 2.0])
+    assert gradcheck(lambda v: v * v, x, backward=backward) is True
+
+
+def test_gradcheck_refuses_too_few_gradients():
+    with pytest.raises(ValueError, match=r"^gradcheck: backward returned 1 gradients for 2 "
+                                         r"inputs$"):
+        gradcheck(lambda a, b: a * b, np.array([1.0, 2.0]), np.array([3.0, 4.0]),
+                  backward=lambda g, a, b: (g * b,))
+
+
+def test_gradcheck_refuses_a_gradient_of_another_shape_but_the_same_size():
+    with pytest.raises(GradcheckError, match=r"^gradcheck: gradient 0 has shape \(1, 3\), "
+                                             r"expected \(3,\) \(the input's shape\)$"):
+        gradcheck(_identity, np.array([1.0, 2.0, 3.0]), backward=lambda g, x: g[None, :])
+
+
+def test_gradcheck_refuses_a_grad_output_of_another_shape_but_the_same_size():
+    with pytest.raises(ValueError, match=r"^gradcheck: grad_output has shape \(1, 3\), "
+                                         r"expected \(3,\) \(the shape of fn's output\)$"):
+        gradcheck(_identity, np.array([1.0, 2.0, 3.0]), backward=lambda g, x: g,
+                  grad_output=np.ones((1, 3)))
+
+
+@pytest.mark.parametrize("fn, got", [
+    (lambda v: bool(v.sum() > 0), r"fn must return an array or a number, got "
+                                  r"builtins.bool object"),
+    (lambda v: v > 0, r"fn must return a real array, got numpy.ndarray of shape \(2,\), "
+                      r"dtype bool, on cpu"),
+], ids=["bool", "bool-array"])
+def test_gradcheck_refuses_a_boolean_output(fn, got):
+    with pytest.raises(TypeError, match="^gradcheck: " + got):
+        gradcheck(fn, np.array([1.0, -2.0]), backward=lambda g, x: g)
+
+
+@pytest.mark.parametrize("fn, want", [
+    (lambda v: v, np.eye(2).reshape(2, 2)),                       # x itself
+    (lambda v: v[::-1], np.eye(2)[::-1]),                         # a view of x
+], ids=["identity", "reversed-view"])
+def test_jacobian_of_a_function_returning_its_input_or_a_view_of_it(fn, want):
+    """fn may hand back x itself or a view of it: each output is copied before x is moved
+    again. Before, the two sides of the difference were one array and the Jacobian was 0."""
+    np.testing.assert_array_equal(jacobian(fn, np.array([1.0, 2.0])), want)
+    j = jacobian(lambda v: v.T, np.array([[1.0, 2.0, 3.0]]))       # (3, 1) of (1, 3)
+    np.testing.assert_array_equal(j.reshape(3, 3), np.eye(3))

@@ -334,3 +334,58 @@ def test_every_range_name_is_a_known_op_or_layer(train_step_recording):
     layer = re.compile(r"^(\d+:)?(Sequential|Linear|ReLU|CrossEntropyLoss)\.(forward|backward)$")
     unknown = {n for n in train_step_recording.names() if n not in ops and not layer.match(n)}
     assert not unknown, unknown
+
+
+# ---------------------------- from a mutation probe of _trace.py (session 13)
+# Each test below fails on a mutant that every other test let live.
+
+
+@pytest.mark.parametrize("name, colour", [
+    ("linear.backward", "_COLOR_BACKWARD"),
+    ("linear.backward.dW", "_COLOR_BACKWARD"),      # a sub-range of a backward
+    ("Sequential.backward", "_COLOR_BACKWARD"),
+    ("sgd.step", "_COLOR_STEP"),
+    ("adam_step", "_COLOR_STEP"),
+    ("stepwise.forward", "_COLOR_FORWARD"),         # "step" inside a name: not a step
+    ("relu", "_COLOR_FORWARD"),
+])
+def test_nvtx_colour_by_kind_of_range(name, colour):
+    from cugrad import _trace
+    assert _trace._color_for(name) == getattr(_trace, colour)
+
+
+def test_an_exception_closes_its_range_while_profiling(injection_lib, tmp_path):
+    """The timed range of a profile pops its NVTX range whatever the body raised, and the
+    failed call is still counted."""
+    rec = record(injection_lib, tmp_path, """
+        import numpy as np
+        import cugrad.functional as F
+        from cugrad._trace import op_range
+        from cugrad.profiler import profile
+        a = np.ones((4, 5), np.float32)
+        b = np.ones((6, 3), np.float32)          # inner dimensions 5 != 6
+        with profile() as prof:
+            try:
+                with op_range("outer", "cpu"):
+                    F.matmul(a, b)
+            except ValueError as exc:
+                print("raised", type(exc).__name__)
+            with op_range("after", "cpu"):
+                pass
+        print(prof["outer"].calls, prof["matmul"].calls)
+    """)
+    assert rec.stdout.split() == ["raised", "ValueError", "1", "1"]
+    assert rec.names() == ["outer", "matmul", "after"]
+    assert all(r.closed for r in rec.ranges) and not rec.open_at_exit and not rec.errors
+    assert rec.named("after")[0].depth == 1       # the stack was left balanced
+
+
+def test_one_nvtx_range_object_serves_every_call_of_a_name(injection_lib, tmp_path):
+    """With a tool attached, op_range hands back one stateless range per name (the attributes,
+    registered string included, are made once), not a new one per call."""
+    rec = record(injection_lib, tmp_path, """
+        from cugrad._trace import op_range, nvtx_enabled
+        assert nvtx_enabled()
+        print(op_range("a", "cpu") is op_range("a", "cpu"), op_range("a") is op_range("b"))
+    """)
+    assert rec.stdout.split() == ["True", "False"]

@@ -610,3 +610,122 @@ def test_times_are_printed_in_the_unit_their_rounded_value_reaches(ns, text):
     """Fails if a time just under a unit boundary prints as 1000 of the smaller unit."""
     from cugrad.profiler import _fmt_ns
     assert _fmt_ns(ns) == text
+
+
+# ---------------------------- from a mutation probe of profiler.py (session 13)
+# Each test below fails on a mutant that every other test let live.
+
+
+def test_self_time_skips_every_range_of_the_other_clock_in_between(monkeypatch):
+    """A host range two device ranges deep counts against the enclosing host range, and a
+    device range two host ranges deep against the enclosing device range."""
+    _fake_cupy(monkeypatch)
+    import time
+
+    from cugrad._trace import op_range
+    with cugrad.profile() as prof:
+        with op_range("host_outer", "cpu"):
+            with op_range("dev_a", "cuda"):
+                with op_range("dev_b", "cuda"):
+                    with op_range("host_inner", "cpu"):
+                        time.sleep(0.002)
+        with op_range("dev_outer", "cuda"):
+            with op_range("host_a", "cpu"):
+                with op_range("host_b", "cpu"):
+                    with op_range("dev_inner", "cuda"):
+                        time.sleep(0.002)
+    rows = {(s.name, s.device): s for s in prof.stats()}
+    outer, inner = rows[("host_outer", "cpu")], rows[("host_inner", "cpu")]
+    assert inner.total_ns >= 2_000_000
+    assert outer.self_ns == outer.total_ns - inner.total_ns
+    dev_outer, dev_inner = rows[("dev_outer", "cuda")], rows[("dev_inner", "cuda")]
+    assert dev_outer.self_ns == dev_outer.total_ns - dev_inner.total_ns
+    for clock in ("cpu", "cuda"):
+        assert sum(s.self_ns for s in prof.stats(clock)) == prof.profiled_ns(clock)
+
+
+def test_sort_by_mean_is_total_per_call_not_total():
+    """'once' (1 call of 30 ms) has the larger mean, 'often' (12 calls of 5 ms) the larger
+    total: the two orders differ (a sleep may overrun by tens of ms on a busy machine before
+    they agree)."""
+    import time
+
+    from cugrad._trace import op_range
+    with cugrad.profile(sort_by="mean") as prof:
+        for _ in range(12):
+            with op_range("often", "cpu"):
+                time.sleep(0.005)
+        with op_range("once", "cpu"):
+            time.sleep(0.030)
+    assert [s.name for s in prof.stats()] == ["once", "often"]
+    assert [ln.split()[0] for ln in prof.table(sort_by="mean").splitlines()[2:4]] == [
+        "once", "often"]
+    assert [s.name for s in prof._stats("total", None)] == ["often", "once"]
+
+
+def test_sort_by_calls_breaks_ties_by_name():
+    from cugrad._trace import op_range
+    with cugrad.profile(sort_by="calls") as prof:
+        for name in ("zeta", "alpha", "mid", "mid"):
+            with op_range(name, "cpu"):
+                pass
+    assert [(s.name, s.calls) for s in prof.stats()] == [("mid", 2), ("alpha", 1), ("zeta", 1)]
+
+
+def test_a_name_on_both_clocks_reads_as_its_host_row(monkeypatch):
+    _fake_cupy(monkeypatch)
+    from cugrad._trace import op_range
+    with cugrad.profile() as prof:
+        with op_range("x", "cuda"):
+            pass
+        with op_range("x", "cpu"):
+            pass
+        with op_range("x", "cuda"):
+            pass
+    assert {(s.device, s.calls) for s in prof.stats() if s.name == "x"} == {("cpu", 1),
+                                                                            ("cuda", 2)}
+    assert (prof["x"].device, prof["x"].calls) == ("cpu", 1)
+
+
+def test_a_profile_entered_twice_sums_its_wall_time():
+    """Rows accumulate over the blocks of one Profile; so does the wall time, which stays at
+    least the profiled time."""
+    import time
+
+    from cugrad._trace import op_range
+    prof = cugrad.profile()
+    with prof:
+        with op_range("first", "cpu"):
+            time.sleep(0.010)
+    first_wall = prof.wall_ns
+    with prof:
+        with op_range("second", "cpu"):
+            pass
+    assert prof["first"].calls == prof["second"].calls == 1
+    assert prof.wall_ns > first_wall >= prof["first"].total_ns >= 10_000_000
+    assert prof.profiled_ns("cpu") <= prof.wall_ns
+
+
+def test_a_range_still_open_when_the_block_exits_is_not_recorded():
+    """A range counts in a block only if the block is still active when the range exits."""
+    from contextlib import ExitStack
+
+    from cugrad._trace import op_range
+    prof = cugrad.profile()
+    with ExitStack() as stack:
+        with prof:
+            stack.enter_context(op_range("straddles", "cpu"))
+            with op_range("inside", "cpu"):
+                pass
+    assert "inside" in prof and "straddles" not in prof
+    assert [s.name for s in prof.stats()] == ["inside"]
+
+
+def test_table_columns_line_up_under_a_one_letter_name():
+    from cugrad._trace import op_range
+    with cugrad.profile() as prof:
+        with op_range("x", "cpu"):
+            pass
+    lines = prof.table().splitlines()
+    assert lines[0].startswith("op  ") and lines[2].startswith("x   ")
+    assert len(lines[0]) == len(lines[1]) == len(lines[2])
