@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ import pytest
 from cugrad._backend import OPS, missing_ops
 from cugrad.backends import numpy_backend as npb
 from cugrad.backends.cuda import config, ops
-from cugrad.backends.cuda.context import Context, Kernel, check_kernel_args, use_context
+from cugrad.backends.cuda.context import (Context, CupyContext, Kernel, check_kernel_args,
+                                         use_context)
 from cugrad.backends.cuda.loader import read_source, source_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -439,3 +441,128 @@ def test_poison_outputs_reads_the_flag_like_the_other_switches(monkeypatch, valu
     monkeypatch.setenv(POISON_ENV, value)
     out = CupyContext().empty((3,), np.float32)
     assert bool(np.isnan(out).all()) == poisoned
+
+
+# ------------------- from a mutation probe of the CUDA backend's host code (session 13)
+# Each test below fails on a mutant that every other test let live.
+
+
+def _two_device_cupy():
+    """A stand-in for CuPy with two devices: RawModule remembers the device current when it
+    was built, and its functions say which device they belong to."""
+    current = {"id": 0}
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            self.device = current["id"]
+
+        def compile(self):
+            pass
+
+        def get_function(self, name):
+            return ("function", name, self.device)
+
+    def Device():
+        return types.SimpleNamespace(id=current["id"])
+    return current, types.SimpleNamespace(RawModule=RawModule, ndarray=np.ndarray,
+                                          cuda=types.SimpleNamespace(Device=Device))
+
+
+def test_cupy_context_compiles_and_caches_kernels_per_device(monkeypatch):
+    """A kernel asked for on device 1 after device 0 is a module of device 1, compiled once
+    per device (kills: kernel cache key without the device; module cache key without it)."""
+    current, fake = _two_device_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    ctx = CupyContext()
+    file, _, names = config.instantiations()[0]
+    name = names[0]
+    assert ctx.function(file, name)._fn == ("function", name, 0)
+    current["id"] = 1
+    assert ctx.function(file, name)._fn == ("function", name, 1)
+    current["id"] = 0
+    assert ctx.function(file, name)._fn == ("function", name, 0)
+    assert sorted(key[-1] for key in ctx.compile_count) == [0, 1]
+    assert set(ctx.compile_count.values()) == {1}
+
+
+@pytest.mark.gpu
+def test_to_cupy_returns_a_cupy_array_itself(gpu):
+    """A CuPy array is returned as it is, not re-imported (kills: the isinstance short cut
+    dropped; on the stand-in the re-import through DLPack raises, on a real GPU it would
+    make a new view)."""
+    from cugrad.backends.cuda.interop import to_cupy
+    x = gpu.arange(6, dtype=gpu.float32)
+    assert to_cupy(x) is x
+
+
+@pytest.mark.gpu
+def test_to_cupy_of_host_data_says_where_it_lives(gpu):
+    """Host data with DLPack (NumPy) is a TypeError naming its DLPack device type; an object
+    with neither interface says so (kills: the device-type branch inverted)."""
+    from cugrad.backends.cuda.interop import to_cupy
+    with pytest.raises(TypeError, match="lives on DLPack device type 1, not on a CUDA device"):
+        to_cupy(np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="exposes neither __cuda_array_interface__ nor __dlpack__"):
+        to_cupy([1.0, 2.0])
+
+
+@pytest.mark.gpu
+def test_a_module_that_failed_to_compile_is_not_cached(gpu):
+    """Asking again for a module that failed to compile fails again, with the log, rather
+    than returning the broken module (kills: the module stored before compile())."""
+    from cugrad.backends.cuda.context import KernelCompileError
+    broken = "template <typename T> __global__ void k(T* x) { x[0] = undefined_symbol; }"
+    ctx = CupyContext()
+    for _ in range(2):
+        with pytest.raises(KernelCompileError, match="undefined_symbol"):
+            ctx.module("broken.cu", broken, ["-std=c++17"], ["k<float>"])
+
+
+def test_use_context_nests_unwinds_on_error_and_is_per_thread():
+    """The innermost use_context wins and the outer one is back after it (kills: stack[0]);
+    an exception in the block still uninstalls the context (kills: pop outside finally);
+    another thread does not see this thread's context (kills: a shared, non-thread-local
+    stack)."""
+    import threading
+    from cugrad.backends.cuda.context import Context, current_context, use_context
+    a, b = Context(), Context()
+    with use_context(a):
+        with use_context(b):
+            assert current_context() is b
+        assert current_context() is a
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(current_context()))
+        t.start()
+        t.join()
+        assert seen and seen[0] is not a and isinstance(seen[0], CupyContext)
+    assert isinstance(current_context(), CupyContext)
+    with pytest.raises(ZeroDivisionError):
+        with use_context(a):
+            1 / 0
+    assert current_context() is not a and isinstance(current_context(), CupyContext)
+
+
+def test_check_kernel_args_refuses_python_numbers_and_none():
+    """Python int/float/None as kernel arguments are refused, naming the argument (kills:
+    int/float accepted)."""
+    from cugrad.backends.cuda.context import check_kernel_args
+    check_kernel_args((np.zeros(2, np.float32), np.int64(2), np.float32(1.0)), np)
+    for i, bad in ((1, 3), (1, 0.5), (1, None)):
+        with pytest.raises(TypeError, match=f"kernel argument {i} is {type(bad).__name__}"):
+            check_kernel_args((np.zeros(2, np.float32), bad), np)
+
+
+@pytest.mark.gpu
+def test_a_cupy_kernel_refuses_an_untyped_argument_before_launch(gpu):
+    """CupyContext's kernels check their arguments themselves: a Python int is cugrad's
+    TypeError, not whatever CuPy makes of it (real CuPy guesses a C type and launches).
+    Kills: _CupyKernel without check_kernel_args (the stand-in has its own, differently
+    worded refusal, which this test tells apart)."""
+    from cugrad.backends.cuda.context import current_context
+    ctx = current_context()
+    fn = ctx.function("optim.cu", config.accumulate_name("float32"))
+    total, grad = gpu.zeros(4, gpu.float32), gpu.ones(4, gpu.float32)
+    with pytest.raises(TypeError, match=r"^cugrad: kernel argument 2 is int"):
+        fn((1, 1, 1), (32, 1, 1), (total, grad, 4))
+    fn((1, 1, 1), (32, 1, 1), (total, grad, np.int64(4)))
+    np.testing.assert_array_equal(total.get(), np.ones(4, np.float32))

@@ -570,3 +570,87 @@ def test_an_empty_optimiser_state_loaded_after_capture_restarts_the_replays(cp):
     for p, q in zip(eager_model.parameters(), graph_model.parameters()):
         cp.copyto(p.data, q.data)
     assert_replays_match_eager(step, graph_model, eager_model, make_sgd(eager_model), batches[2:])
+
+
+# ------------------- from a mutation probe of the CUDA backend's host code (session 13)
+# Each test below fails on a mutant that every other test let live.
+
+
+def _graph_setup(cp, opt_factory):
+    import cugrad
+    from cugrad import nn
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Linear(6, 5, rng=rng), nn.Tanh(), nn.Linear(5, 3, rng=rng)).to("cuda")
+    x = cugrad.asarray(rng.standard_normal((4, 6)).astype(np.float32), device="cuda")
+    y = cugrad.asarray(rng.integers(0, 3, 4), device="cuda", dtype=np.int64)
+    opt = opt_factory(model)
+    step = cugrad.capture_train_step(model, nn.CrossEntropyLoss(), opt, x, y)
+    return model, opt, step, x, y
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,value", [("lr", 0.02), ("betas", (0.8, 0.999)), ("eps", 1e-6),
+                                        ("weight_decay", 0.1)])
+def test_a_changed_adam_hyperparameter_is_an_error_at_replay(gpu, name, value):
+    """Every Adam hyperparameter baked into the captured launches is checked at replay
+    (kills: eps left out of _hyperparameters)."""
+    from cugrad import optim
+    model, opt, step, x, y = _graph_setup(gpu, lambda m: optim.Adam(m.parameters(), lr=1e-2,
+                                                                   capturable=True))
+    step(x, y)
+    setattr(opt, name, value)
+    with pytest.raises(RuntimeError, match=r"\(lr, betas, eps, weight_decay\) changed"):
+        step(x, y)
+
+
+@pytest.mark.gpu
+def test_an_optimised_parameter_outside_the_model_is_checked_too(gpu):
+    """A parameter the optimiser updates that is not the model's is on the capture's checks:
+    on the CPU it is refused at capture, replaced after capture it is an error at replay
+    (kills: _labelled_parameters without the optimiser's extra parameters)."""
+    import cugrad
+    from cugrad import nn, optim
+    extra_cpu = nn.Parameter(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match=r"optimizer.params\[4\] is on cpu"):
+        _graph_setup(gpu, lambda m: optim.SGD(m.parameters() + [extra_cpu], lr=0.1))
+    extra = nn.Parameter(cugrad.asarray(np.ones(3, np.float32), device="cuda"))
+    model, opt, step, x, y = _graph_setup(gpu, lambda m: optim.SGD(m.parameters() + [extra], lr=0.1))
+    step(x, y)
+    extra.data = cugrad.asarray(np.ones(3, np.float32), device="cuda")
+    with pytest.raises(RuntimeError, match=r"optimizer.params\[4\] was replaced since capture"):
+        step(x, y)
+
+
+@pytest.mark.gpu
+def test_capture_releases_its_side_streams_cached_blocks(gpu, monkeypatch):
+    """After capture, the default pool's blocks cached for the capture's private side stream
+    (the warm-up's and the snapshot's temporaries) are released: nothing else can reuse
+    them. White-box (the stand-in's pool caches nothing, so only the call is visible):
+    kills the free_all_blocks(stream=...) call dropped."""
+    from cugrad import optim
+    pool = gpu.get_default_memory_pool()
+    calls = []
+    real = pool.free_all_blocks
+    monkeypatch.setattr(pool, "free_all_blocks",
+                        lambda stream=None: (calls.append(stream), real(stream=stream))[1])
+    _graph_setup(gpu, lambda m: optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    current = gpu.cuda.get_current_stream()
+    assert any(s is not None and s != current for s in calls), calls
+
+
+@pytest.mark.gpu
+def test_capture_orders_its_side_stream_after_the_callers_stream(gpu, monkeypatch):
+    """The capture's side stream waits for an event of the caller's stream before copying
+    the examples in (they may still be written there). White-box: the stand-in runs every
+    stream in order, so only the wait itself is visible (kills: the wait_event dropped)."""
+    from cugrad import optim
+    waits = []
+    real_stream = gpu.cuda.Stream
+
+    class Spy(real_stream):
+        def wait_event(self, event):
+            waits.append(event)
+            return super().wait_event(event)
+    monkeypatch.setattr(gpu.cuda, "Stream", Spy)
+    _graph_setup(gpu, lambda m: optim.SGD(m.parameters(), lr=0.1))
+    assert waits, "the capture stream never waited for the caller's stream"

@@ -1265,3 +1265,164 @@ def test_bias_grad_width_past_int32_is_refused_before_a_copy(cpu, monkeypatch):
             with pytest.raises(ValueError, match=r"exceeds 2\^31 - 1"):
                 on_cpu(cpu, op, *args)
             assert copies == []
+
+
+# ------------------- from a mutation probe of the CUDA backend's host code (session 13)
+# Each test below fails on a mutant that every other test let live.
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bias_grad_of_zero_columns_launches_nothing(cpu, dtype):
+    """N = 0: bias_grad and the fused activation backward + bias_grad return empty sums
+    without a launch (a grid of 0 blocks is a launch error on the GPU and the cpu).
+    Kills: _colsum's n == 0 early return dropped."""
+    from cugrad.backends.cuda import ops
+    from cugrad.backends.cuda.context import use_context
+    g = np.ones((5, 0), dtype)
+    first = len(cpu.calls)
+    with use_context(cpu):
+        db = ops.bias_grad(g)
+        gi, db2 = ops.activation_backward_bias_grad("relu", g, g)
+    assert db.shape == (0,) and db.dtype == dtype and db2.shape == (0,) and gi.shape == (5, 0)
+    assert cpu.calls[first:] == []
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_softmax_of_zero_rows_launches_nothing(cpu, op):
+    """(0, C): an empty result without a launch (0 blocks is a launch error). Kills: the
+    `if rows:` guard of _softmax dropped."""
+    from cugrad.backends.cuda import ops
+    from cugrad.backends.cuda.context import use_context
+    first = len(cpu.calls)
+    with use_context(cpu):
+        out = getattr(ops, op)(np.ones((0, 5), np.float32))
+    assert out.shape == (0, 5) and out.dtype == np.float32
+    assert cpu.calls[first:] == []
+
+
+def test_row_ops_refuse_zero_columns_at_the_launcher(cpu):
+    """(R, 0) logits reaching the launchers directly: a ValueError, not a kernel run over
+    empty rows (kills: _row_launch's cols == 0 refusal dropped)."""
+    from cugrad.backends.cuda import ops
+    from cugrad.backends.cuda.context import use_context
+    z = np.ones((3, 0), np.float32)
+    with use_context(cpu):
+        for call in (lambda: ops.softmax(z), lambda: ops.log_softmax(z),
+                     lambda: ops.cross_entropy(z, np.zeros(3, np.int64), "mean")):
+            with pytest.raises(ValueError, match="a row-wise op needs at least one column"):
+                call()
+
+
+class _LaunchRecorder:
+    """A context that runs no kernel and records (name, grid) of each launch."""
+    xp = np
+    sm_count = 132
+
+    def __init__(self):
+        self.launches = []
+
+    def empty(self, shape, dtype):
+        return np.full(shape, np.nan, dtype=dtype)
+
+    def function(self, file, name):
+        config.module_of(file, name)
+        return lambda grid, block, args, shared_mem=0: self.launches.append((name, tuple(grid)))
+
+
+@pytest.mark.parametrize("n", [2 * config.REDUCE_MIN_PER_BLOCK + 1, 100_000])
+def test_sum_reductions_give_each_block_at_least_min_per_block_elements(n):
+    """Past the single-block size, the first pass of a sum has cdiv(n, per_block) blocks
+    with per_block = max(REDUCE_MIN_PER_BLOCK, cdiv(n, REDUCE_MAX_BLOCKS)) (config: 'elements
+    per block at least'). Kills: the REDUCE_MIN_PER_BLOCK floor dropped (then 16385 elements
+    run as ~964 blocks of 17)."""
+    from cugrad.backends.cuda import ops
+    from cugrad.backends.cuda.context import use_context
+    per_block = max(config.REDUCE_MIN_PER_BLOCK, -(-n // config.REDUCE_MAX_BLOCKS))
+    blocks = -(-n // per_block)
+    rec = _LaunchRecorder()
+    p = np.zeros(n, np.float32)
+    with use_context(rec):
+        ops.mse_loss(p, p, "mean")
+        ops.mse_fwd_bwd(p, p, "mean")
+    grids = [grid for _, grid in rec.launches]
+    assert grids == [(blocks, 1, 1), (1, 1, 1)] * 2, rec.launches
+
+
+def test_sgd_op_refuses_a_fortran_momentum_buffer(cpu):
+    """At the op level (functional checks first, this is the launcher's own guard): a
+    momentum buffer that is not C-contiguous is a ValueError naming it, as param is (kills:
+    momentum_buf left out of sgd_step's _check_in_place)."""
+    from cugrad.backends.cuda import ops
+    from cugrad.backends.cuda.context import use_context
+    p, g = np.ones((5, 3), np.float32), np.ones((5, 3), np.float32)
+    buf = np.asfortranarray(np.arange(15, dtype=np.float32).reshape(5, 3))
+    with use_context(cpu), pytest.raises(ValueError, match="updates momentum_buf in place"):
+        ops.sgd_step(p, g, buf, 0.1, 0.9, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_accumulate_and_sgd_ops_take_a_strided_gradient(cpu, dtype):
+    """The gradient (read only) may have any layout at the op level: a strided or Fortran
+    one is made C-contiguous (kills: accumulate's / sgd_step's ascontiguousarray dropped;
+    the cpu refuses the strided argument, a GPU would read the wrong elements)."""
+    from cugrad.backends.cuda import ops
+    from cugrad.backends.cuda.context import use_context
+    rng = np.random.default_rng(5)
+    total = rng.standard_normal((4, 3)).astype(dtype)
+    wide = rng.standard_normal((4, 6)).astype(dtype)
+    for grad in (wide[:, ::2], np.asfortranarray(wide[:, :3])):
+        t, p = total.copy(), total.copy()
+        with use_context(cpu):
+            ops.accumulate(t, grad)
+            ops.sgd_step(p, grad, None, 0.5, 0.0, 0.0)
+        np.testing.assert_array_equal(t, total + grad)
+        np.testing.assert_allclose(p, total.astype(np.float64) - 0.5 * grad.astype(np.float64),
+                                   rtol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "cross_entropy_backward", "cross_entropy_fwd_bwd"])
+def test_cross_entropy_width_past_int32_is_refused_before_anything_is_allocated(
+        cpu, monkeypatch, op):
+    """As test_harness_edges' width test, for the cross-entropy launchers: with
+    config.INT32_MAX shrunk to 15, C = 16 is refused before any copy or allocation (kills:
+    _xent's early _check_int32 dropped: _row_launch refuses only after the (R,) and (R, C)
+    buffers and the contiguous copy)."""
+    from cugrad.backends.cuda import ops
+    from cugrad.backends.cuda.context import use_context
+    monkeypatch.setattr(config, "INT32_MAX", 15)
+    allocs = _recorded_allocations(cpu, monkeypatch)
+    t = np.zeros(4, np.int64)
+    with use_context(cpu), pytest.raises(ValueError, match=r"exceeds 2\^31 - 1"):
+        getattr(ops, op)(np.asfortranarray(np.ones((4, 16), np.float32)), t, "mean")
+    assert allocs == []
+
+
+def test_cross_entropy_loss_alone_allocates_no_gradient(cpu, monkeypatch):
+    """The forward-only launcher allocates no (R, C) gradient buffer (kills: the gradient
+    allocated whatever want_grad; a logits-sized buffer per forward)."""
+    from cugrad.backends.cuda import ops
+    from cugrad.backends.cuda.context import use_context
+    allocs = _recorded_allocations(cpu, monkeypatch)
+    z = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
+    with use_context(cpu):
+        ops.cross_entropy(z, np.arange(6, dtype=np.int64) % 5, "mean")
+    assert (6, 5) not in allocs, allocs
+
+
+def test_adam_op_takes_a_numpy_integer_step_as_a_host_count(cpu):
+    """A NumPy integer step (np.int64(3), e.g. read from a checkpoint) is a host step count
+    like 3, bit for bit, not a device counter (kills: isinstance(step, int) for
+    numbers.Integral)."""
+    from cugrad.backends.cuda import ops
+    from cugrad.backends.cuda.context import use_context
+    rng = np.random.default_rng(9)
+    p0, g = rng.standard_normal(7).astype(np.float32), rng.standard_normal(7).astype(np.float32)
+    out = []
+    for step in (3, np.int64(3), np.int32(3)):
+        p, m, v = p0.copy(), np.full(7, 0.1, np.float32), np.full(7, 0.2, np.float32)
+        with use_context(cpu):
+            ops.adam_step(p, g, m, v, step, 1e-2, 0.9, 0.999, 1e-8, 0.0)
+        out.append((p, m, v))
+    for got in out[1:]:
+        for a, b in zip(got, out[0]):
+            np.testing.assert_array_equal(a, b)
