@@ -415,9 +415,7 @@ def _inplace_args(op, arrays, optional=()):
     None."""
     for name, a in arrays.items():       # before CuPy wraps it and forgets the flag
         if name != "grad" and exported_read_only(a):
-            raise ValueError(f"{op}: argument {name!r} is updated in place and must be a "
-                             "writable C-contiguous array, but its __cuda_array_interface__ "
-                             f"marks it read-only: {describe(a)}")
+            _not_updatable(op, name, a, "its __cuda_array_interface__ marks it read-only")
     backend, arr = prepare(op, arrays, optional=optional)
     ref_name = next(iter(arr))
     ref = arr[ref_name]
@@ -427,12 +425,16 @@ def _inplace_args(op, arrays, optional=()):
         check_shape(op, name, a, ref.shape, f"the shape of {ref_name}")
         # CuPy's flags have no "writeable": device arrays are always writable.
         if name != "grad" and not (a.flags.c_contiguous and getattr(a.flags, "writeable", True)):
-            why = ("it is read-only" if not getattr(a.flags, "writeable", True)
-                   else f"it is not C-contiguous (strides {tuple(a.strides)})")
-            raise ValueError(f"{op}: argument {name!r} is updated in place and must be a "
-                             f"writable C-contiguous array, but {why}: {describe(a)}")
+            _not_updatable(op, name, a,
+                           "it is read-only" if not getattr(a.flags, "writeable", True)
+                           else f"it is not C-contiguous (strides {tuple(a.strides)})")
     check_no_overlap(op, arr)
     return backend, arr
+
+
+def _not_updatable(op, name, a, why):
+    raise ValueError(f"{op}: argument {name!r} is updated in place and must be a writable "
+                     f"C-contiguous array, but {why}: {describe(a)}")
 
 
 @_op("accumulate")

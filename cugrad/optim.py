@@ -148,19 +148,20 @@ class Optimizer:
         range) has updated none of them, nor made any state (a first step's buffers), and
         the error says which parameter it was."""
         with op_range(self._range, self.params[0].device):
-            updates, made = [], []      # made: (state, its entries before this step's checks)
+            updates, made = [], []      # made: (state, how many entries it had before)
             for i, p in enumerate(self.params):
                 if p.grad is None:
                     continue
                 state = self.state[id(p)]
-                made.append((state, set(state)))
+                made.append((state, len(state)))
                 try:
                     updates.append(self._check(p, state))
                 except (TypeError, ValueError) as exc:
-                    # The checks may have made a parameter's first buffers: a step that
-                    # changed nothing leaves no entries (state_dict() stays loadable).
+                    # The checks may have made a parameter's first buffers (new keys come
+                    # last in a dict): a step that changed nothing leaves no entries, so
+                    # state_dict() stays loadable.
                     for st, before in made:
-                        for name in set(st) - before:
+                        for name in list(st)[before:]:
                             del st[name]
                     _add_note(exc, f"(in {type(self).__name__}.step, params[{i}]: {p!r}; "
                                    "no parameter was updated)")

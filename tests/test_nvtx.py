@@ -157,22 +157,32 @@ def test_ranges_reach_the_tool_nested_in_domain_cugrad(injection_lib, tmp_path):
     assert {r.message_type for r in rec.ranges} == {"registered"}
 
 
-def test_an_exception_closes_its_range(injection_lib, tmp_path):
-    rec = record(injection_lib, tmp_path, """
+@pytest.mark.parametrize("profiled", [False, True], ids=["plain", "while-profiling"])
+def test_an_exception_closes_its_range(injection_lib, tmp_path, profiled):
+    """A raising op closes its range and the ranges around it; inside cugrad.profile() too,
+    where the timed range pops its NVTX range whatever the body raised and the failed call
+    is still counted."""
+    rec = record(injection_lib, tmp_path, f"""
+        import contextlib
         import numpy as np
         import cugrad.functional as F
         from cugrad._trace import op_range
+        from cugrad.profiler import profile
         a = np.ones((4, 5), np.float32)
         b = np.ones((6, 3), np.float32)          # inner dimensions 5 != 6
-        try:
-            with op_range("outer", "cpu"):
-                F.matmul(a, b)
-        except ValueError as exc:
-            print("raised", type(exc).__name__)
-        with op_range("after", "cpu"):
-            pass
+        prof = profile() if {profiled} else contextlib.nullcontext()
+        with prof:
+            try:
+                with op_range("outer", "cpu"):
+                    F.matmul(a, b)
+            except ValueError as exc:
+                print("raised", type(exc).__name__)
+            with op_range("after", "cpu"):
+                pass
+        if {profiled}:
+            print(prof["outer"].calls, prof["matmul"].calls)
     """)
-    assert "raised ValueError" in rec.stdout
+    assert rec.stdout.split() == ["raised", "ValueError"] + (["1", "1"] if profiled else [])
     assert rec.names() == ["outer", "matmul", "after"]
     assert rec.named("matmul")[0].parent is rec.named("outer")[0]
     assert all(r.closed for r in rec.ranges) and not rec.open_at_exit and not rec.errors
@@ -352,32 +362,6 @@ def test_every_range_name_is_a_known_op_or_layer(train_step_recording):
 def test_nvtx_colour_by_kind_of_range(name, colour):
     from cugrad import _trace
     assert _trace._color_for(name) == getattr(_trace, colour)
-
-
-def test_an_exception_closes_its_range_while_profiling(injection_lib, tmp_path):
-    """The timed range of a profile pops its NVTX range whatever the body raised, and the
-    failed call is still counted."""
-    rec = record(injection_lib, tmp_path, """
-        import numpy as np
-        import cugrad.functional as F
-        from cugrad._trace import op_range
-        from cugrad.profiler import profile
-        a = np.ones((4, 5), np.float32)
-        b = np.ones((6, 3), np.float32)          # inner dimensions 5 != 6
-        with profile() as prof:
-            try:
-                with op_range("outer", "cpu"):
-                    F.matmul(a, b)
-            except ValueError as exc:
-                print("raised", type(exc).__name__)
-            with op_range("after", "cpu"):
-                pass
-        print(prof["outer"].calls, prof["matmul"].calls)
-    """)
-    assert rec.stdout.split() == ["raised", "ValueError", "1", "1"]
-    assert rec.names() == ["outer", "matmul", "after"]
-    assert all(r.closed for r in rec.ranges) and not rec.open_at_exit and not rec.errors
-    assert rec.named("after")[0].depth == 1       # the stack was left balanced
 
 
 def test_one_nvtx_range_object_serves_every_call_of_a_name(injection_lib, tmp_path):
