@@ -10,6 +10,7 @@ import pytest
 
 import cugrad
 from cugrad import nn, optim
+from conftest import randn
 
 f32 = np.float32
 
@@ -438,10 +439,6 @@ def _linear(seed=0, n_in=4, n_out=3):
     return nn.Linear(n_in, n_out, rng=seed)
 
 
-def _randn(rng, *shape):
-    return rng.standard_normal(shape).astype(f32)
-
-
 def test_accumulate_into_a_grad_that_cannot_take_it_is_refused_in_the_parameters_terms():
     """A later accumulate checks the held .grad itself (C-contiguous, writable, not the new
     gradient's memory) and says so as Parameter.accumulate, not as F.accumulate."""
@@ -466,7 +463,7 @@ def test_a_bias_grad_that_cannot_take_the_gradient_leaves_the_weight_grad_alone(
     of the wrong shape, or not a writable C-contiguous array, raises naming it and the
     weight's .grad is untouched; mended, the retry counts each gradient once."""
     lin = _linear()
-    x, g = _randn(rng, 5, 4), _randn(rng, 5, 3)
+    x, g = randn(rng, 5, 4), randn(rng, 5, 3)
     lin(x)
     bad = {"shape": np.zeros((1, 3), f32),
            "strided": np.zeros(6, f32)[::2],
@@ -488,7 +485,7 @@ def test_to_drops_what_the_forward_saved_in_every_layer(rng):
     """Module docstring: moving the module with .to() drops what its forward saved (in the
     module and every module below it), so the backward raises until the next forward."""
     for model in (_linear(), nn.Sequential(_linear(), nn.ReLU(), _linear(1, 3, 2))):
-        x = _randn(rng, 5, 4)
+        x = randn(rng, 5, 4)
         out = model(x)
         model.to("cpu")
         with pytest.raises(RuntimeError, match="nothing saved to differentiate"):
@@ -572,11 +569,11 @@ def test_a_failed_forward_clears_the_saved_state_of_nested_layers(rng):
     Sequentials included): the backward raises and accumulates no gradient."""
     inner = nn.Sequential(_linear(1, 3, 3))
     model = nn.Sequential(_linear(0, 4, 3), inner)
-    model(_randn(rng, 5, 4))                      # every layer saves this batch
+    model(randn(rng, 5, 4))                      # every layer saves this batch
     with pytest.raises(ValueError):
-        model(_randn(rng, 5, 7))                  # the first layer refuses 7 features
+        model(randn(rng, 5, 7))                  # the first layer refuses 7 features
     with pytest.raises(RuntimeError, match="nothing saved to differentiate"):
-        model.backward(_randn(rng, 5, 3))
+        model.backward(randn(rng, 5, 3))
     assert all(p.grad is None for p in model.parameters())
 
 

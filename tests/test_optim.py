@@ -444,10 +444,6 @@ def _linear(seed=0, n_in=4, n_out=3):
     return nn.Linear(n_in, n_out, rng=seed)
 
 
-def _randn(rng, *shape):
-    return rng.standard_normal(shape).astype(f32)
-
-
 def test_an_optimiser_refuses_a_module_or_a_parameter_for_params():
     """Even a user's module that can be iterated (over its layers) is refused as params,
     with the message that says to pass model.parameters()."""
@@ -478,10 +474,10 @@ def test_the_largest_int64_step_count_loads():
 
 
 def _adam_pair(rng):
-    ps = [nn.Parameter(_randn(rng, 3, 2)), nn.Parameter(_randn(rng, 4))]
+    ps = [nn.Parameter(randn(rng, 3, 2)), nn.Parameter(randn(rng, 4))]
     opt = optim.Adam(ps, lr=0.01)
     for p in ps:
-        p.grad = _randn(rng, *p.shape)
+        p.grad = randn(rng, *p.shape)
     opt.step()
     return ps, opt
 
@@ -524,9 +520,9 @@ def test_a_zero_second_moment_round_trips_through_load_state_dict(rng):
 def test_loading_state_after_a_parameter_dtype_change_keeps_the_values_exactly(rng):
     """A parameter made float64 after its float32 state was made takes a loaded float64
     state as given (not rounded into the old float32 buffer)."""
-    p = nn.Parameter(_randn(rng, 3))
+    p = nn.Parameter(randn(rng, 3))
     opt = optim.SGD([p], lr=0.1, momentum=0.9)
-    p.grad = _randn(rng, 3)
+    p.grad = randn(rng, 3)
     opt.step()
     p.data, p.grad = p.data.astype(np.float64), None
     want = np.array([0.1, 1 / 3, 2 ** -40], np.float64)       # none is a float32
