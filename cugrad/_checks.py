@@ -137,9 +137,12 @@ def prepare(op: str, arrays: dict, *, ints: tuple[str, ...] = (),
         if name in ints:
             continue
         if arr.dtype not in FLOAT_DTYPES:
+            swapped = arr.dtype.kind == "f" and arr.dtype.newbyteorder("=") in FLOAT_DTYPES
             raise TypeError(
                 f"{op}: argument {name!r} has dtype {arr.dtype} ({describe(arr)}); expected "
-                "float32 or float64")
+                "float32 or float64" + (" in the machine's byte order (this one is "
+                "byte-swapped, as data read from a big-endian file can be; "
+                "cugrad.asarray(x) converts it)" if swapped else ""))
         if dtype is None:
             dtype, dtype_name = arr.dtype, name
         elif arr.dtype != dtype:
@@ -221,6 +224,13 @@ def check_class_indices(op: str, name: str, target, classes: int) -> None:
     and gradient instead of reading out of bounds."""
     if not _value_checks_on():
         return
+    dtype = target.dtype
+    if dtype.kind == "u" or (dtype.kind == "i" and dtype.isnative):
+        # One reduction (one device sync on the GPU) in the common case: read as unsigned,
+        # a negative index is above every class count.
+        unsigned = target if dtype.kind == "u" else target.view(f"u{dtype.itemsize}")
+        if int(unsigned.max()) < classes:
+            return
     lo, hi = int(target.min()), int(target.max())
     if lo < 0 or hi >= classes:
         bad = lo if lo < 0 else hi
@@ -266,6 +276,35 @@ def _extent(a) -> tuple[int, int]:
         else:
             end += (n - 1) * stride
     return start, end + a.itemsize
+
+
+def plain_numpy_update(arrays: dict, optional: tuple[str, ...] = ()) -> bool:
+    """Whether the arrays of an in-place update (name -> array; ``grad`` is read, the
+    others written) are the common case that passes every check of one at once: plain
+    NumPy arrays of one float dtype and one shape, each written one C-contiguous and
+    writable, and each owning its memory, so that distinct ones cannot overlap. Only names
+    in ``optional`` may be None. False sends the arrays to the general checks, which accept
+    or refuse them; none they would refuse passes here."""
+    ref = None
+    ids = set()
+    for name, a in arrays.items():
+        if a is None:
+            if name in optional:
+                continue
+            return False
+        if type(a) is not np.ndarray:
+            return False
+        if ref is None:
+            if a.dtype not in FLOAT_DTYPES:
+                return False
+            ref = a
+        elif a.dtype is not ref.dtype or a.shape != ref.shape:
+            return False
+        flags = a.flags
+        if not flags.owndata or (name != "grad" and not (flags.c_contiguous and flags.writeable)):
+            return False
+        ids.add(id(a))
+    return ref is not None and len(ids) == sum(a is not None for a in arrays.values())
 
 
 def shares_memory(a, b) -> bool:

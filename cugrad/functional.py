@@ -20,7 +20,8 @@ import numpy as np
 from . import _backend, _trace
 from ._checks import (_to_backend_array, check_choice, check_class_indices, check_flag,
                       check_min_ndim, check_ndim, check_no_nan, check_no_overlap, check_scalar,
-                      check_shape, describe, exported_read_only, prepare)
+                      check_shape, describe, exported_read_only, plain_numpy_update,
+                      prepare)
 from ._trace import op_range
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
@@ -413,6 +414,13 @@ def _inplace_args(op, arrays, optional=()):
     (``param``, ``total``), every one but ``grad`` is written and so must be a writable
     C-contiguous array, and none overlaps another. Only those named in ``optional`` may be
     None."""
+    if plain_numpy_update(arrays, optional):      # an optimiser's every step: checked at once
+        return _backend.numpy_backend(), arrays
+    return _checked_inplace_args(op, arrays, optional)
+
+
+def _checked_inplace_args(op, arrays, optional):
+    """``_inplace_args``'s checks one by one, with the error each failure deserves."""
     for name, a in arrays.items():       # before CuPy wraps it and forgets the flag
         if name != "grad" and exported_read_only(a):
             _not_updatable(op, name, a, "its __cuda_array_interface__ marks it read-only")

@@ -733,6 +733,10 @@ class Sequential(Module):
         return len(self.layers)
 
     def __getitem__(self, i):
+        """``model[i]`` is a layer; ``model[a:b]`` a new Sequential of those layers (the same
+        module instances, as PyTorch's slicing gives)."""
+        if isinstance(i, slice):
+            return Sequential(*self.layers[i])
         return self.layers[i]
 
     def forward(self, x):
@@ -753,17 +757,21 @@ class Sequential(Module):
 
     def backward(self, grad_out, *, input_grad=True):
         input_grad = check_flag(f"{self._range_name}.backward", "input_grad", input_grad)
-        for i in range(len(self.layers) - 1, 0, -1):
-            try:
-                grad_out = self.layers[i].backward(grad_out)
-            except Exception as exc:
-                _add_note(exc, f"(in Sequential layer {i}: {self.layers[i]!r}; the layers "
-                               "after it have already accumulated their parameter gradients)")
-                raise
         if not self.layers:     # the identity: its gradient passes, once checked
             _, arr = prepare(f"{self._range_name}.backward", {"grad_out": grad_out})
             return arr["grad_out"] if input_grad else None
-        return run_backward(self.layers[0], grad_out, input_grad)
+        last = len(self.layers) - 1
+        for i in range(last, -1, -1):
+            try:
+                grad_out = (self.layers[i].backward(grad_out) if i
+                            else run_backward(self.layers[0], grad_out, input_grad))
+            except Exception as exc:
+                _add_note(exc, f"(in Sequential layer {i}: {self.layers[i]!r}; " + (
+                    "the layers after it have already run their backward and accumulated "
+                    "their parameter gradients)" if i < last else
+                    "no layer has run its backward: no gradient changed)"))
+                raise
+        return grad_out
 
 
 
@@ -778,7 +786,12 @@ class MSELoss(Module):
         self.reduction = reduction
 
     def forward(self, pred, target):
-        loss, grad = F.mse_loss_with_grad(pred, target, reduction=self.reduction)
+        try:
+            loss, grad = F.mse_loss_with_grad(pred, target, reduction=self.reduction)
+        except (TypeError, ValueError) as exc:
+            _add_note(exc, f"(in {self._range_name}.forward, which computes the loss and "
+                           f"its gradient with F.mse_loss_with_grad)")
+            raise
         self._save(grad)
         self._device = _backend.device_of(pred)
         return loss
@@ -798,7 +811,12 @@ class CrossEntropyLoss(Module):
         self.reduction = reduction
 
     def forward(self, logits, target):
-        loss, grad = F.cross_entropy_with_grad(logits, target, reduction=self.reduction)
+        try:
+            loss, grad = F.cross_entropy_with_grad(logits, target, reduction=self.reduction)
+        except (TypeError, ValueError) as exc:
+            _add_note(exc, f"(in {self._range_name}.forward, which computes the loss and "
+                           f"its gradient with F.cross_entropy_with_grad)")
+            raise
         self._save(grad)
         self._device = _backend.device_of(logits)
         return loss

@@ -365,6 +365,36 @@ def test_class_indices_of_any_integer_dtype_match_int64(backend, index_dtype):
         assert np.array_equal(g, w)
 
 
+@pytest.mark.parametrize("index_dtype", ["i1", "<i2", ">i4", "i8", "u1", ">u4", "u8"])
+def test_class_indices_out_of_range_are_named_in_every_integer_dtype(backend, index_dtype):
+    """The range check reads a signed target as unsigned (one reduction: a negative index
+    is then above every class count) and names the bad index from min/max only when that
+    fails; a byte-swapped target takes min/max at once (read in native order, 2**24 would
+    pass as 1). Both ends, every width."""
+    logits = backend.put(np.zeros((3, 100), f32))
+    ok = np.array([0, 99, 5], index_dtype)
+    assert backend.get(F.cross_entropy(logits, backend.put(ok))).shape == ()
+    bad = [100] + ([-1, -128] if np.dtype(index_dtype).kind == "i" else [255])
+    if np.dtype(index_dtype).itemsize >= 4:
+        bad.append(2**24)       # byte-swapped and read natively, it would look like 1
+    for value in bad:
+        target = np.array([0, value, 0], index_dtype)   # 0 reads 0 in either order
+        with pytest.raises(ValueError, match=rf"class index {value}, out of range for 100 "):
+            F.cross_entropy(logits, backend.put(target))
+
+
+@pytest.mark.parametrize("swapped", [">f4", ">f8"] if np.little_endian else ["<f4", "<f8"])
+def test_byte_swapped_floats_are_refused_with_the_conversion_named(swapped):
+    """Float32 from a big-endian file is float32 to its reader: the refusal says what is
+    wrong with it and what converts it (the message said only 'expected float32')."""
+    a = np.arange(6, dtype=swapped).reshape(2, 3)
+    with pytest.raises(TypeError, match=rf"argument 'x' has dtype {swapped} .*expected float32 "
+                                        r"or float64 in the machine's byte order .*byte-swapped"
+                                        r".*cugrad\.asarray\(x\) converts it"):
+        F.relu(a)
+    np.testing.assert_array_equal(F.relu(cugrad.asarray(a)), a)
+
+
 class _TorchLikeCPUTensor:
     """A CPU DLPack producer whose ``dtype`` NumPy cannot interpret, as a PyTorch tensor's
     ``torch.float32`` is not a NumPy dtype."""

@@ -107,6 +107,46 @@ def test_disjoint_halves_of_one_buffer_are_not_an_overlap():
     np.testing.assert_array_equal(buf[1], 1.0)
 
 
+def _update_candidates():
+    """NumPy arrays an in-place update may be handed, the awkward ones included."""
+    buf = np.zeros((8, 3), f32)
+    read_only = np.ones((4, 3), f32)
+    read_only.flags.writeable = False
+    c = {"own": np.ones((4, 3), f32), "own2": np.ones((4, 3), f32),
+         "own3": np.ones((4, 3), f32), "f64": np.ones((4, 3)), "other shape": np.ones((3, 4), f32),
+         "view": buf[:4], "overlapping view": buf[2:6], "fortran": np.ones((4, 3), f32, order="F"),
+         "transposed": np.ones((3, 4), f32).T, "read-only": read_only,
+         "float16": np.ones((4, 3), np.float16), "int32": np.ones((4, 3), np.int32),
+         "from bytes": np.frombuffer(bytearray(48), f32).reshape(4, 3),
+         "matrix": np.matrix(np.ones((4, 3), f32)), "1-d": np.ones(12, f32), "None": None}
+    return c
+
+
+@matrix_ok
+def test_the_in_place_fast_path_takes_only_what_the_full_checks_accept():
+    """``plain_numpy_update`` lets an optimiser's arrays skip ``_inplace_args``'s checks one
+    by one: every combination it lets through (param, grad, momentum_buf; one object may
+    come twice) must be accepted as is by the full checks, and the plain case must take it."""
+    c = _update_candidates()
+    taken = 0
+    for pn in c:
+        for gn in c:
+            for bn in c:
+                arrays = {"param": c[pn], "grad": c[gn], "momentum_buf": c[bn]}
+                if not _checks.plain_numpy_update(arrays, ("momentum_buf",)):
+                    continue
+                taken += 1
+                _, arr = F._checked_inplace_args("sgd_step", dict(arrays), ("momentum_buf",))
+                assert all(arr[k] is arrays[k] for k in arrays), (pn, gn, bn)
+    # own, own2, own3 in distinct places (6 with a buffer, 6 without), and a read-only or
+    # Fortran-order grad (only read) beside each param and each other buffer or None (18)
+    assert taken == 6 + 6 + 18, taken
+    plain = {"param": c["own"], "grad": c["transposed"]}      # grad is only read
+    assert not _checks.plain_numpy_update(plain)               # but must own its memory
+    F.sgd_step(c["own"], c["transposed"], lr=0.5)               # the full checks take it
+    np.testing.assert_array_equal(c["own"], 0.5)
+
+
 def test_device_extent_of_strided_arrays():
     # The CuPy side of the overlap check works on pointers, shapes and strides.
     def arr(ptr, shape, strides, itemsize=4):
@@ -526,6 +566,53 @@ def test_a_failed_adam_step_does_not_count_as_a_step(capturable):
     opt.step()
     np.testing.assert_allclose(p.data, np.full(3, -0.1, f32), rtol=1e-6)
     assert int(opt.state[id(p)]["step"]) == 1
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
+def test_sequential_backward_says_whether_any_gradient_changed():
+    """A wrong grad_out fails in the last layer, before any gradient is added (the note said
+    the layers after it had accumulated theirs); a failure further down follows layers that
+    did. The first layer's failure is named too."""
+    model = nn.Sequential(_linear(0, 3, 4), nn.ReLU(), _linear(1, 4, 2))
+    model(np.ones((5, 3), f32))
+    with pytest.raises(ValueError) as info:
+        model.backward(np.ones((5, 3), f32))
+    assert info.value.__notes__ == [
+        f"(in Sequential layer 2: {model[2]!r}; no layer has run its backward: no gradient "
+        "changed)"]
+    assert all(p.grad is None for p in model.parameters())
+
+    model(np.ones((5, 3), f32))
+    model[0].weight.data = np.ones((4, 3), np.float64)      # only the first layer fails
+    with pytest.raises(TypeError) as info:
+        model.backward(np.ones((5, 2), f32))
+    assert any(n.startswith("(in Sequential layer 0: ") and "the layers after it have already "
+               "run their backward and accumulated their parameter gradients" in n
+               for n in info.value.__notes__)
+    assert model[2].weight.grad is not None and model[0].weight.grad is None
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
+@pytest.mark.parametrize("crit, op, target", [
+    (nn.CrossEntropyLoss(), "cross_entropy_with_grad", [0, 1]),
+    (nn.MSELoss(), "mse_loss_with_grad", np.zeros((2, 4), f32)),
+], ids=["CrossEntropyLoss", "MSELoss"])
+def test_a_loss_module_error_names_the_module_the_user_called(crit, op, target):
+    with pytest.raises((TypeError, ValueError), match=rf"^{op}: ") as info:
+        crit(np.zeros((2, 3), f32), target)
+    assert info.value.__notes__ == [
+        f"(in {type(crit).__name__}.forward, which computes the loss and its gradient with "
+        f"F.{op})"]
+
+
+def test_a_sliced_sequential_is_a_sequential_of_the_same_layers(rng):
+    model = nn.Sequential(_linear(0, 3, 4), nn.ReLU(), _linear(1, 4, 2))
+    head = model[:2]
+    assert type(head) is nn.Sequential and len(head) == 2
+    assert head[0] is model[0] and head[1] is model[1]
+    x = randn(rng, 5, 3)
+    np.testing.assert_array_equal(head(x), model[1](model[0](x)))
+    assert type(model[::-1]) is nn.Sequential and model[-1] is model[2]
 
 
 @pytest.mark.parametrize("make", [lambda ps: optim.SGD(ps, lr=1.0, momentum=0.9),
