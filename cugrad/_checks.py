@@ -225,9 +225,11 @@ def check_class_indices(op: str, name: str, target, classes: int) -> None:
     if not _value_checks_on():
         return
     dtype = target.dtype
-    if dtype.kind == "u" or (dtype.kind == "i" and dtype.isnative):
+    if dtype.kind == "u" or (dtype.kind == "i" and dtype.isnative
+                             and classes <= 2 ** (8 * dtype.itemsize - 1)):
         # One reduction (one device sync on the GPU) in the common case: read as unsigned,
-        # a negative index is above every class count.
+        # a negative index is at least 2**(bits - 1), so above the class count (int8's -1
+        # reads 255: for more than 128 classes only min/max can tell).
         unsigned = target if dtype.kind == "u" else target.view(f"u{dtype.itemsize}")
         if int(unsigned.max()) < classes:
             return

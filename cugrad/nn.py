@@ -734,7 +734,9 @@ class Sequential(Module):
 
     def __getitem__(self, i):
         """``model[i]`` is a layer; ``model[a:b]`` a new Sequential of those layers (the same
-        module instances, as PyTorch's slicing gives)."""
+        module instances, as PyTorch's slicing gives, but numbered from 0 in its parameter
+        names; a layer's range name follows the Sequential that ran it last, so the new
+        one's numbering until this one runs again)."""
         if isinstance(i, slice):
             return Sequential(*self.layers[i])
         return self.layers[i]
@@ -767,9 +769,10 @@ class Sequential(Module):
                             else run_backward(self.layers[0], grad_out, input_grad))
             except Exception as exc:
                 _add_note(exc, f"(in Sequential layer {i}: {self.layers[i]!r}; " + (
-                    "the layers after it have already run their backward and accumulated "
-                    "their parameter gradients)" if i < last else
-                    "no layer has run its backward: no gradient changed)"))
+                    f"layers {i + 1}..{last} of this Sequential have already run their "
+                    "backward and accumulated their parameter gradients)" if i < last else
+                    "its last layer: none of this Sequential's layers had run their "
+                    "backward)"))
                 raise
         return grad_out
 

@@ -365,21 +365,24 @@ def test_class_indices_of_any_integer_dtype_match_int64(backend, index_dtype):
         assert np.array_equal(g, w)
 
 
+@pytest.mark.parametrize("classes", [100, 300, 70000])
 @pytest.mark.parametrize("index_dtype", ["i1", "<i2", ">i4", "i8", "u1", ">u4", "u8"])
-def test_class_indices_out_of_range_are_named_in_every_integer_dtype(backend, index_dtype):
+def test_class_indices_out_of_range_are_named_in_every_integer_dtype(backend, index_dtype,
+                                                                     classes):
     """The range check reads a signed target as unsigned (one reduction: a negative index
-    is then above every class count) and names the bad index from min/max only when that
+    is then at least 2**(bits - 1)) and names the bad index from min/max only when that
     fails; a byte-swapped target takes min/max at once (read in native order, 2**24 would
-    pass as 1). Both ends, every width."""
-    logits = backend.put(np.zeros((3, 100), f32))
-    ok = np.array([0, 99, 5], index_dtype)
+    pass as 1), and so does a class count a negative index can hide under (int8's -1 reads
+    255, int16's 65535). Both ends, every width."""
+    dtype = np.dtype(index_dtype)
+    logits = backend.put(np.zeros((3, classes), f32))
+    ok = np.array([0, min(classes - 1, np.iinfo(dtype).max), 5], index_dtype)
     assert backend.get(F.cross_entropy(logits, backend.put(ok))).shape == ()
-    bad = [100] + ([-1, -128] if np.dtype(index_dtype).kind == "i" else [255])
-    if np.dtype(index_dtype).itemsize >= 4:
-        bad.append(2**24)       # byte-swapped and read natively, it would look like 1
-    for value in bad:
+    bad = [np.iinfo(dtype).min, -1] if dtype.kind == "i" else []
+    bad += [v for v in (classes, np.iinfo(dtype).max, 2**24) if classes <= v <= np.iinfo(dtype).max]
+    for value in bad:   # 2**24: byte-swapped and read natively, it would look like 1
         target = np.array([0, value, 0], index_dtype)   # 0 reads 0 in either order
-        with pytest.raises(ValueError, match=rf"class index {value}, out of range for 100 "):
+        with pytest.raises(ValueError, match=rf"class index {value}, out of range for {classes} "):
             F.cross_entropy(logits, backend.put(target))
 
 

@@ -112,11 +112,13 @@ def _update_candidates():
     buf = np.zeros((8, 3), f32)
     read_only = np.ones((4, 3), f32)
     read_only.flags.writeable = False
+    swapped = np.ones((4, 3), ">f4" if np.little_endian else "<f4")
     c = {"own": np.ones((4, 3), f32), "own2": np.ones((4, 3), f32),
          "own3": np.ones((4, 3), f32), "f64": np.ones((4, 3)), "other shape": np.ones((3, 4), f32),
          "view": buf[:4], "overlapping view": buf[2:6], "fortran": np.ones((4, 3), f32, order="F"),
          "transposed": np.ones((3, 4), f32).T, "read-only": read_only,
          "float16": np.ones((4, 3), np.float16), "int32": np.ones((4, 3), np.int32),
+         "byte-swapped": swapped, "byte-swapped2": swapped.copy(),    # one dtype object
          "from bytes": np.frombuffer(bytearray(48), f32).reshape(4, 3),
          "matrix": np.matrix(np.ones((4, 3), f32)), "1-d": np.ones(12, f32), "None": None}
     return c
@@ -578,18 +580,29 @@ def test_sequential_backward_says_whether_any_gradient_changed():
     with pytest.raises(ValueError) as info:
         model.backward(np.ones((5, 3), f32))
     assert info.value.__notes__ == [
-        f"(in Sequential layer 2: {model[2]!r}; no layer has run its backward: no gradient "
-        "changed)"]
+        f"(in Sequential layer 2: {model[2]!r}; its last layer: none of this Sequential's "
+        "layers had run their backward)"]
     assert all(p.grad is None for p in model.parameters())
 
     model(np.ones((5, 3), f32))
     model[0].weight.data = np.ones((4, 3), np.float64)      # only the first layer fails
     with pytest.raises(TypeError) as info:
         model.backward(np.ones((5, 2), f32))
-    assert any(n.startswith("(in Sequential layer 0: ") and "the layers after it have already "
-               "run their backward and accumulated their parameter gradients" in n
+    assert any(n.startswith("(in Sequential layer 0: ") and "layers 1..2 of this Sequential "
+               "have already run their backward and accumulated their parameter gradients" in n
                for n in info.value.__notes__)
     assert model[2].weight.grad is not None and model[0].weight.grad is None
+
+    inner = nn.Sequential(nn.ReLU(), _linear(2, 4, 4))      # nested: each note its own
+    outer = nn.Sequential(_linear(0, 3, 4), inner, _linear(1, 4, 2))
+    outer(np.ones((5, 3), f32))
+    inner[1].weight.data = np.ones((4, 4), np.float64)
+    with pytest.raises(TypeError) as info:
+        outer.backward(np.ones((5, 2), f32))
+    assert [n.split(";")[1] for n in info.value.__notes__] == [
+        " its last layer: none of this Sequential's layers had run their backward)",
+        " layers 2..2 of this Sequential have already run their backward and accumulated "
+        "their parameter gradients)"]
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
