@@ -19,13 +19,13 @@ from .nn import Module, Parameter, _add_note, _loaded_array
 __all__ = ["Optimizer", "SGD", "Adam"]
 
 
-def _in_range(name, device, update):
-    """Run one parameter's update in its op's NVTX range (the range ``F.sgd_step`` /
-    ``F.adam_step`` would open)."""
+def _in_range(name, p, update):
+    """Run Parameter p's update in its op's NVTX range (the range ``F.sgd_step`` /
+    ``F.adam_step`` would open), on p's device's clock."""
     if _trace._quiet:
         update()
         return
-    with op_range(name, device):
+    with op_range(name, p.device):
         update()
 
 
@@ -255,7 +255,7 @@ class SGD(Optimizer):
         buf = self._buffer(p, state, "momentum_buf") if self.momentum else None
         update = F._checked_sgd_step(p.data, p.grad, buf, lr=self.lr, momentum=self.momentum,
                                      weight_decay=self.weight_decay)
-        return functools.partial(_in_range, "sgd_step", p.device, update)
+        return functools.partial(_in_range, "sgd_step", p, update)
 
 
 class Adam(Optimizer):
@@ -301,7 +301,7 @@ class Adam(Optimizer):
             if not self.capturable:
                 state["step"] = step
             update()
-        return functools.partial(_in_range, "adam_step", p.device, count_and_update)
+        return functools.partial(_in_range, "adam_step", p, count_and_update)
 
     @staticmethod
     def _counter(p, state):

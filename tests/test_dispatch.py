@@ -183,6 +183,28 @@ def test_an_op_a_backend_lacks_is_a_not_implemented_error_naming_it():
         table.gemm
 
 
+def test_an_op_registered_again_replaces_the_one_a_table_has_read(monkeypatch):
+    """A table keeps each op it has found as an attribute; registering the op again drops
+    it, so the next call reads the new implementation (and another backend's is kept)."""
+    impls, other = {}, {}
+    monkeypatch.setitem(_backend._IMPLS, "probe_d", impls)
+    monkeypatch.setitem(_backend._IMPLS, "probe_e", other)
+    table, other_table = _backend._OpTable("probe_d", impls), _backend._OpTable("probe_e", other)
+
+    def first(grad):
+        return 1
+
+    def second(grad):
+        return 2
+
+    _backend.implements("probe_d", "bias_grad")(first)
+    _backend.implements("probe_e", "bias_grad")(first)
+    assert table.bias_grad is first and "bias_grad" in vars(table)
+    assert other_table.bias_grad is first
+    _backend.implements("probe_d", "bias_grad")(second)
+    assert table.bias_grad is second and other_table.bias_grad is first
+
+
 def test_cupy_seeing_no_device_is_reported_as_such(monkeypatch):
     """getDeviceCount() == 0: CUDA is unavailable because CuPy sees no device, said so (not
     an error from a probe kernel run on no device)."""
