@@ -37,7 +37,8 @@ import numpy as np
 from . import _backend, _trace
 from . import functional as F
 from ._arrays import asarray, to_numpy
-from ._checks import check_choice, check_flag, check_shape, describe, prepare, shares_memory
+from ._checks import (FLOAT_DTYPES, check_choice, check_flag, check_shape, describe, prepare,
+                      shares_memory)
 from ._trace import op_range
 
 __all__ = ["Parameter", "Module", "Linear", "Sigmoid", "Tanh", "ReLU", "Sequential",
@@ -505,45 +506,59 @@ class Linear(Module):
             if bias else None
         self.to("cpu" if device is None else device)      # None: the default, as in PyTorch
 
-    def _check_dtype(self, name: str, x, where: str) -> None:
-        """A float array of another dtype than the layer's: say so in the layer's terms
-        (F.linear would name the weight as the odd one out)."""
+    def _dtype_error(self, name: str, x, where: str):
+        """A float array of another dtype than the layer's, said in the layer's terms
+        (F.linear would name the weight as the odd one out), or None. Built only once F
+        has refused x: F's checks come first, and each of these failures is also one of
+        theirs."""
         dtype = getattr(x, "dtype", None)
-        if (dtype is not None and dtype != self.weight.data.dtype
-                and np.dtype(dtype) in (np.float32, np.float64)):
-            raise TypeError(
-                f"{self._range_name}.{where}: argument {name!r} has dtype {dtype} "
-                f"({describe(x)}) but the layer's parameters are {self.weight.data.dtype}; "
-                f"convert it (.astype({str(self.weight.data.dtype)!r})) or create the layer "
-                f"with dtype={str(dtype)!r}")
+        try:
+            dtype = None if dtype is None else np.dtype(dtype)
+        except TypeError:                # another library's dtype (torch.float64): F's words
+            return None
+        if dtype is None or dtype == self.weight.data.dtype or dtype not in FLOAT_DTYPES:
+            return None
+        return TypeError(
+            f"{self._range_name}.{where}: argument {name!r} has dtype {dtype} "
+            f"({describe(x)}) but the layer's parameters are {self.weight.data.dtype}; "
+            f"convert it (.astype({str(self.weight.data.dtype)!r})) or create the layer "
+            f"with dtype={str(dtype)!r}")
 
     def forward(self, x):
-        self._check_dtype("x", x, "forward")
+        b = self.bias.data if self.bias is not None else None
+        try:
+            y = F.linear(x, self.weight.data, b, activation=self.activation)
+        except (TypeError, ValueError):
+            error = self._dtype_error("x", x, "forward") or self._width_error(x)
+            if error is None:
+                raise
+            raise error from None
+        self._save(x, y if self.activation else None)
+        return y
+
+    def _width_error(self, x):
         shape = getattr(x, "shape", None)
         if shape is not None and len(shape) == 2 and shape[1] != self.weight.shape[1]:
-            raise ValueError(
+            return ValueError(
                 f"{self._range_name}.forward: argument 'x' has {shape[1]} features "
                 f"({describe(x)}) but the layer takes {self.weight.shape[1]} "
                 f"(weight {self.weight.shape}); expected x of shape (batch, "
                 f"{self.weight.shape[1]})")
-        b = self.bias.data if self.bias is not None else None
-        y = F.linear(x, self.weight.data, b, activation=self.activation)
-        self._save(x, y if self.activation else None)
-        return y
+        return None
 
     def backward(self, grad_out, *, input_grad=True):
         x, y = self._take_saved()
-        self._check_dtype("grad_out", grad_out, "backward")
-        shape, want = getattr(grad_out, "shape", None), (x.shape[0], self.weight.shape[0])
-        if shape is not None and len(shape) == 2 and tuple(shape) != want:
-            raise ValueError(       # in the layer's terms (F.linear_backward names grad_y)
-                f"{self._range_name}.backward: argument 'grad_out' is {describe(grad_out)}, "
-                f"expected shape {want} (the forward's batch of {want[0]} rows, "
-                f"out_features {want[1]})")
-        gx, gw, gb = F.linear_backward(grad_out, x, self.weight.data,
-                                       bias=self.bias is not None,
-                                       activation=self.activation, out=y,
-                                       input_grad=input_grad)
+        try:
+            gx, gw, gb = F.linear_backward(grad_out, x, self.weight.data,
+                                           bias=self.bias is not None,
+                                           activation=self.activation, out=y,
+                                           input_grad=input_grad)
+        except (TypeError, ValueError):
+            error = (self._dtype_error("grad_out", grad_out, "backward")
+                     or self._grad_shape_error(grad_out, x))
+            if error is None:
+                raise
+            raise error from None
         # Both checked before either is added: a backward that raises changes no gradient,
         # so its retry counts each once.
         op = f"{self._range_name}.backward"
@@ -554,6 +569,15 @@ class Linear(Module):
         if self.bias is not None:
             self.bias._accumulate_own(gb)
         return gx
+
+    def _grad_shape_error(self, grad_out, x):
+        shape, want = getattr(grad_out, "shape", None), (x.shape[0], self.weight.shape[0])
+        if shape is not None and len(shape) == 2 and tuple(shape) != want:
+            return ValueError(      # in the layer's terms (F.linear_backward names grad_y)
+                f"{self._range_name}.backward: argument 'grad_out' is {describe(grad_out)}, "
+                f"expected shape {want} (the forward's batch of {want[0]} rows, "
+                f"out_features {want[1]})")
+        return None
 
     def __repr__(self):
         act = f", activation={self.activation!r}" if self.activation else ""

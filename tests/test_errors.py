@@ -416,6 +416,27 @@ class _TorchLikeCPUTensor:
         return self._arr.__dlpack_device__()
 
 
+def test_a_linear_layer_takes_arrays_whose_dtype_numpy_cannot_interpret():
+    """A PyTorch tensor into a Linear layer: the layer's own dtype check called
+    np.dtype(x.dtype) before F.linear could take the tensor through DLPack, so the user got
+    NumPy's 'Cannot interpret torch.float32'. The layer's words now come only once F has
+    refused an input; the results are those of the NumPy arrays."""
+    layer = nn.Linear(4, 3, rng=0, activation="relu")
+    x, g = np.arange(8, dtype=f32).reshape(2, 4) / 7, np.full((2, 3), 0.5, f32)
+    want_y, want_dx = layer(x), layer.backward(g)
+    want_dw = layer.weight.grad.copy()
+    layer.zero_grad()
+    wrapped = _TorchLikeCPUTensor
+    assert np.array_equal(layer(wrapped(x)), want_y)
+    assert np.array_equal(layer.backward(wrapped(g)), want_dx)
+    assert np.array_equal(layer.weight.grad, want_dw)
+    layer(x)
+    with pytest.raises(ValueError, match=r"^Linear\.backward: argument 'grad_out' is .*, "
+                                         r"expected shape \(2, 3\)") as info:
+        layer.backward(wrapped(np.ones((2, 2), f32)))
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
 def test_cross_entropy_takes_targets_whose_dtype_numpy_cannot_interpret():
     """A probability target (or logits) from another library comes in through DLPack as it
     does for every other op: the same loss and gradient as from NumPy arrays, and an integer
