@@ -8,7 +8,7 @@ import reprlib
 import numpy as np
 
 from . import _backend
-from ._checks import _to_backend_array, describe, is_cuda_dlpack
+from ._checks import _DLPACK_CPU, _to_backend_array, describe, dlpack_device_type, is_cuda_dlpack
 
 DEFAULT_DTYPE = np.dtype(np.float32)
 _OP_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))   # the float dtypes ops take
@@ -159,4 +159,11 @@ def to_numpy(x) -> np.ndarray:
         return x.get()
     if _backend.is_gpu_array(x) or is_cuda_dlpack(x):
         return _to_backend_array("to_numpy", "x", x).get()
+    if not hasattr(x, "__array__") and not hasattr(x, "__array_interface__"):
+        try:
+            device_type = dlpack_device_type(x)
+        except Exception:
+            device_type = None
+        if device_type == _DLPACK_CPU:       # np.asarray would make a 0-d object array
+            return np.from_dlpack(x)
     return np.asarray(x)

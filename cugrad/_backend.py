@@ -222,10 +222,29 @@ def is_cupy_array(x) -> bool:
 
 def is_gpu_array(x) -> bool:
     """A CuPy array, or any other GPU array (PyTorch CUDA tensor, ...) seen through its
-    ``__cuda_array_interface__``."""
+    ``__cuda_array_interface__`` or a CUDA ``__dlpack__``."""
     if type(x) is np.ndarray:
         return False
-    return is_cupy_array(x) or has_cuda_array_interface(x)
+    return is_cupy_array(x) or has_cuda_array_interface(x) or is_cuda_dlpack(x)
+
+
+DLPACK_CUDA_DEVICES = (2, 13)   # kDLCUDA, kDLCUDAManaged
+
+
+def dlpack_device_type(x) -> int | None:
+    """The DLPack device type ``x`` exports from (1 CPU, 2 CUDA, 13 CUDA managed, ...), or
+    None without DLPack."""
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        return int(x.__dlpack_device__()[0])
+    return None
+
+
+def is_cuda_dlpack(x) -> bool:
+    """Whether ``x`` exports DLPack from CUDA memory (device or managed)."""
+    try:
+        return dlpack_device_type(x) in DLPACK_CUDA_DEVICES
+    except Exception:
+        return False
 
 
 def has_cuda_array_interface(x) -> bool:

@@ -14,11 +14,11 @@ import threading
 import numpy as np
 
 from . import _backend
-from ._backend import Backend
+from ._backend import (DLPACK_CUDA_DEVICES, Backend, dlpack_device_type,  # noqa: F401
+                       is_cuda_dlpack)
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _DLPACK_CPU = 1
-DLPACK_CUDA_DEVICES = (2, 13)   # kDLCUDA, kDLCUDAManaged
 
 
 def describe(x) -> str:
@@ -49,22 +49,6 @@ def _to_backend_array(op: str, name: str, x):
         f"{op}: argument {name!r} must be a NumPy or CuPy array (or a GPU array exposing "
         f"__cuda_array_interface__/DLPack), got {describe(x)}; use cugrad.asarray() to "
         "convert lists and scalars")
-
-
-def dlpack_device_type(x) -> int | None:
-    """The DLPack device type ``x`` exports from (1 CPU, 2 CUDA, 13 CUDA managed, ...), or
-    None without DLPack."""
-    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
-        return int(x.__dlpack_device__()[0])
-    return None
-
-
-def is_cuda_dlpack(x) -> bool:
-    """Whether ``x`` exports DLPack from CUDA memory (device or managed)."""
-    try:
-        return dlpack_device_type(x) in DLPACK_CUDA_DEVICES
-    except Exception:
-        return False
 
 
 def _plain_ndarray(op: str, name: str, x: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _backend
 from ._arrays import to_numpy
-from ._checks import check_scalar, describe
+from ._checks import _to_backend_array, check_scalar, describe
 
 __all__ = ["GradcheckError", "gradcheck", "jacobian"]
 
@@ -24,7 +24,8 @@ def _float64_copies(op, inputs):
     """Fresh C-contiguous float64 copies of the inputs, each on its own device."""
     out = []
     for i, x in enumerate(inputs):
-        if not hasattr(x, "dtype") or np.dtype(x.dtype).kind != "f":
+        x = _foreign_in(op, f"input {i}", x)
+        if not hasattr(x, "dtype") or _dtype_kind(x) != "f":
             raise TypeError(f"{op}: input {i} must be a float array (float32 or float64; "
                             f"it is copied to float64), got {describe(x)}")
         if isinstance(x, (np.ndarray, np.generic)):
@@ -37,6 +38,26 @@ def _float64_copies(op, inputs):
                              "differences need a finite point")
         out.append(x)
     return out
+
+
+def _foreign_in(op, what, x):
+    """Another library's array (a PyTorch tensor) as a NumPy or CuPy array, taken through
+    DLPack / the CUDA array interface as the ops take it; anything else as it is (one the
+    ops refuse gets the caller's message)."""
+    if (hasattr(x, "dtype") and not isinstance(x, (np.ndarray, np.generic))
+            and not _backend.is_cupy_array(x)):
+        try:
+            return _to_backend_array(op, what, x)
+        except TypeError:
+            pass
+    return x
+
+
+def _dtype_kind(x) -> str | None:
+    try:
+        return np.dtype(x.dtype).kind
+    except TypeError:           # a dtype NumPy cannot read
+        return None
 
 
 def _all_finite(a) -> bool:
@@ -73,9 +94,10 @@ def _central_differences(op, values, x, eps, i=0):
 
 
 def _output(op, y):
-    """``fn``'s result checked: a real array (NumPy, CuPy or other GPU array) or number."""
+    """``fn``'s result checked: a real array (NumPy, CuPy or another library's) or number."""
+    y = _foreign_in(op, "fn's result", y)
     if _backend.is_gpu_array(y):
-        kind = np.dtype(y.dtype).kind
+        kind = _dtype_kind(y)
     elif isinstance(y, (np.ndarray, np.generic)):
         kind = y.dtype.kind
     elif isinstance(y, (int, float)) and not isinstance(y, bool):

@@ -10,7 +10,7 @@ import pytest
 
 import cugrad
 import cugrad.functional as F
-from cugrad import _checks, nn
+from cugrad import _backend, _checks, nn, optim
 
 f32 = np.float32
 
@@ -435,6 +435,83 @@ def test_a_linear_layer_takes_arrays_whose_dtype_numpy_cannot_interpret():
                                          r"expected shape \(2, 3\)") as info:
         layer.backward(wrapped(np.ones((2, 2), f32)))
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_to_numpy_takes_a_cpu_dlpack_producer_without_array_protocols():
+    """A CPU DLPack producer with no __array__ (a DLPack-only library's array) became a 0-d
+    object array through np.asarray: silently wrong, and every caller of to_numpy (Module.save,
+    gradcheck's outputs, a loaded step count) then failed on it."""
+    a = np.arange(12, dtype=f32).reshape(3, 4)
+    got = cugrad.to_numpy(_TorchLikeCPUTensor(a))
+    assert got.shape == (3, 4) and got.dtype == f32 and np.shares_memory(got, a)
+    assert np.array_equal(got, a)
+
+
+def test_state_dicts_load_arrays_whose_dtype_numpy_cannot_interpret():
+    """Loading a PyTorch state dict: every value read its dtype with np.dtype first."""
+    wrapped = _TorchLikeCPUTensor
+    layer = nn.Linear(4, 3, rng=0)
+    w, b = np.full((3, 4), 0.5, f32), np.arange(3, dtype=f32)
+    layer.load_state_dict({"weight": wrapped(w), "bias": wrapped(b)})
+    assert np.array_equal(layer.weight.data, w) and np.array_equal(layer.bias.data, b)
+    assert not np.shares_memory(layer.weight.data, w)          # an own copy, as from NumPy
+    opt = optim.Adam(layer.parameters())
+    opt.load_state_dict({"0.exp_avg": wrapped(w), "0.exp_avg_sq": wrapped(w),
+                         "0.step": wrapped(np.array(3)), "1.exp_avg": wrapped(b),
+                         "1.exp_avg_sq": wrapped(b), "1.step": 4})
+    assert opt.state[id(layer.weight)]["step"] == 3 and opt.state[id(layer.bias)]["step"] == 4
+    assert np.array_equal(opt.state[id(layer.weight)]["exp_avg"], w)
+
+
+def test_gradcheck_and_jacobian_take_arrays_whose_dtype_numpy_cannot_interpret():
+    """Inputs, fn's and backward's results and grad_output from another library: as the
+    ops take them (np.dtype(x.dtype) raised 'Cannot interpret', or a DLPack-only result was
+    'not an array of real numbers')."""
+    wrapped = _TorchLikeCPUTensor
+    x = np.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    assert np.array_equal(cugrad.jacobian(F.tanh, wrapped(x)), cugrad.jacobian(F.tanh, x))
+    assert np.array_equal(cugrad.jacobian(lambda v: wrapped(F.tanh(v)), x),
+                          cugrad.jacobian(F.tanh, x))
+    assert cugrad.gradcheck(lambda v: wrapped(F.tanh(v)), wrapped(x),
+                            backward=lambda g, v: wrapped(F.tanh_backward(g, F.tanh(v))),
+                            grad_output=wrapped(np.full((2, 3), 0.5)))
+
+
+def test_a_parameter_of_another_librarys_array_is_an_array_over_its_memory(tmp_path):
+    """Parameter(tensor) kept the tensor itself: its repr said dtype=torch.float32, the
+    optimisers' zeros_like made 0-d object buffers, save wrote an object array."""
+    wrapped = _TorchLikeCPUTensor
+    a = np.ones((3, 4), f32)
+    p = nn.Parameter(wrapped(a))
+    assert type(p.data) is np.ndarray and np.shares_memory(p.data, a) and p.dtype == f32
+    for opt in (optim.SGD([p], lr=0.5, momentum=0.9), optim.Adam([p], lr=0.5)):
+        p.grad = np.ones((3, 4), f32)
+        opt.step()
+    assert (a < 1).all()                     # updated in the other library's memory
+    p.grad = wrapped(np.ones((3, 4), f32))   # a .grad of its own: added to in place
+    p.accumulate(np.ones((3, 4), f32))
+    assert np.array_equal(cugrad.to_numpy(p.grad), np.full((3, 4), 2, f32))
+
+
+class _CudaDLPackOnly:
+    """A GPU array that offers only DLPack (no __cuda_array_interface__)."""
+
+    shape, ndim, dtype = (2, 3), 2, np.dtype(f32)
+
+    def __dlpack__(self, **kwargs):
+        raise AssertionError("not read here")
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+
+def test_a_dlpack_only_gpu_array_is_on_cuda():
+    """device_of said "cpu" for a CUDA DLPack export without the CUDA array interface (the
+    ops took it to the GPU all the same), so messages said 'a GPU array ... on cpu' and
+    ranges took the host clock."""
+    obj = _CudaDLPackOnly()
+    assert _backend.device_of(obj) == "cuda" and _backend.is_gpu_array(obj)
+    assert _checks.describe(obj).endswith("on cuda")
 
 
 def test_cross_entropy_takes_targets_whose_dtype_numpy_cannot_interpret():

@@ -362,6 +362,20 @@ def test_a_torch_like_tensor_that_requires_grad_is_a_type_error_in_its_words(cp)
     assert isinstance(err.value.__cause__, RuntimeError)
 
 
+@fake_only
+def test_a_parameter_of_a_torch_like_tensor_is_a_cupy_array_over_its_memory(cp):
+    """Parameter(tensor) kept the tensor: the optimisers' buffers (cupy.zeros_like of it)
+    then failed with 'Unsupported type'. It is now taken as F takes it, without a copy."""
+    from cugrad import nn, optim
+    host = np.ones((2, 3), np.float32)
+    p = nn.Parameter(_TorchLikeCudaTensor(host))
+    assert p.device == "cuda" and p.data.data.ptr == host.ctypes.data, "the import copied"
+    for opt in (optim.SGD([p], lr=0.5, momentum=0.9), optim.Adam([p], lr=0.5)):
+        p.grad = cp.ones((2, 3), np.float32)
+        opt.step()
+    assert (host < 1).all()                   # updated in the tensor's own memory
+
+
 class _NumbaLikeDeviceArray:
     """A GPU array with ``__cuda_array_interface__`` alone (Numba's device arrays)."""
 
