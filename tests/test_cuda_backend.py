@@ -386,6 +386,32 @@ def test_torch_dlpack_round_trip(gpu):
 
 
 @pytest.mark.gpu
+def test_torch_state_dicts_and_parameters_come_in_without_a_copy(gpu):
+    """A PyTorch nn.Linear's state dict loads into a cugrad Linear (same names and layout),
+    the two agree on a batch, and Parameter(tensor) is a CuPy array over the tensor's memory
+    that an SGD step updates in place (written without a GPU in session 14)."""
+    cp = gpu
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA device")
+    from cugrad import nn, optim
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(7, 5).cuda()
+    layer = nn.Linear(7, 5, device="cuda")
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(9, 7, device="cuda")
+    got = torch.from_dlpack(layer(x))
+    assert torch.allclose(got, ref(x).detach(), rtol=1e-5, atol=1e-5)
+    w = torch.ones(3, 4, device="cuda")
+    p = nn.Parameter(w)
+    assert p.device == "cuda" and p.data.data.ptr == w.data_ptr(), "the import copied"
+    p.grad = cp.ones((3, 4), cp.float32)
+    optim.SGD([p], lr=0.5).step()
+    torch.cuda.synchronize()
+    assert torch.equal(w, torch.full((3, 4), 0.5, device="cuda"))
+
+
+@pytest.mark.gpu
 def test_kernels_compile_and_run_from_installed_package(gpu, installed):
     code = textwrap.dedent("""
         import numpy as np, cupy as cp
