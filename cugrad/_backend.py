@@ -107,6 +107,8 @@ class _OpTable:
             raise NotImplementedError(
                 f"cugrad: the {self._backend_name} backend does not implement op {op!r}") from None
         self.__dict__[op] = fn
+        if self._impls.get(op) is not fn:   # registered again meanwhile: keep no old one
+            self.__dict__.pop(op, None)
         return fn
 
 

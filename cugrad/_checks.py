@@ -51,6 +51,21 @@ def _to_backend_array(op: str, name: str, x):
         "convert lists and scalars")
 
 
+def is_foreign_array(x) -> bool:
+    """Another library's array that cugrad takes through the CUDA array interface or DLPack
+    (a PyTorch tensor): not a NumPy array or scalar, not a CuPy array, and one whose DLPack
+    device can be read. Objects with only ``__array__`` (h5py, xarray) are not: NumPy takes
+    those as they are."""
+    if isinstance(x, (np.ndarray, np.generic)) or _backend.is_cupy_array(x):
+        return False
+    if _backend.has_cuda_array_interface(x):
+        return True
+    try:
+        return dlpack_device_type(x) is not None
+    except Exception:           # a __dlpack_device__ that raises: not one we can take
+        return False
+
+
 def _plain_ndarray(op: str, name: str, x: np.ndarray) -> np.ndarray:
     """An ndarray subclass as a plain ndarray view (np.matrix, np.memmap, ...): the ops do
     their own arithmetic, so a subclass's operators must not leak into it. A masked array is

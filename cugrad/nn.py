@@ -38,7 +38,7 @@ from . import _backend, _trace
 from . import functional as F
 from ._arrays import asarray, to_numpy
 from ._checks import (FLOAT_DTYPES, _to_backend_array, check_choice, check_flag, check_shape,
-                      describe, exported_read_only, prepare, shares_memory)
+                      describe, exported_read_only, is_foreign_array, prepare, shares_memory)
 from ._trace import op_range
 
 __all__ = ["Parameter", "Module", "Linear", "Sigmoid", "Tanh", "ReLU", "Sequential",
@@ -55,8 +55,7 @@ class Parameter:
         if not hasattr(data, "shape") or not hasattr(data, "dtype"):
             raise TypeError(f"Parameter: data must be an array, got {describe(data)}; convert "
                             "it with cugrad.asarray()")
-        if (not isinstance(data, np.ndarray) and not _backend.is_cupy_array(data)
-                and not exported_read_only(data)):      # kept: an update must refuse it
+        if is_foreign_array(data) and not exported_read_only(data):  # kept: a step refuses it
             data = _to_backend_array("Parameter", "data", data)
         self.data = data
         self.grad = None
@@ -96,11 +95,11 @@ class Parameter:
         if self.grad is None:
             return
         total = self.grad
-        if not isinstance(total, np.ndarray) and not _backend.is_cupy_array(total):
+        if is_foreign_array(total):
             try:        # another library's array (F.accumulate takes it): compare as ours
                 total = _to_backend_array(op, name, total)
-            except TypeError:
-                pass    # the message below says what it holds
+            except Exception:
+                pass    # no CUDA backend, a refused export: the message below says what it holds
         same = (getattr(total, "dtype", None) == grad.dtype
                 and _backend.device_of(total) == _backend.device_of(grad))
         if not same or tuple(getattr(total, "shape", ())) != tuple(grad.shape):
@@ -669,7 +668,7 @@ def _loaded_array(where: str, key, value, p: Parameter, kinds: str = "fiu"):
     if shape != p.shape:
         raise ValueError(f"{where}: key {key!r} has shape {shape}, expected {p.shape} "
                          f"({describe(value)})")
-    if not isinstance(value, np.ndarray) and not _backend.is_cupy_array(value):
+    if is_foreign_array(value):
         # another library's array (a PyTorch state dict's tensors), whose dtype NumPy may
         # not read (torch.float32): through DLPack / the CUDA array interface first
         value = _to_backend_array(where, key, value)

@@ -205,6 +205,23 @@ def test_an_op_registered_again_replaces_the_one_a_table_has_read(monkeypatch):
     assert table.bias_grad is second and other_table.bias_grad is first
 
 
+def test_an_op_registered_again_during_a_lookup_is_not_cached_stale():
+    """A lookup that read the old function while another thread registered a new one keeps
+    no attribute (the registration's drop may have come before the store)."""
+    def old(grad):
+        return 1
+
+    def new(grad):
+        return 2
+
+    class RegisteredMeanwhile(dict):    # the lookup reads old; by the re-check, new is in
+        def __getitem__(self, op):
+            return old
+
+    table = _backend._OpTable("probe_f", RegisteredMeanwhile(bias_grad=new))
+    assert table.bias_grad is old and "bias_grad" not in vars(table)
+
+
 def test_cupy_seeing_no_device_is_reported_as_such(monkeypatch):
     """getDeviceCount() == 0: CUDA is unavailable because CuPy sees no device, said so (not
     an error from a probe kernel run on no device)."""

@@ -430,6 +430,9 @@ def test_a_linear_layer_takes_arrays_whose_dtype_numpy_cannot_interpret():
     assert np.array_equal(layer(wrapped(x)), want_y)
     assert np.array_equal(layer.backward(wrapped(g)), want_dx)
     assert np.array_equal(layer.weight.grad, want_dw)
+    with pytest.raises(ValueError, match=r"^Linear\.forward: argument 'x' has 5 features") as info:
+        layer(wrapped(np.ones((2, 5), f32)))
+    assert info.value.__cause__ is None and info.value.__suppress_context__
     layer(x)
     with pytest.raises(ValueError, match=r"^Linear\.backward: argument 'grad_out' is .*, "
                                          r"expected shape \(2, 3\)") as info:
@@ -475,6 +478,37 @@ def test_gradcheck_and_jacobian_take_arrays_whose_dtype_numpy_cannot_interpret()
     assert cugrad.gradcheck(lambda v: wrapped(F.tanh(v)), wrapped(x),
                             backward=lambda g, v: wrapped(F.tanh_backward(g, F.tanh(v))),
                             grad_output=wrapped(np.full((2, 3), 0.5)))
+
+
+class _ArrayOnly:
+    """An array-like that NumPy takes through ``__array__`` alone (h5py, xarray, zarr)."""
+
+    def __init__(self, a):
+        self._a, self.shape, self.dtype = a, a.shape, a.dtype
+
+    def __array__(self, dtype=None, copy=None):
+        return self._a
+
+
+def test_loads_and_parameters_still_take_numpy_scalars_and_array_only_objects():
+    """Only arrays that need DLPack or the CUDA array interface are imported first (the
+    import refused NumPy scalars and __array__-only objects, which loaded before)."""
+    class Scalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(np.zeros((), f32))
+
+    m = Scalar()
+    m.load_state_dict({"w": np.float32(2.0)})
+    assert m.w.data == 2.0
+    opt = optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    opt.load_state_dict({"0.momentum_buf": np.float32(1.0)})
+    assert opt.state[id(m.w)]["momentum_buf"] == 1.0
+    layer = nn.Linear(4, 3, rng=0)
+    layer.load_state_dict({"weight": _ArrayOnly(np.ones((3, 4), f32)),
+                           "bias": np.zeros(3, f32)})
+    assert layer.weight.data.sum() == 12
+    assert type(nn.Parameter(np.float32(1.0)).data) is np.float32
 
 
 def test_a_parameter_of_another_librarys_array_is_an_array_over_its_memory(tmp_path):
