@@ -288,11 +288,13 @@ def plain_numpy_update(arrays: dict, optional: tuple[str, ...] = ()) -> bool:
     or refuse them; none they would refuse passes here."""
     ref = None
     ids = set()
+    present = 0
     for name, a in arrays.items():
         if a is None:
             if name in optional:
                 continue
             return False
+        present += 1
         if type(a) is not np.ndarray:
             return False
         if ref is None:
@@ -305,7 +307,7 @@ def plain_numpy_update(arrays: dict, optional: tuple[str, ...] = ()) -> bool:
         if not flags.owndata or (name != "grad" and not (flags.c_contiguous and flags.writeable)):
             return False
         ids.add(id(a))
-    return ref is not None and len(ids) == sum(a is not None for a in arrays.values())
+    return ref is not None and len(ids) == present       # no array twice
 
 
 def shares_memory(a, b) -> bool:

@@ -145,7 +145,7 @@ def _ranged_backward(backward):
             with op_range(f"{self._range_name}.backward", self._call_device(args, kwargs, True)):
                 result = backward(self, *args, **kwargs)
         if outer:
-            self._saved = None
+            self.__dict__["_saved"] = None     # Module.__setattr__'s slot checks: not needed
         return result
     return wrapper
 
@@ -237,7 +237,7 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} does not define backward")
 
     def _save(self, *tensors) -> None:
-        self._saved = tensors
+        self.__dict__["_saved"] = tensors       # every forward: past Module.__setattr__
 
     def _take_saved(self) -> tuple:
         """What the last forward saved; released when this backward returns (not if it
