@@ -55,10 +55,19 @@ class Parameter:
         if not hasattr(data, "shape") or not hasattr(data, "dtype"):
             raise TypeError(f"Parameter: data must be an array, got {describe(data)}; convert "
                             "it with cugrad.asarray()")
-        if is_foreign_array(data) and not exported_read_only(data):  # kept: a step refuses it
-            data = _to_backend_array("Parameter", "data", data)
         self.data = data
         self.grad = None
+
+    @property
+    def data(self):
+        return self._data
+
+    @data.setter
+    def data(self, value):
+        # Also ``p.data = tensor`` later (weights copied from PyTorch): as in __init__.
+        if is_foreign_array(value) and not exported_read_only(value):  # kept: a step refuses it
+            value = _to_backend_array("Parameter", "data", value)
+        self._data = value
 
     shape = property(lambda self: tuple(self.data.shape))
     dtype = property(lambda self: self.data.dtype)

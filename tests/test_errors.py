@@ -525,6 +525,13 @@ def test_a_parameter_of_another_librarys_array_is_an_array_over_its_memory(tmp_p
     p.grad = wrapped(np.ones((3, 4), f32))   # a .grad of its own: added to in place
     p.accumulate(np.ones((3, 4), f32))
     assert np.array_equal(cugrad.to_numpy(p.grad), np.full((3, 4), 2, f32))
+    layer = nn.Linear(4, 3, rng=0)           # weights copied in later, the same way
+    w = np.full((3, 4), 2, f32)
+    layer.weight.data = wrapped(w)
+    assert type(layer.weight.data) is np.ndarray and np.shares_memory(layer.weight.data, w)
+    assert layer.to("cpu").weight.dtype == f32      # np.dtype(torch.float32) failed here
+    layer.save(tmp_path / "w.npz")
+    assert np.array_equal(np.load(tmp_path / "w.npz")["weight"], w)
 
 
 class _CudaDLPackOnly:
