@@ -824,22 +824,16 @@ class Sequential(Module):
 
 
 
-class MSELoss(Module):
-    """``loss = criterion(pred, target)``; ``criterion.backward()`` returns d loss/d pred
-    (both from one pass, ``F.mse_loss_with_grad``). reduction: "mean" (default), "sum",
-    "half_sum" (Σ(pred−target)²/2)."""
+class _FusedLoss(Module):
+    """A loss whose value and gradient come from one F op: ``forward`` saves the gradient,
+    ``backward()`` returns it."""
 
-    def __init__(self, reduction: str = "mean"):
-        super().__init__()
-        check_choice("MSELoss", "reduction", reduction, F.MSE_REDUCTIONS)
-        self.reduction = reduction
-
-    def forward(self, pred, target):
+    def _loss(self, with_grad, pred, target):
         try:
-            loss, grad = F.mse_loss_with_grad(pred, target, reduction=self.reduction)
+            loss, grad = with_grad(pred, target, reduction=self.reduction)
         except (TypeError, ValueError) as exc:
             _add_note(exc, f"(in {self._range_name}.forward, which computes the loss and "
-                           f"its gradient with F.mse_loss_with_grad)")
+                           f"its gradient with F.{with_grad.__name__})")
             raise
         self._save(grad)
         self._device = _backend.device_of(pred)
@@ -850,7 +844,21 @@ class MSELoss(Module):
         return grad
 
 
-class CrossEntropyLoss(Module):
+class MSELoss(_FusedLoss):
+    """``loss = criterion(pred, target)``; ``criterion.backward()`` returns d loss/d pred
+    (both from one pass, ``F.mse_loss_with_grad``). reduction: "mean" (default), "sum",
+    "half_sum" (Σ(pred−target)²/2)."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        check_choice("MSELoss", "reduction", reduction, F.MSE_REDUCTIONS)
+        self.reduction = reduction
+
+    def forward(self, pred, target):
+        return self._loss(F.mse_loss_with_grad, pred, target)
+
+
+class CrossEntropyLoss(_FusedLoss):
     """Softmax cross-entropy of logits (N, C) against class indices (N,) or probabilities
     (N, C); forward and gradient come from one pass. reduction: "mean" or "sum"."""
 
@@ -860,16 +868,4 @@ class CrossEntropyLoss(Module):
         self.reduction = reduction
 
     def forward(self, logits, target):
-        try:
-            loss, grad = F.cross_entropy_with_grad(logits, target, reduction=self.reduction)
-        except (TypeError, ValueError) as exc:
-            _add_note(exc, f"(in {self._range_name}.forward, which computes the loss and "
-                           f"its gradient with F.cross_entropy_with_grad)")
-            raise
-        self._save(grad)
-        self._device = _backend.device_of(logits)
-        return loss
-
-    def backward(self):
-        (grad,) = self._take_saved()
-        return grad
+        return self._loss(F.cross_entropy_with_grad, logits, target)
