@@ -8,7 +8,7 @@ import reprlib
 import numpy as np
 
 from . import _backend
-from ._checks import _DLPACK_CPU, _to_backend_array, describe, dlpack_device_type, is_cuda_dlpack
+from ._checks import _DLPACK_CPU, _to_backend_array, describe, dlpack_device_type
 
 DEFAULT_DTYPE = np.dtype(np.float32)
 _OP_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))   # the float dtypes ops take
@@ -42,7 +42,8 @@ def asarray(x, *, device=None, dtype=None):
         if dtype.kind not in "biufc":
             raise TypeError(f"asarray: dtype={dtype} is not numeric; expected a float dtype "
                             "(float32 or float64), or an integer dtype for class indices")
-    if isinstance(x, np.ndarray) or _backend.is_gpu_array(x) or hasattr(x, "__dlpack__"):
+    if (isinstance(x, np.ndarray) or _backend.is_gpu_array(x)
+            or dlpack_device_type(x) is not None):
         arr = _to_backend_array("asarray", "x", x)     # a subclass: a plain view; masks refused
     else:
         try:
@@ -157,13 +158,14 @@ def to_numpy(x) -> np.ndarray:
         return x
     if _backend.is_cupy_array(x):
         return x.get()
-    if _backend.is_gpu_array(x) or is_cuda_dlpack(x):
+    if _backend.is_gpu_array(x):
         return _to_backend_array("to_numpy", "x", x).get()
-    if not hasattr(x, "__array__") and not hasattr(x, "__array_interface__"):
-        try:
-            device_type = dlpack_device_type(x)
-        except Exception:
-            device_type = None
-        if device_type == _DLPACK_CPU:       # np.asarray would make a 0-d object array
-            return np.from_dlpack(x)
-    return np.asarray(x)
+    if (not hasattr(x, "__array__") and not hasattr(x, "__array_interface__")
+            and dlpack_device_type(x) == _DLPACK_CPU):  # np.asarray: a 0-d object array
+        return np.from_dlpack(x)
+    arr = np.asarray(x)
+    if arr.dtype == object and not isinstance(x, (list, tuple)):
+        # np.asarray wraps any object in a 0-d object array: not the array it was asked for
+        raise TypeError(f"to_numpy: argument 'x' must be array data (a NumPy, CuPy or "
+                        f"DLPack array, a list or a number), got {_what(x)}")
+    return arr

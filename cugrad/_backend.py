@@ -235,18 +235,20 @@ DLPACK_CUDA_DEVICES = (2, 13)   # kDLCUDA, kDLCUDAManaged
 
 def dlpack_device_type(x) -> int | None:
     """The DLPack device type ``x`` exports from (1 CPU, 2 CUDA, 13 CUDA managed, ...), or
-    None without DLPack."""
+    None without DLPack, and None where asking raises: an exporter that cannot say where
+    its data lives is not one cugrad can take (the callers then treat ``x`` as they treat
+    any other object, and their messages describe it)."""
     if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
-        return int(x.__dlpack_device__()[0])
+        try:
+            return int(x.__dlpack_device__()[0])
+        except Exception:
+            return None
     return None
 
 
 def is_cuda_dlpack(x) -> bool:
     """Whether ``x`` exports DLPack from CUDA memory (device or managed)."""
-    try:
-        return dlpack_device_type(x) in DLPACK_CUDA_DEVICES
-    except Exception:
-        return False
+    return dlpack_device_type(x) in DLPACK_CUDA_DEVICES
 
 
 def has_cuda_array_interface(x) -> bool:

@@ -346,6 +346,27 @@ def test_a_failing_dlpack_device_is_not_a_cuda_array():
     assert np.array_equal(cugrad.to_numpy(obj), np.arange(3, dtype=f32))
 
 
+def test_a_failing_dlpack_device_is_read_as_the_object_it_is():
+    """An exporter that cannot say where its data lives is taken as any other object: through
+    its ``__array__`` by asarray (it raised the object's RuntimeError), and, without one, a
+    TypeError naming the argument from the ops (also the object's RuntimeError) and from
+    to_numpy (which returned a 0-d object array holding it: silently not an array)."""
+    obj = _BrokenDLPack()
+    got = cugrad.asarray(obj)
+    assert got.dtype == f32 and np.array_equal(got, np.arange(3, dtype=f32))
+    bare = SimpleNamespace(__dlpack__=obj.__dlpack__, __dlpack_device__=obj.__dlpack_device__)
+    with pytest.raises(TypeError, match=r"relu: argument 'x' must be a NumPy or CuPy array.*"
+                                        r"SimpleNamespace object"):
+        F.relu(bare)
+    with pytest.raises(TypeError, match=r"asarray: argument 'x'.*SimpleNamespace"):
+        cugrad.asarray(bare)
+    for junk in (bare, None, object()):
+        with pytest.raises(TypeError, match=r"to_numpy: argument 'x' must be array data"):
+            cugrad.to_numpy(junk)
+    assert cugrad.to_numpy([[1.5, 2]]).shape == (1, 2)     # lists and numbers still come in
+    assert cugrad.to_numpy(3.0) == 3.0
+
+
 # class indices of any integer dtype
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.uint8, np.int16, np.uint64])
