@@ -45,10 +45,12 @@ def _to_backend_array(op: str, name: str, x):
         return np.from_dlpack(x)
     if device_type in DLPACK_CUDA_DEVICES:
         return _gpu_import(op, name, x)
+    inner = getattr(x, "data", None)
+    hint = ("pass its .data" if hasattr(inner, "shape") and hasattr(inner, "dtype")
+            else "use cugrad.asarray() to convert lists and scalars")   # a Parameter: .data
     raise TypeError(
         f"{op}: argument {name!r} must be a NumPy or CuPy array (or a GPU array exposing "
-        f"__cuda_array_interface__/DLPack), got {describe(x)}; use cugrad.asarray() to "
-        "convert lists and scalars")
+        f"__cuda_array_interface__/DLPack), got {describe(x)}; {hint}")
 
 
 def is_foreign_array(x) -> bool:
@@ -59,6 +61,13 @@ def is_foreign_array(x) -> bool:
     if isinstance(x, (np.ndarray, np.generic)) or _backend.is_cupy_array(x):
         return False
     return _backend.has_cuda_array_interface(x) or dlpack_device_type(x) is not None
+
+
+def import_foreign(op: str, name: str, x):
+    """``x`` as it is, or, where it is another library's array (``is_foreign_array``: a
+    PyTorch tensor, whose dtype NumPy may not read), as the NumPy or CuPy array the ops take
+    it as (``_to_backend_array``; its errors are the caller's to keep or to pass on)."""
+    return _to_backend_array(op, name, x) if is_foreign_array(x) else x
 
 
 def _plain_ndarray(op: str, name: str, x: np.ndarray) -> np.ndarray:

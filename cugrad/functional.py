@@ -368,8 +368,10 @@ def _xent_args(op, logits, target, reduction):
                          "least one row and one class")
     if target.ndim == 1:
         if target.dtype.kind not in "iu":
+            hint = ("; cugrad.asarray makes float32 of integer data unless told its dtype: "
+                    "cugrad.asarray(y, dtype='int64')") if target.dtype.kind == "f" else ""
             raise TypeError(f"{op}: class-index target must be an integer array of shape "
-                            f"({n},), got {describe(target)}")
+                            f"({n},), got {describe(target)}{hint}")
         check_shape(op, "target", target, (n,), "one class index per row of logits")
         check_class_indices(op, "target", target, c)
         target = backend.xp.ascontiguousarray(target, dtype=np.int64)

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _backend
 from ._arrays import to_numpy
-from ._checks import _to_backend_array, check_scalar, describe, is_foreign_array
+from ._checks import check_scalar, describe, import_foreign
 
 __all__ = ["GradcheckError", "gradcheck", "jacobian"]
 
@@ -44,12 +44,10 @@ def _foreign_in(op, what, x):
     """Another library's array (a PyTorch tensor) as a NumPy or CuPy array, taken through
     DLPack / the CUDA array interface as the ops take it; anything else as it is (one the
     ops refuse gets the caller's message)."""
-    if is_foreign_array(x):
-        try:
-            return _to_backend_array(op, what, x)
-        except TypeError:
-            pass
-    return x
+    try:
+        return import_foreign(op, what, x)
+    except TypeError:
+        return x
 
 
 def _dtype_kind(x) -> str | None:

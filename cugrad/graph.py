@@ -294,7 +294,7 @@ def _state_restored(cupy, model, optimizer):
     state = {id(p): {k: cupy.array(v) for k, v in optimizer.state[id(p)].items()}
              for p in optimizer.params}
     grads = [(p, p.grad) for p in {id(p): p for p in
-                                   model.parameters() + optimizer.params}.values()]
+                                   [*model.parameters(), *optimizer.params]}.values()]
     try:
         yield
     finally:

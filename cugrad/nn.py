@@ -37,12 +37,28 @@ import numpy as np
 from . import _backend, _trace
 from . import functional as F
 from ._arrays import asarray, to_numpy
-from ._checks import (FLOAT_DTYPES, _to_backend_array, check_choice, check_flag, check_shape,
-                      describe, exported_read_only, is_foreign_array, prepare, shares_memory)
+from ._checks import (FLOAT_DTYPES, check_choice, check_flag, check_shape, describe,
+                      exported_read_only, import_foreign, prepare, shares_memory)
 from ._trace import op_range
 
 __all__ = ["Parameter", "Module", "Linear", "Sigmoid", "Tanh", "ReLU", "Sequential",
            "MSELoss", "CrossEntropyLoss"]
+
+
+def _parameter_data(where: str, data):
+    """``data`` for a Parameter: an array (another library's taken through DLPack / the
+    CUDA array interface, except one exported read-only, kept as it is: an optimiser step
+    refuses to write it); TypeError for anything else, a Parameter included."""
+    if isinstance(data, Parameter):
+        raise TypeError(f"{where}: data is a Parameter ({data!r}), not an array: pass "
+                        "p.data.copy() to copy its values, or assign the Parameter itself "
+                        "(b.weight = a.weight) to share it")
+    if not hasattr(data, "shape") or not hasattr(data, "dtype"):
+        raise TypeError(f"{where}: data must be an array, got {describe(data)}; convert "
+                        "it with cugrad.asarray()")
+    if exported_read_only(data):
+        return data
+    return import_foreign(where, "data", data)
 
 
 class Parameter:
@@ -52,10 +68,7 @@ class Parameter:
     (one exported read-only is kept as it is: an optimiser step refuses to write it)."""
 
     def __init__(self, data):
-        if not hasattr(data, "shape") or not hasattr(data, "dtype"):
-            raise TypeError(f"Parameter: data must be an array, got {describe(data)}; convert "
-                            "it with cugrad.asarray()")
-        self.data = data
+        self._data = _parameter_data("Parameter", data)
         self.grad = None
 
     @property
@@ -64,10 +77,9 @@ class Parameter:
 
     @data.setter
     def data(self, value):
-        # Also ``p.data = tensor`` later (weights copied from PyTorch): as in __init__.
-        if is_foreign_array(value) and not exported_read_only(value):  # kept: a step refuses it
-            value = _to_backend_array("Parameter", "data", value)
-        self._data = value
+        # ``p.data = tensor`` too (weights copied from PyTorch): taken as the constructor
+        # takes it; anything that is not an array is refused here, not in a later op
+        self._data = _parameter_data("Parameter.data", value)
 
     shape = property(lambda self: tuple(self.data.shape))
     dtype = property(lambda self: self.data.dtype)
@@ -104,11 +116,10 @@ class Parameter:
         if self.grad is None:
             return
         total = self.grad
-        if is_foreign_array(total):
-            try:        # another library's array (F.accumulate takes it): compare as ours
-                total = _to_backend_array(op, name, total)
-            except Exception:
-                pass    # no CUDA backend, a refused export: the message below says what it holds
+        try:            # another library's array (F.accumulate takes it): compare as ours
+            total = import_foreign(op, name, total)
+        except Exception:
+            pass        # no CUDA backend, a refused export: the message below says what it holds
         same = (getattr(total, "dtype", None) == grad.dtype
                 and _backend.device_of(total) == _backend.device_of(grad))
         if not same or tuple(getattr(total, "shape", ())) != tuple(grad.shape):
@@ -547,12 +558,36 @@ class Linear(Module):
         try:
             y = F.linear(x, self.weight.data, b, activation=self.activation)
         except (TypeError, ValueError):
-            error = self._dtype_error("x", x, "forward") or self._width_error(x)
+            error = (self._parameters_error("forward") or self._dtype_error("x", x, "forward")
+                     or self._width_error(x))
             if error is None:
                 raise
             raise error from None
         self._save(x, y if self.activation else None)
         return y
+
+    def _parameters_error(self, where: str):
+        """The layer's own parameters not fitting together (``.data`` replaced by an array
+        of another shape, dtype or device), said before anything about the argument, or
+        None. Built only once F has refused the call, as ``_dtype_error``."""
+        w = self.weight.data
+        b = None if self.bias is None else self.bias.data
+        want = (self.out_features, self.in_features)
+        fits = tuple(w.shape) == want and w.dtype in FLOAT_DTYPES
+        if b is not None:
+            fits = fits and (tuple(b.shape) == want[:1] and b.dtype == w.dtype
+                             and _backend.device_of(b) == _backend.device_of(w))
+        if fits:
+            return None
+        kinds_fit = w.dtype in FLOAT_DTYPES and (b is None or (
+            b.dtype == w.dtype and _backend.device_of(b) == _backend.device_of(w)))
+        bias = "" if b is None else f" and bias {describe(b)}"
+        return (ValueError if kinds_fit else TypeError)(
+            f"{self._range_name}.{where}: the layer's parameters do not fit together: weight "
+            f"{describe(w)}{bias}; expected weight of shape {want}"
+            f"{'' if b is None else f' and bias of shape {want[:1]}'}, of one float dtype "
+            f"(float32 or float64) on one device (was a .data replaced? Module.to(device) "
+            f"moves a layer; a new Linear has other shapes)")
 
     def _width_error(self, x):
         shape = getattr(x, "shape", None)
@@ -572,11 +607,16 @@ class Linear(Module):
                                            activation=self.activation, out=y,
                                            input_grad=input_grad)
         except (TypeError, ValueError):
-            error = (self._dtype_error("grad_out", grad_out, "backward")
+            error = (self._parameters_error("backward")
+                     or self._dtype_error("grad_out", grad_out, "backward")
                      or self._grad_shape_error(grad_out, x))
             if error is None:
                 raise
             raise error from None
+        if self.bias is not None and (gb.dtype != self.bias.data.dtype
+                                      or gb.shape != self.bias.data.shape):
+            # F never reads the bias: one replaced by another dtype or shape shows here
+            raise self._parameters_error("backward")
         # Both checked before either is added: a backward that raises changes no gradient,
         # so its retry counts each once.
         op = f"{self._range_name}.backward"
@@ -617,7 +657,32 @@ class _Activation(Module):
     def backward(self, grad_out, *, input_grad=True):
         input_grad = check_flag(f"{self._range_name}.backward", "input_grad", input_grad)
         (y,) = self._take_saved()
-        return self._backward(grad_out, y) if input_grad else None
+        if not input_grad:
+            return None
+        try:
+            return self._backward(grad_out, y)
+        except (TypeError, ValueError):
+            error = self._grad_error(grad_out, y)
+            if error is None:
+                raise
+            raise error from None
+
+    def _grad_error(self, grad_out, y):
+        """``grad_out`` unlike the forward's output, said in the layer's terms (F names
+        the saved output ``out``, which the caller never passed), or None."""
+        where = f"{self._range_name}.backward: argument 'grad_out' ({describe(grad_out)})"
+        shape, dtype = getattr(grad_out, "shape", None), getattr(grad_out, "dtype", None)
+        if shape is not None and tuple(shape) != tuple(y.shape):
+            return ValueError(f"{where} must have the shape of the forward's output, "
+                              f"{tuple(y.shape)}")
+        try:
+            other_float = dtype is not None and np.dtype(dtype) in FLOAT_DTYPES
+        except TypeError:                # another library's dtype (torch.float64): F's words
+            other_float = False
+        if other_float and np.dtype(dtype) != y.dtype:
+            return TypeError(f"{where} must have the dtype of the forward's output, "
+                             f"{y.dtype}; convert it (.astype({str(y.dtype)!r}))")
+        return None
 
 
 class Sigmoid(_Activation):
@@ -677,10 +742,9 @@ def _loaded_array(where: str, key, value, p: Parameter, kinds: str = "fiu"):
     if shape != p.shape:
         raise ValueError(f"{where}: key {key!r} has shape {shape}, expected {p.shape} "
                          f"({describe(value)})")
-    if is_foreign_array(value):
-        # another library's array (a PyTorch state dict's tensors), whose dtype NumPy may
-        # not read (torch.float32): through DLPack / the CUDA array interface first
-        value = _to_backend_array(where, key, value)
+    # another library's array (a PyTorch state dict's tensors), whose dtype NumPy may not
+    # read (torch.float32): through DLPack / the CUDA array interface first
+    value = import_foreign(where, key, value)
     if np.dtype(value.dtype).kind not in kinds:
         raise TypeError(f"{where}: key {key!r} is not a {'float' if kinds == 'f' else 'numeric'} "
                         f"array ({describe(value)})")

@@ -44,16 +44,17 @@ class Optimizer:
     _hyperparameters: tuple[str, ...] = ()      # shown by repr
 
     def __repr__(self):
-        hyper = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._hyperparameters)
+        hyper = "".join(f"{k}={getattr(self, k)!r}, " for k in self._hyperparameters)
         n = len(self.params)
-        return f"{type(self).__name__}({hyper}; {n} parameter{'s' if n != 1 else ''})"
+        count = f"{n} parameter{'s' if n != 1 else ''}"
+        return f"{type(self).__name__}({hyper[:-2] + '; ' if hyper else ''}{count})"
 
     def __init__(self, params):
         name = type(self).__name__
         if isinstance(params, (Module, Parameter)) or not hasattr(params, "__iter__"):
             raise TypeError(f"{name}: params must be an iterable of cugrad.nn.Parameter, got "
                             f"{type(params).__name__}; pass model.parameters() (or [param])")
-        self.params = list(params)
+        self.params = tuple(params)     # fixed: each has its state (a new optimiser for others)
         if not self.params:
             raise ValueError(f"{name}: got an empty parameter list")
         first: dict[int, int] = {}
@@ -113,10 +114,14 @@ class Optimizer:
                          and (index == "0" or not index.startswith("0")))   # "00" is no alias
             if (not isinstance(key, str) or not canonical or name not in self._state_names
                     or int(index) >= len(self.params)):
+                declared = "" if self._state_names else (
+                    f" ({type(self).__name__} declares no state names: a subclass lists its "
+                    "per-parameter state entries in _state_names for load_state_dict to "
+                    "take them)")
                 raise ValueError(
                     f"{where}: unexpected key {key!r}; expected '<i>.<name>' with i the index "
                     f"of one of the {len(self.params)} parameters and name one of "
-                    f"{list(self._state_names)}")
+                    f"{list(self._state_names)}{declared}")
             grouped.setdefault(int(index), {})[name] = state[key]
         new: dict[int, dict] = {}
         for i, entries in sorted(grouped.items()):
@@ -276,16 +281,34 @@ class Adam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  capturable=False):
         super().__init__(params)
-        if not isinstance(capturable, bool):
-            raise TypeError(f"Adam: capturable must be a bool, got {capturable!r}")
         self.capturable = capturable
         self.lr = check_scalar("Adam", "lr", lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"Adam: betas must be a pair (beta1, beta2), got {betas!r}")
-        self.betas = tuple(check_scalar("Adam", f"betas[{i}]", b, high=1.0, high_open=True)
-                           for i, b in enumerate(betas))
+        self.betas = betas
         self.eps = check_scalar("Adam", "eps", eps, low_open=True)   # eps = 0: 0/0 at a zero gradient
         self.weight_decay = check_scalar("Adam", "weight_decay", weight_decay)
+
+    # Checked when set, later too (opt.betas = ..., as the constructor checks them): the
+    # step's own checks take scalars, and these two are not.
+    @property
+    def betas(self) -> tuple:
+        return self._betas
+
+    @betas.setter
+    def betas(self, betas):
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Adam: betas must be a pair (beta1, beta2), got {betas!r}")
+        self._betas = tuple(check_scalar("Adam", f"betas[{i}]", b, high=1.0, high_open=True)
+                            for i, b in enumerate(betas))
+
+    @property
+    def capturable(self) -> bool:
+        return self._capturable
+
+    @capturable.setter
+    def capturable(self, capturable):
+        if not isinstance(capturable, bool):
+            raise TypeError(f"Adam: capturable must be a bool, got {capturable!r}")
+        self._capturable = capturable
 
     def _check(self, p, state):
         if self.capturable:            # the op counts the step on the device

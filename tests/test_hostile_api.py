@@ -784,3 +784,143 @@ def test_a_refusing_gpu_array_is_a_type_error_naming_the_argument():
         assert "refuses to share its memory" in str(err.value)
         assert "requires grad" in str(err.value)
         assert isinstance(err.value.__cause__, RuntimeError)
+
+
+# ------------------------------------------------------------ a PyTorch user's habits
+
+@pytest.mark.parametrize("bad, what", [
+    ([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]], r"data must be an array, got builtins\.list"),
+    (None, r"data must be an array, got builtins\.NoneType"),
+    (nn.Parameter(np.zeros((3, 5), f32)), r"data is a Parameter .*pass p\.data\.copy\(\)"),
+], ids=["list", "None", "Parameter"])
+def test_parameter_data_takes_arrays_only(bad, what):
+    """``p.data = ...`` is refused as the constructor refuses it (a list or None was kept,
+    and the next forward failed with AttributeError: 'list' object has no attribute
+    'dtype'); a Parameter is refused by both (it was wrapped: Parameter(a.weight) held a
+    Parameter, which the ops then refused as not an array)."""
+    layer = _linear()
+    before = layer.weight.data
+    with pytest.raises(TypeError, match=r"^Parameter\.data: " + what):
+        layer.weight.data = bad
+    assert layer.weight.data is before
+    if isinstance(bad, nn.Parameter):
+        with pytest.raises(TypeError, match=r"^Parameter: " + what):
+            nn.Parameter(bad)
+
+
+def test_a_parameter_into_an_op_is_told_to_pass_its_data():
+    layer = _linear()
+    with pytest.raises(TypeError, match=r"linear: argument 'weight' .*got cugrad\.Parameter "
+                                        r"of shape \(3, 5\).*; pass its \.data$"):
+        F.linear(np.ones((2, 5), f32), layer.weight, layer.bias.data)
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+@pytest.mark.parametrize("weight, bias, kind", [
+    (np.zeros((3, 5)), None, TypeError),                   # float64 weight, float32 bias
+    (None, np.zeros(3), TypeError),                        # float32 weight, float64 bias
+    (np.float32(0), None, ValueError),                     # 0-d weight (was an IndexError)
+    (np.zeros((3, 4), f32), None, ValueError),             # another width
+], ids=["f64-weight", "f64-bias", "0-d-weight", "narrow-weight"])
+def test_a_linear_whose_parameters_were_replaced_says_so_first(where, weight, bias, kind):
+    """A weight or bias replaced through ``.data`` by an array of another dtype or shape:
+    the layer says its parameters do not fit together (it told a float32 input to become
+    float64, and the float64 input was then refused for the float32 bias)."""
+    layer = _linear()
+    x = np.ones((2, 5), f32)
+    if where == "backward":
+        layer(x)
+    if weight is not None:
+        layer.weight.data = weight
+    if bias is not None:
+        layer.bias.data = bias
+    call = (lambda: layer(x)) if where == "forward" else (
+        lambda: layer.backward(np.ones((2, 3), f32)))
+    with pytest.raises(kind, match=rf"^Linear\.{where}: the layer's parameters do not fit "
+                                   r"together: weight .* and bias .*; expected weight of "
+                                   r"shape \(3, 5\) and bias of shape \(3,\)"):
+        call()
+    layer = _linear()               # both float64: a consistent layer, no complaint
+    layer.weight.data, layer.bias.data = np.zeros((3, 5)), np.zeros(3)
+    assert layer(x.astype(np.float64)).dtype == np.float64
+
+
+@pytest.mark.parametrize("act", [nn.Sigmoid, nn.Tanh, nn.ReLU])
+def test_an_activation_backward_names_grad_out_in_its_own_terms(act):
+    """The wrong gradient for an activation's output: F's message named 'out' (the saved
+    output, which the caller never passed) and gave the expected shape backwards."""
+    model = nn.Sequential(_linear(0, 4, 1), act())
+    model(np.ones((5, 4), f32))
+    name = act.__name__
+    with pytest.raises(ValueError, match=rf"^1:{name}\.backward: argument 'grad_out' "
+                                         r"\(numpy\.ndarray of shape \(5,\).*\) must have the "
+                                         r"shape of the forward's output, \(5, 1\)"):
+        model.backward(np.ones(5, f32))
+    with pytest.raises(TypeError, match=rf"^1:{name}\.backward: argument 'grad_out' .*dtype "
+                                        r"float64.* must have the dtype of the forward's "
+                                        r"output, float32; convert it \(\.astype\('float32'\)\)"):
+        model.backward(np.ones((5, 1)))
+    assert all(p.grad is None for p in model.parameters())
+    model.backward(np.ones((5, 1), f32))            # the right one still works after them
+
+
+def test_adam_betas_and_capturable_are_checked_when_set_later():
+    """``opt.betas = 0.9`` failed at the next step with "'float' object is not subscriptable"
+    (a one-element tuple: IndexError), and ``opt.capturable = 'yes'`` was taken."""
+    p = nn.Parameter(np.ones(3, f32))
+    opt = optim.Adam([p], lr=0.1)
+    for bad, kind, what in ((0.9, ValueError, r"betas must be a pair"),
+                            ((0.9,), ValueError, r"betas must be a pair"),
+                            ((0.9, 1.0), ValueError, r"betas\[1\]"),
+                            ((0.9, "x"), TypeError, r"betas\[1\]")):
+        with pytest.raises(kind, match=r"^Adam: " + what):
+            opt.betas = bad
+    assert opt.betas == (0.9, 0.999)
+    opt.betas = [0.5, 0.75]
+    assert opt.betas == (0.5, 0.75)
+    with pytest.raises(TypeError, match=r"^Adam: capturable must be a bool, got 'yes'"):
+        opt.capturable = "yes"
+    assert opt.capturable is False
+    assert repr(opt).startswith("Adam(lr=0.1, betas=(0.5, 0.75), eps=1e-08")
+
+
+def test_an_optimisers_parameters_are_fixed():
+    """``opt.params.append(p)`` was taken and the next step raised KeyError: <an id>."""
+    p, q = nn.Parameter(np.ones(3, f32)), nn.Parameter(np.ones(2, f32))
+    opt = optim.SGD([p], lr=0.1)
+    assert opt.params == (p,)
+    with pytest.raises(AttributeError):
+        opt.params.append(q)
+
+
+def test_a_subclass_without_state_names_is_told_how_to_load_its_state():
+    class Momentum(optim.Optimizer):
+        def __init__(self, params, lr):
+            super().__init__(params)
+            self.lr = lr
+
+        def _check(self, p, state):
+            buf = self._buffer(p, state, "buf")
+
+            def update():
+                buf[...] = 0.9 * buf + p.grad
+                p.data -= self.lr * buf
+            return update
+
+    p = nn.Parameter(np.ones(3, f32))
+    p.grad = np.ones(3, f32)
+    opt = Momentum([p], lr=0.1)
+    opt.step()
+    assert repr(opt) == "Momentum(1 parameter)"             # was 'Momentum(; 1 parameter)'
+    with pytest.raises(ValueError, match=r"unexpected key '0\.buf'.*\(Momentum declares no "
+                                         r"state names: a subclass lists .* in _state_names"):
+        opt.load_state_dict(opt.state_dict())
+    Momentum._state_names = ("buf",)
+    opt.load_state_dict(opt.state_dict())
+
+
+def test_float_class_indices_are_told_about_asarray():
+    y = __import__("cugrad").asarray(np.array([0, 2, 1]))          # float32, as documented
+    with pytest.raises(TypeError, match=r"class-index target must be an integer array .*"
+                                        r"dtype float32.*cugrad\.asarray\(y, dtype='int64'\)"):
+        nn.CrossEntropyLoss()(np.zeros((3, 4), f32), y)
