@@ -82,8 +82,14 @@ def test_times_and_percentages_are_consistent():
         assert r.total_ns > 0 and 0 <= r.self_ns <= r.total_ns
         assert r.mean_ns == pytest.approx(r.total_ns / r.calls)
         assert r.self_pct <= r.total_pct <= 100.0 + 1e-9
-    # A layer's total holds its ops' totals.
-    assert prof["0:Linear.forward"].total_ns >= prof["linear.forward"].total_ns / 2
+    # A layer's total holds its ops' totals: every linear.forward runs inside layer 0's or
+    # layer 2's range. (Layer 0's total against half of both layers' linear.forward assumed
+    # the two take alike, which a preemption inside layer 2 breaks: this test failed once in
+    # a full suite on a loaded machine, and that was its only comparison of the times of
+    # ranges that do not nest.)
+    assert prof["linear.forward"].calls == 10
+    assert prof["linear.forward"].total_ns <= (prof["0:Linear.forward"].total_ns
+                                               + prof["2:Linear.forward"].total_ns)
     assert prof["Sequential.forward"].total_ns >= (prof["0:Linear.forward"].total_ns
                                                    + prof["2:Linear.forward"].total_ns)
 
