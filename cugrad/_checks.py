@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import reprlib
 import threading
 
 import numpy as np
@@ -38,6 +39,8 @@ def _to_backend_array(op: str, name: str, x):
         return x
     if isinstance(x, np.ndarray):
         return _plain_ndarray(op, name, x)
+    if isinstance(x, np.generic):        # a NumPy scalar (x.sum()): the 0-d array it is
+        return np.asarray(x)
     if _backend.has_cuda_array_interface(x):
         return _gpu_import(op, name, x)
     device_type = dlpack_device_type(x)
@@ -264,6 +267,10 @@ def check_scalar(op: str, name: str, value, *, low: float = 0.0, high: float = m
     except OverflowError:           # an int beyond float's range
         raise ValueError(f"{op}: {name}={value!r} is out of range; expected a finite number "
                          f"{_interval(low, high, low_open, high_open)}") from None
+    if v == 0 and value != 0:       # Fraction(1, 10**400), longdouble 1e-400: not 0
+        raise ValueError(f"{op}: {name}={reprlib.repr(value)} is too small to tell from 0 "
+                         "(it rounds to 0 in float64); pass 0, or a normal number (magnitude "
+                         ">= 2.2251e-308)")
     bad = (math.isnan(v) or v < low or v > high or (low_open and v == low)
            or (high_open and v == high) or (math.isinf(v)))
     if bad:

@@ -21,7 +21,7 @@ from . import _backend, _trace
 from ._checks import (_to_backend_array, check_choice, check_class_indices, check_flag,
                       check_min_ndim, check_ndim, check_no_nan, check_no_overlap, check_scalar,
                       check_shape, describe, exported_read_only, plain_numpy_update,
-                      prepare)
+                      prepare, shares_memory)
 from ._trace import op_range
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
@@ -455,7 +455,7 @@ def accumulate(total, grad):
     not overlapping."""
     backend, arr = _inplace_args("accumulate", {"total": total, "grad": grad})
     if arr["total"].size:
-        backend.ops.accumulate(arr["total"], arr["grad"])
+        _update(backend, "accumulate", (arr["total"], arr["grad"]))()
 
 
 @_op("sgd_step")
@@ -485,12 +485,37 @@ def _checked_sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, weigh
     _check_scalars_fit(op, arr["param"], lr=lr, momentum=momentum, weight_decay=weight_decay)
     if not arr["param"].size:
         return _nothing
-    return functools.partial(backend.ops.sgd_step, arr["param"], arr["grad"],
-                             arr["momentum_buf"], lr, momentum, weight_decay)
+    return _update(backend, "sgd_step", (arr["param"], arr["grad"], arr["momentum_buf"], lr,
+                                         momentum, weight_decay))
 
 
 def _nothing():
     pass
+
+
+_RAISING = frozenset({"raise", "call"})     # np.seterr modes that can stop an update midway
+
+
+def _update(backend, name, args):
+    """The backend's in-place op ``name`` on ``args`` (the written arrays first, then
+    ``grad``, then the rest) as a function of no arguments. On NumPy, where NumPy is set to
+    raise on floating-point errors (np.errstate(all="raise"), or a callback that raises),
+    it runs on copies first: NumPy reports an error after it has written the output, and a
+    call that raises must change nothing. Only a clean run is copied back."""
+    op = getattr(backend.ops, name)
+    if backend is not _backend.numpy_backend():
+        return functools.partial(op, *args)
+
+    def update():
+        if _RAISING.isdisjoint(np.geterr().values()):
+            return op(*args)
+        trial = [a.copy() if isinstance(a, np.ndarray) and i != 1 else a
+                 for i, a in enumerate(args)]
+        op(*trial)                  # may raise: nothing of the caller's is written yet
+        for a, t in zip(args, trial):
+            if t is not a:
+                np.copyto(a, t)
+    return update
 
 
 _NORMAL_RANGE = {np.dtype(t): (float(np.finfo(t).tiny), float(np.finfo(t).max))
@@ -544,20 +569,22 @@ def _checked_adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9,
     _check_scalars_fit(op, arr["param"], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                        weight_decay=weight_decay)
     if counter:
-        step = _step_counter(op, step, arr["param"], backend)
+        step = _step_counter(op, step, arr)
     if not (arr["param"].size or counter):   # an empty parameter's counter still counts
         return _nothing
-    return functools.partial(backend.ops.adam_step, arr["param"], arr["grad"], arr["exp_avg"],
-                             arr["exp_avg_sq"], step if counter else int(step), lr, beta1,
-                             beta2, eps, weight_decay)
+    return _update(backend, "adam_step", (arr["param"], arr["grad"], arr["exp_avg"],
+                                          arr["exp_avg_sq"], step if counter else int(step),
+                                          lr, beta1, beta2, eps, weight_decay))
 
 
 _STEP_MAX = 2**63 - 1       # the largest count an int64 step counter holds
 
 
-def _step_counter(op, step, param, backend):
-    """``step`` as a step counter of ``param``'s backend: a 0-d int64 array on its device
-    (writable; NumPy counters are also checked to hold a count >= 0)."""
+def _step_counter(op, step, arrays):
+    """``step`` as a step counter of the update of ``arrays`` (param first, checked): a 0-d
+    int64 array on their device, sharing memory with none of them (writable; NumPy counters
+    are also checked to hold a count >= 0)."""
+    param = arrays["param"]
     device = _backend.device_of(param)
     if (_backend.device_of(step) != device or getattr(step, "shape", None) != ()
             or step.dtype != np.int64):
@@ -570,4 +597,9 @@ def _step_counter(op, step, param, backend):
         if not 0 <= int(step) < _STEP_MAX:    # incremented before use: must not wrap
             raise ValueError(f"{op}: the step counter holds {int(step)}, expected the number "
                              "of steps taken so far, in [0, 2**63 - 2]")
+    for name, a in arrays.items():   # it is incremented in place, and read: its own array
+        if a.size and shares_memory(step, a):
+            raise ValueError(f"{op}: the step counter ({describe(step)}) shares memory with "
+                             f"argument {name!r} ({describe(a)}); it is incremented in place "
+                             "and must be its own array")
     return step

@@ -133,7 +133,8 @@ def gradcheck(fn, *inputs, backward, grad_output=None, eps=1e-6, atol=1e-5, rtol
     returns the gradients of ``sum(grad_output * y)`` with respect to each input (a tuple
     with one entry per input, None to skip one, not all; a single array when there is one
     input). ``grad_output`` has y's shape; it defaults to a seeded random array. Inputs are
-    copied to float64 on their own device. ``eps`` > 0 must move every input element;
+    copied to float64 on their own device; ``fn`` and ``backward`` get fresh copies at
+    each call (they may change them in place). ``eps`` > 0 must move every input element;
     ``atol``, ``rtol`` are finite and >= 0. Returns True, or raises GradcheckError naming
     the worst element, its analytic and numeric values and the error, or the first element
     where either gradient is not finite.
@@ -155,7 +156,10 @@ def gradcheck(fn, *inputs, backward, grad_output=None, eps=1e-6, atol=1e-5, rtol
         raise ValueError(f"{op}: seed must be a non-negative int (it seeds the default "
                          f"grad_output), got {seed!r}")
     xs = _float64_copies(op, inputs)
-    y = _output(op, fn(*xs))
+    # fn, as backward, gets its own copies at every call: one that changes an input in
+    # place (an optimiser step, F.accumulate) would otherwise move the point the
+    # differences are taken at, and the check would blame a correct backward.
+    y = _output(op, fn(*(x.copy() for x in xs)))
     y_host = np.asarray(to_numpy(y), dtype=np.float64)
     y_shape = y_host.shape
     if not np.all(np.isfinite(y_host)):
@@ -185,7 +189,7 @@ def gradcheck(fn, *inputs, backward, grad_output=None, eps=1e-6, atol=1e-5, rtol
         raise ValueError(f"{op}: backward returned None for every input: nothing to check")
 
     def scalar():
-        return np.float64(np.sum(go_host * to_numpy(fn(*xs))))
+        return np.float64(np.sum(go_host * to_numpy(fn(*(x.copy() for x in xs)))))
 
     for i, (x, a) in enumerate(zip(xs, analytic)):
         if a is None:
@@ -231,8 +235,10 @@ def jacobian(fn, x, *, eps=1e-6):
     ``eps`` > 0 must move every element of x."""
     eps = _check_eps("jacobian", eps)
     x = _float64_copies("jacobian", [x])[0]
-    # A copy of each output: fn may return x itself or a view of it (the identity, a
-    # transpose), which the next perturbation of x would change under the difference.
+    # fn gets a copy of x at every call (one that changes its input in place would move
+    # the point), and a copy is kept of each output: fn may return x itself or a view of it
+    # (the identity, a transpose), which the next perturbation of x would change.
     return _central_differences(
-        "jacobian", lambda: np.array(to_numpy(_output("jacobian", fn(x))), dtype=np.float64),
+        "jacobian",
+        lambda: np.array(to_numpy(_output("jacobian", fn(x.copy()))), dtype=np.float64),
         x, eps)

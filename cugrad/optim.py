@@ -171,8 +171,27 @@ class Optimizer:
                     _add_note(exc, f"(in {type(self).__name__}.step, params[{i}]: {p!r}; "
                                    "no parameter was updated)")
                     raise
-            for update in updates:
-                update()
+            if not _numpy_may_raise(self.params):
+                for update in updates:
+                    update()
+                return
+            # NumPy is set to raise on floating-point errors: each update is all or nothing
+            # (F's own guard), and the step is too: what earlier updates wrote is put back.
+            saved = [(st, dict(st), [(a, a.copy()) for a in (p.data, *st.values())
+                                     if isinstance(a, np.ndarray)])
+                     for p in self.params if p.grad is not None
+                     for st in (self.state[id(p)],)]
+            try:
+                for update in updates:
+                    update()
+            except Exception as exc:
+                for st, entries, arrays in saved:
+                    for a, copy in arrays:
+                        np.copyto(a, copy)
+                    st.clear()
+                    st.update(entries)
+                _add_note(exc, f"(in {type(self).__name__}.step: no parameter was updated)")
+                raise
 
     def _check(self, p: Parameter, state: dict):
         """Validate p's update and return it as a function of no arguments that makes it
@@ -201,6 +220,13 @@ class Optimizer:
         if device_of(buf) != p.device or buf.dtype != p.dtype:
             buf = state[name] = asarray(buf, device=p.device, dtype=p.dtype)
         return buf
+
+
+def _numpy_may_raise(params) -> bool:
+    """Whether NumPy is set to raise on floating-point errors (np.errstate(all="raise"), or
+    a callback, which may raise) and the step runs on the host."""
+    return (not F._RAISING.isdisjoint(np.geterr().values())
+            and any(p.device == "cpu" for p in params))
 
 
 def _loaded_buffer(where, key, value, p, nonnegative=False):

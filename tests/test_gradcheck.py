@@ -213,3 +213,25 @@ def test_jacobian_of_a_function_returning_its_input_or_a_view_of_it(fn, want):
     np.testing.assert_array_equal(jacobian(fn, np.array([1.0, 2.0])), want)
     j = jacobian(lambda v: v.T, np.array([[1.0, 2.0, 3.0]]))       # (3, 1) of (1, 3)
     np.testing.assert_array_equal(j.reshape(3, 3), np.eye(3))
+
+
+def test_fn_that_changes_its_input_in_place_is_checked_at_the_point():
+    """fn got the very arrays the differences perturb: an in-place op in it (an optimiser
+    step, F.accumulate) piled up across the evaluations; jacobian returned entries of 5e3
+    for the identity, gradcheck blamed a correct backward (numeric -1.5e5)."""
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal(3)
+
+    def sgd(p):
+        F.sgd_step(p, g, lr=0.1)
+        return p
+    np.testing.assert_allclose(cugrad.jacobian(sgd, rng.standard_normal(3)), np.eye(3),
+                               atol=1e-8)
+
+    def add(t, u):
+        F.accumulate(t, u)
+        return t
+    t, u = rng.standard_normal(3), rng.standard_normal(3)
+    t0 = t.copy()
+    assert cugrad.gradcheck(add, t, u, backward=lambda go, t, u: (go, go))
+    assert np.array_equal(t, t0)                       # the caller's input is never touched

@@ -924,3 +924,87 @@ def test_float_class_indices_are_told_about_asarray():
     with pytest.raises(TypeError, match=r"class-index target must be an integer array .*"
                                         r"dtype float32.*cugrad\.asarray\(y, dtype='int64'\)"):
         nn.CrossEntropyLoss()(np.zeros((3, 4), f32), y)
+
+
+# ------------------------------------------------- a researcher's use of F, found by a probe
+
+@pytest.mark.parametrize("call", ["adam", "adam-counter", "sgd-momentum", "sgd", "accumulate"])
+def test_an_update_that_numpy_stops_midway_changes_nothing(call):
+    """Under np.errstate(all="raise"), NumPy reports an overflow after writing the output:
+    adam_step left exp_avg updated and the counter counted, sgd_step its momentum buffer,
+    accumulate its total (inf), when the op raised FloatingPointError."""
+    p, m, v = np.ones(3, f32), np.full(3, 0.5, f32), np.full(3, 0.25, f32)
+    g, counter = np.full(3, 3e38, f32), np.array(4, np.int64)
+    total = np.full(3, 3e38, f32)
+    state = [p, m, v, counter, total]
+    before = [a.copy() for a in state]
+    run = {"adam": lambda: F.adam_step(p, g, m, v, step=5, lr=0.1),
+           "adam-counter": lambda: F.adam_step(p, g, m, v, step=counter, lr=0.1),
+           "sgd-momentum": lambda: F.sgd_step(p, g, m, lr=10.0, momentum=0.9),
+           "sgd": lambda: F.sgd_step(p, g, lr=3.0),
+           "accumulate": lambda: F.accumulate(total, g)}[call]
+    with np.errstate(all="raise"), pytest.raises(FloatingPointError):
+        run()
+    for a, b in zip(state, before):
+        assert np.array_equal(a, b)
+    with np.errstate(all="raise"):          # a clean update is made, as without the setting
+        F.adam_step(p, np.ones(3, f32), m, v, step=counter, lr=0.1)
+    assert int(counter) == 5 and not np.array_equal(p, before[0])
+
+
+@pytest.mark.parametrize("make", [lambda ps: optim.Adam(ps, lr=0.1),
+                                  lambda ps: optim.SGD(ps, lr=10.0, momentum=0.9)],
+                         ids=["Adam", "SGD"])
+def test_an_optimiser_step_that_numpy_stops_puts_back_the_earlier_updates(make):
+    """The first parameter's update was kept when the second one's raised."""
+    a, b = nn.Parameter(np.ones(3, f32)), nn.Parameter(np.ones(2, f32))
+    opt = make([a, b])
+    a.grad, b.grad = np.ones(3, f32), np.ones(2, f32)
+    opt.step()
+    before = [a.data.copy(), b.data.copy(), opt.state_dict()]
+    a.grad, b.grad = np.ones(3, f32), np.full(2, 3e38, f32)
+    with np.errstate(all="raise"), pytest.raises(FloatingPointError) as info:
+        opt.step()
+    assert info.value.__notes__[-1].endswith("step: no parameter was updated)")
+    assert np.array_equal(a.data, before[0]) and np.array_equal(b.data, before[1])
+    after = opt.state_dict()
+    assert after.keys() == before[2].keys()
+    assert all(np.array_equal(after[k], before[2][k]) for k in after)
+
+
+def test_adams_step_counter_may_not_share_memory_with_the_update():
+    """The counter was left out of the overlap check: one over grad's bytes changed grad (read
+    only by contract), one over exp_avg's counted to 4453159313439771853."""
+    p, g, m, v = (np.ones(3, f32) for _ in range(4))
+    g2, m2 = np.ones(4, f32), np.zeros(4, f32)
+    for name, counter, args in (("grad", g2[:2].view(np.int64).reshape(()), (g2[1:], m, v)),
+                                ("exp_avg", m2[:2].view(np.int64).reshape(()), (g, m2[1:], v))):
+        saved = [a.copy() for a in (p, *args)]
+        with pytest.raises(ValueError, match=rf"adam_step: the step counter .* shares memory "
+                                             rf"with argument {name!r}"):
+            F.adam_step(p, *args, step=counter, lr=0.1)
+        assert all(np.array_equal(a, s) for a, s in zip((p, *args), saved))
+
+
+def test_a_hyperparameter_too_small_for_a_float_is_not_zero():
+    """Fraction(1, 10**400) became lr = 0 (no update, no error); eps of that size was told
+    to be "> 0.0"."""
+    from fractions import Fraction
+    p, g = np.ones(3, f32), np.ones(3, f32)
+    for call in (lambda: F.sgd_step(p, g, lr=Fraction(1, 10**400)),
+                 lambda: F.sgd_step(p, g, lr=1.0, weight_decay=np.longdouble("1e-400"))
+                 if np.finfo(np.longdouble).tiny < 1e-400 else pytest.skip("no wide longdouble"),
+                 lambda: optim.Adam([nn.Parameter(p)], eps=Fraction(1, 10**400))):
+        with pytest.raises(ValueError, match=r"is too small to tell from 0 \(it rounds to 0 "
+                                             r"in float64\)"):
+            call()
+    assert np.array_equal(p, np.ones(3, f32))
+
+
+def test_numpy_scalars_are_0d_arrays_to_the_ops():
+    """F.relu(x.sum()) was refused as not an array, though the 0-d array it stands for is
+    taken."""
+    assert F.sigmoid(np.float64(0.0)) == 0.5 and F.sigmoid(np.float64(0.0)).shape == ()
+    assert F.relu(np.float32(-2.0)).dtype == f32
+    with pytest.raises(TypeError, match=r"relu: argument 'x' has dtype int64"):
+        F.relu(np.int64(3))
