@@ -8,7 +8,8 @@ import reprlib
 import numpy as np
 
 from . import _backend
-from ._checks import _DLPACK_CPU, _to_backend_array, describe, dlpack_device_type
+from ._checks import (_DLPACK_CPU, _to_backend_array, describe, dlpack_device_type,
+                      unwrap_parameter)
 
 DEFAULT_DTYPE = np.dtype(np.float32)
 _OP_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))   # the float dtypes ops take
@@ -34,6 +35,7 @@ def asarray(x, *, device=None, dtype=None):
     masked array, whose mask would be lost (pass ``x.filled(value)``, or ``np.asarray(x)``
     to drop the mask knowingly).
     """
+    x = unwrap_parameter(x)
     if dtype is not None:
         try:
             dtype = np.dtype(dtype)
@@ -158,6 +160,9 @@ def to_numpy(x) -> np.ndarray:
         return x
     if _backend.is_cupy_array(x):
         return x.get()
+    x = unwrap_parameter(x)
+    if isinstance(x, np.ndarray) or _backend.is_cupy_array(x):
+        return to_numpy(x)
     if _backend.is_gpu_array(x):
         return _to_backend_array("to_numpy", "x", x).get()
     if (not hasattr(x, "__array__") and not hasattr(x, "__array_interface__")

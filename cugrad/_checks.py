@@ -29,7 +29,19 @@ def describe(x) -> str:
     if shape is None or dtype is None:
         return f"{type(x).__module__}.{type(x).__qualname__} object"
     kind = f"{type(x).__module__.split('.')[0]}.{type(x).__name__}"
-    return f"{kind} of shape {tuple(shape)}, dtype {dtype}, on {_backend.device_of(x)}"
+    device = _backend.device_of(unwrap_parameter(x))     # a Parameter: its data's
+    return f"{kind} of shape {tuple(shape)}, dtype {dtype}, on {device}"
+
+
+def unwrap_parameter(x):
+    """A cugrad Parameter's array, anything else as it is: for the conversions
+    (``to_numpy``, ``asarray``, a loaded state entry), which take a Parameter as its data
+    on either device (``np.asarray`` reads a host one's ``__array__``; a device one has
+    none NumPy may read)."""
+    if type(x).__name__ != "Parameter":     # the cheap test first: no import on the way
+        return x
+    from .nn import Parameter
+    return x.data if isinstance(x, Parameter) else x
 
 
 def _to_backend_array(op: str, name: str, x):

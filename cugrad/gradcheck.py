@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _backend
 from ._arrays import to_numpy
-from ._checks import check_scalar, describe, import_foreign
+from ._checks import check_scalar, describe, import_foreign, unwrap_parameter
 
 __all__ = ["GradcheckError", "gradcheck", "jacobian"]
 
@@ -24,7 +24,7 @@ def _float64_copies(op, inputs):
     """Fresh C-contiguous float64 copies of the inputs, each on its own device."""
     out = []
     for i, x in enumerate(inputs):
-        x = _foreign_in(op, f"input {i}", x)
+        x = _foreign_in(op, f"input {i}", unwrap_parameter(x))    # a Parameter: its data
         if not hasattr(x, "dtype") or _dtype_kind(x) != "f":
             raise TypeError(f"{op}: input {i} must be a float array (float32 or float64; "
                             f"it is copied to float64), got {describe(x)}")

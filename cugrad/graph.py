@@ -167,6 +167,11 @@ class TrainStepGraph:
             # reuse them.
             cupy.get_default_memory_pool().free_all_blocks(stream=stream)
         self._bound = tuple((label, p, p.data) for label, p in labelled)
+        # the optimiser's state arrays too: the graph updates these ones (a device step
+        # counter replaced by capturable switched off and on, say, would stop counting)
+        self._state = tuple((f"{i}.{name}", optimizer.state[id(p)], name, value)
+                            for i, p in enumerate(optimizer.params)
+                            for name, value in optimizer.state[id(p)].items())
         self._hyper = _hyperparameters(optimizer)
         return self
 
@@ -219,6 +224,13 @@ class TrainStepGraph:
                 raise RuntimeError(f"TrainStepGraph: {label} was replaced since capture "
                                    "(load_state_dict or Module.to make new arrays); the "
                                    "graph would update the old ones: capture again")
+        for key, state, name, value in self._state:
+            if state.get(name) is not value:
+                raise RuntimeError(f"TrainStepGraph: the optimiser's state {key!r} was "
+                                   "replaced since capture (an eager step after capturable "
+                                   "was switched, or after a dtype or device change, makes "
+                                   "new arrays); the graph would update the old one: "
+                                   "capture again")
         now = _hyperparameters(self._optimizer)
         if now != self._hyper:
             raise RuntimeError(f"TrainStepGraph: the optimiser's hyperparameters "
@@ -278,8 +290,9 @@ def _labelled_parameters(model, optimizer):
 
 def _hyperparameters(optimizer) -> dict:
     """The host values a captured step baked in, by name: lr, momentum and weight_decay for
-    SGD; lr, betas, eps and weight_decay for Adam."""
-    names = (("lr", "betas", "eps", "weight_decay") if isinstance(optimizer, Adam)
+    SGD; lr, betas, eps, weight_decay and capturable for Adam (the graph counts steps on
+    the device: an eager step without capturable would count on the host)."""
+    names = (("lr", "betas", "eps", "weight_decay", "capturable") if isinstance(optimizer, Adam)
              else ("lr", "momentum", "weight_decay"))
     return {name: getattr(optimizer, name) for name in names}
 

@@ -38,7 +38,8 @@ from . import _backend, _trace
 from . import functional as F
 from ._arrays import asarray, to_numpy
 from ._checks import (FLOAT_DTYPES, check_choice, check_flag, check_shape, describe,
-                      exported_read_only, import_foreign, prepare, shares_memory)
+                      exported_read_only, import_foreign, prepare, shares_memory,
+                      unwrap_parameter)
 from ._trace import op_range
 
 __all__ = ["Parameter", "Module", "Linear", "Sigmoid", "Tanh", "ReLU", "Sequential",
@@ -48,11 +49,16 @@ __all__ = ["Parameter", "Module", "Linear", "Sigmoid", "Tanh", "ReLU", "Sequenti
 def _parameter_data(where: str, data):
     """``data`` for a Parameter: an array (another library's taken through DLPack / the
     CUDA array interface, except one exported read-only, kept as it is: an optimiser step
-    refuses to write it); TypeError for anything else, a Parameter included."""
+    refuses to write it); TypeError for anything else, a Parameter or masked array
+    included."""
     if isinstance(data, Parameter):
         raise TypeError(f"{where}: data is a Parameter ({data!r}), not an array: pass "
                         "p.data.copy() to copy its values, or assign the Parameter itself "
                         "(b.weight = a.weight) to share it")
+    if isinstance(data, np.ma.MaskedArray):
+        raise TypeError(f"{where}: data is a masked array ({describe(data)}); cugrad's ops "
+                        "would ignore its mask: pass data.filled(value), or np.asarray(data) "
+                        "to drop the mask knowingly")
     if not hasattr(data, "shape") or not hasattr(data, "dtype"):
         raise TypeError(f"{where}: data must be an array, got {describe(data)}; convert "
                         "it with cugrad.asarray()")
@@ -734,6 +740,7 @@ def _loaded_array(where: str, key, value, p: Parameter, kinds: str = "fiu"):
     """``value``, a state entry for ``p``, as an own C-contiguous array of p's shape, dtype
     and device, never a view of the caller's array (it is updated in place); ``kinds``: the
     dtype kinds it may come in. TypeError or ValueError naming ``key`` otherwise."""
+    value = unwrap_parameter(value)     # dict(model.named_parameters()), on either device
     if not (hasattr(value, "shape") and hasattr(value, "dtype")):
         raise TypeError(f"{where}: key {key!r} holds {describe(value)}, not an array "
                         "(state_dict() gives arrays); convert it with cugrad.asarray() or "

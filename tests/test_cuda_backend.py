@@ -592,3 +592,26 @@ def test_a_cupy_kernel_refuses_an_untyped_argument_before_launch(gpu):
         fn((1, 1, 1), (32, 1, 1), (total, grad, 4))
     fn((1, 1, 1), (32, 1, 1), (total, grad, np.int64(4)))
     np.testing.assert_array_equal(total.get(), np.ones(4, np.float32))
+
+
+@pytest.mark.gpu
+def test_a_gpu_parameter_converts_and_is_described_as_on_the_gpu(gpu):
+    """A probe on the stand-in: to_numpy(param), asarray(param) and
+    load_state_dict(dict(other.named_parameters())) worked on the CPU (through the
+    Parameter's __array__) and raised CuPy's bare "Implicit conversion to a NumPy array"
+    on the GPU; messages said a GPU Parameter was "on cpu"."""
+    import cugrad
+    import cugrad.functional as F
+    from cugrad import nn
+    a = nn.Linear(3, 2, rng=0, device="cuda")
+    b = nn.Linear(3, 2, rng=1, device="cuda")
+    want = gpu.asnumpy(a.weight.data)
+    assert np.array_equal(cugrad.to_numpy(a.weight), want)
+    got = cugrad.asarray(a.weight, device="cuda")
+    assert np.array_equal(gpu.asnumpy(got), want)
+    b.load_state_dict(dict(a.named_parameters()))
+    assert np.array_equal(gpu.asnumpy(b.weight.data), want)
+    assert b.weight.data is not a.weight.data
+    with pytest.raises(TypeError, match=r"got cugrad\.Parameter of shape \(2, 3\), dtype "
+                                        r"float32, on cuda; pass its \.data"):
+        F.relu(a.weight)

@@ -1008,3 +1008,24 @@ def test_numpy_scalars_are_0d_arrays_to_the_ops():
     assert F.relu(np.float32(-2.0)).dtype == f32
     with pytest.raises(TypeError, match=r"relu: argument 'x' has dtype int64"):
         F.relu(np.int64(3))
+
+
+def test_a_parameter_into_gradcheck_is_its_data():
+    """gradcheck(fn, param) raised AttributeError: 'Parameter' object has no attribute
+    'astype' (the ops' own message says to pass .data; the conversions take it as its
+    data, as to_numpy and asarray do)."""
+    import cugrad
+    w = _linear().weight
+    assert cugrad.gradcheck(lambda v: v * 3.0, w, backward=lambda g, v: 3.0 * g)
+    assert cugrad.to_numpy(w) is w.data
+
+
+def test_a_masked_array_is_refused_as_a_parameters_data():
+    """It was taken and refused only at the next forward, step or .to()."""
+    data = np.ma.masked_array(np.ones(2, f32), mask=[0, 1])
+    with pytest.raises(TypeError, match=r"^Parameter: data is a masked array"):
+        nn.Parameter(data)
+    p = nn.Parameter(np.ones(2, f32))
+    with pytest.raises(TypeError, match=r"^Parameter\.data: data is a masked array"):
+        p.data = data
+
