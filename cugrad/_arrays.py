@@ -155,14 +155,12 @@ def _what(x) -> str:
 def to_numpy(x) -> np.ndarray:
     """A host NumPy array of ``x`` (a copy from the GPU, or ``x`` itself on the host). Other
     GPU arrays (``__cuda_array_interface__`` or a CUDA ``__dlpack__``) come through CuPy,
-    as ``asarray`` takes them."""
+    as ``asarray`` takes them; a Parameter is its data."""
+    x = unwrap_parameter(x)
     if isinstance(x, np.ndarray):
         return x
     if _backend.is_cupy_array(x):
         return x.get()
-    x = unwrap_parameter(x)
-    if isinstance(x, np.ndarray) or _backend.is_cupy_array(x):
-        return to_numpy(x)
     if _backend.is_gpu_array(x):
         return _to_backend_array("to_numpy", "x", x).get()
     if (not hasattr(x, "__array__") and not hasattr(x, "__array_interface__")

@@ -33,6 +33,16 @@ def describe(x) -> str:
     return f"{kind} of shape {tuple(shape)}, dtype {dtype}, on {device}"
 
 
+def numpy_dtype(x) -> np.dtype | None:
+    """``x.dtype`` as a NumPy dtype; None without one, or where NumPy cannot read it
+    (another library's dtype: torch.float32)."""
+    dtype = getattr(x, "dtype", None)
+    try:
+        return None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        return None
+
+
 def unwrap_parameter(x):
     """A cugrad Parameter's array, anything else as it is: for the conversions
     (``to_numpy``, ``asarray``, a loaded state entry), which take a Parameter as its data

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _backend
 from ._arrays import to_numpy
-from ._checks import check_scalar, describe, import_foreign, unwrap_parameter
+from ._checks import check_scalar, describe, import_foreign, numpy_dtype, unwrap_parameter
 
 __all__ = ["GradcheckError", "gradcheck", "jacobian"]
 
@@ -25,7 +25,7 @@ def _float64_copies(op, inputs):
     out = []
     for i, x in enumerate(inputs):
         x = _foreign_in(op, f"input {i}", unwrap_parameter(x))    # a Parameter: its data
-        if not hasattr(x, "dtype") or _dtype_kind(x) != "f":
+        if not hasattr(x, "dtype") or getattr(numpy_dtype(x), "kind", None) != "f":
             raise TypeError(f"{op}: input {i} must be a float array (float32 or float64; "
                             f"it is copied to float64), got {describe(x)}")
         if isinstance(x, (np.ndarray, np.generic)):
@@ -48,13 +48,6 @@ def _foreign_in(op, what, x):
         return import_foreign(op, what, x)
     except TypeError:
         return x
-
-
-def _dtype_kind(x) -> str | None:
-    try:
-        return np.dtype(x.dtype).kind
-    except TypeError:           # a dtype NumPy cannot read
-        return None
 
 
 def _all_finite(a) -> bool:
@@ -94,7 +87,7 @@ def _output(op, y):
     """``fn``'s result checked: a real array (NumPy, CuPy or another library's) or number."""
     y = _foreign_in(op, "fn's result", y)
     if _backend.is_gpu_array(y):
-        kind = _dtype_kind(y)
+        kind = getattr(numpy_dtype(y), "kind", None)
     elif isinstance(y, (np.ndarray, np.generic)):
         kind = y.dtype.kind
     elif isinstance(y, (int, float)) and not isinstance(y, bool):

@@ -38,7 +38,7 @@ from . import _backend, _trace
 from . import functional as F
 from ._arrays import asarray, to_numpy
 from ._checks import (FLOAT_DTYPES, check_choice, check_flag, check_shape, describe,
-                      exported_read_only, import_foreign, prepare, shares_memory,
+                      exported_read_only, import_foreign, numpy_dtype, prepare, shares_memory,
                       unwrap_parameter)
 from ._trace import op_range
 
@@ -546,11 +546,7 @@ class Linear(Module):
         (F.linear would name the weight as the odd one out), or None. Built only once F
         has refused x: F's checks come first, and each of these failures is also one of
         theirs."""
-        dtype = getattr(x, "dtype", None)
-        try:
-            dtype = None if dtype is None else np.dtype(dtype)
-        except TypeError:                # another library's dtype (torch.float64): F's words
-            return None
+        dtype = numpy_dtype(x)           # None for another library's (torch.float64): F's words
         if dtype is None or dtype == self.weight.data.dtype or dtype not in FLOAT_DTYPES:
             return None
         return TypeError(
@@ -579,14 +575,10 @@ class Linear(Module):
         w = self.weight.data
         b = None if self.bias is None else self.bias.data
         want = (self.out_features, self.in_features)
-        fits = tuple(w.shape) == want and w.dtype in FLOAT_DTYPES
-        if b is not None:
-            fits = fits and (tuple(b.shape) == want[:1] and b.dtype == w.dtype
-                             and _backend.device_of(b) == _backend.device_of(w))
-        if fits:
-            return None
         kinds_fit = w.dtype in FLOAT_DTYPES and (b is None or (
             b.dtype == w.dtype and _backend.device_of(b) == _backend.device_of(w)))
+        if kinds_fit and tuple(w.shape) == want and (b is None or tuple(b.shape) == want[:1]):
+            return None
         bias = "" if b is None else f" and bias {describe(b)}"
         return (ValueError if kinds_fit else TypeError)(
             f"{self._range_name}.{where}: the layer's parameters do not fit together: weight "
@@ -677,15 +669,12 @@ class _Activation(Module):
         """``grad_out`` unlike the forward's output, said in the layer's terms (F names
         the saved output ``out``, which the caller never passed), or None."""
         where = f"{self._range_name}.backward: argument 'grad_out' ({describe(grad_out)})"
-        shape, dtype = getattr(grad_out, "shape", None), getattr(grad_out, "dtype", None)
+        shape = getattr(grad_out, "shape", None)
         if shape is not None and tuple(shape) != tuple(y.shape):
             return ValueError(f"{where} must have the shape of the forward's output, "
                               f"{tuple(y.shape)}")
-        try:
-            other_float = dtype is not None and np.dtype(dtype) in FLOAT_DTYPES
-        except TypeError:                # another library's dtype (torch.float64): F's words
-            other_float = False
-        if other_float and np.dtype(dtype) != y.dtype:
+        dtype = numpy_dtype(grad_out)    # None for another library's (torch.float64): F's words
+        if dtype is not None and dtype in FLOAT_DTYPES and dtype != y.dtype:  # None == float64
             return TypeError(f"{where} must have the dtype of the forward's output, "
                              f"{y.dtype}; convert it (.astype({str(y.dtype)!r}))")
         return None
@@ -892,7 +881,6 @@ class Sequential(Module):
                     "backward)"))
                 raise
         return grad_out
-
 
 
 class _FusedLoss(Module):
