@@ -163,9 +163,8 @@ def to_numpy(x) -> np.ndarray:
         return x.get()
     if _backend.is_gpu_array(x):
         return _to_backend_array("to_numpy", "x", x).get()
-    if (not hasattr(x, "__array__") and not hasattr(x, "__array_interface__")
-            and dlpack_device_type(x) == _DLPACK_CPU):  # np.asarray: a 0-d object array
-        return np.from_dlpack(x)
+    if dlpack_device_type(x) == _DLPACK_CPU:   # a PyTorch CPU tensor: its own errors named
+        return _to_backend_array("to_numpy", "x", x)
     arr = np.asarray(x)
     if arr.dtype == object and not isinstance(x, (list, tuple)):
         # np.asarray wraps any object in a 0-d object array: not the array it was asked for

@@ -63,11 +63,12 @@ def _to_backend_array(op: str, name: str, x):
         return _plain_ndarray(op, name, x)
     if isinstance(x, np.generic):        # a NumPy scalar (x.sum()): the 0-d array it is
         return np.asarray(x)
+    _refuse_negative_bit(op, name, x)
     if _backend.has_cuda_array_interface(x):
         return _gpu_import(op, name, x)
     device_type = dlpack_device_type(x)
     if device_type == _DLPACK_CPU:
-        return np.from_dlpack(x)
+        return _host_import(op, name, x)
     if device_type in DLPACK_CUDA_DEVICES:
         return _gpu_import(op, name, x)
     inner = getattr(x, "data", None)
@@ -105,6 +106,34 @@ def _plain_ndarray(op: str, name: str, x: np.ndarray) -> np.ndarray:
             "ignore its mask: pass x.filled(value) or x.compressed(), or np.asarray(x) to "
             "drop the mask knowingly")
     return x.view(np.ndarray)
+
+
+def _refuse_negative_bit(op: str, name: str, x) -> None:
+    """A PyTorch tensor with its negative bit set (``torch.conj(z).imag``, a lazily negated
+    view) holds minus the values in its memory, and PyTorch's ``__dlpack__`` exports that
+    memory as it is (seen with PyTorch 2.13.0; ``.numpy()`` refuses it): every element would
+    come in with the wrong sign. Refused, naming ``resolve_neg()``."""
+    is_neg = getattr(x, "is_neg", None)
+    if callable(is_neg) and is_neg() is True:
+        raise TypeError(f"{op}: argument {name!r} ({describe(x)}) is a lazily negated view "
+                        "(its negative bit is set) that DLPack would export without the "
+                        f"negation; pass {name}.resolve_neg()")
+
+
+def _host_import(op: str, name: str, x) -> np.ndarray:
+    """A host DLPack array (a PyTorch CPU tensor) as a NumPy array over its memory. What the
+    export raises becomes a TypeError naming the argument: the exporter's refusal (a
+    tensor that requires grad, a conjugated view: BufferError) or a dtype NumPy has not
+    (bfloat16: NumPy's RuntimeError)."""
+    try:
+        return np.from_dlpack(x)
+    except BufferError as exc:
+        raise TypeError(f"{op}: argument {name!r} ({describe(x)}) refuses to share its "
+                        f"memory: {exc}") from exc
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise TypeError(f"{op}: argument {name!r} ({describe(x)}) cannot be read through "
+                        f"DLPack ({type(exc).__name__}: {exc}); expected float32 or float64 "
+                        "data (integer class indices)") from exc
 
 
 def _gpu_import(op: str, name: str, x):

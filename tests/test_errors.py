@@ -419,6 +419,86 @@ def test_byte_swapped_floats_are_refused_with_the_conversion_named(swapped):
     np.testing.assert_array_equal(F.relu(cugrad.asarray(a)), a)
 
 
+class _RefusingCPUExport:
+    """A CPU DLPack producer that refuses to export, as PyTorch 2.13 does for a tensor that
+    requires grad (BufferError) or whose dtype NumPy lacks (bfloat16: NumPy's RuntimeError
+    'Unsupported dtype in DLTensor.')."""
+
+    shape, ndim, dtype = (2, 3), 2, "torch.float32"
+
+    def __init__(self, exc):
+        self._exc = exc
+
+    def __dlpack__(self, **kwargs):
+        raise self._exc
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+@pytest.mark.parametrize("exc, words", [
+    (BufferError("Can't export tensors that require gradient, use tensor.detach()"),
+     r"refuses to share its memory: Can't export tensors that require gradient"),
+    (RuntimeError("Unsupported dtype in DLTensor."),
+     r"cannot be read through DLPack \(RuntimeError: Unsupported dtype in DLTensor\.\); "
+     r"expected float32 or float64"),
+])
+def test_a_cpu_export_that_fails_is_a_type_error_naming_the_argument(exc, words):
+    """A PyTorch CPU tensor that requires grad reached the caller as PyTorch's bare
+    BufferError (and through to_numpy as its RuntimeError), a bfloat16 one as NumPy's bare
+    RuntimeError: now a TypeError naming the op, the argument and the array, with the
+    exporter's words, from the ops, the layers, Parameter and the conversions."""
+    obj = _RefusingCPUExport(exc)
+    desc = r"\(\S+ of shape \(2, 3\), dtype torch\.float32, on cpu\) "
+    calls = [("relu", "x", lambda: F.relu(obj)),
+             ("linear", "weight", lambda: F.linear(np.ones((4, 3), f32), obj)),
+             ("Parameter", "data", lambda: nn.Parameter(obj)),
+             ("asarray", "x", lambda: cugrad.asarray(obj)),
+             ("to_numpy", "x", lambda: cugrad.to_numpy(obj))]
+    for op, name, call in calls:
+        with pytest.raises(TypeError, match=rf"^{op}: argument '{name}' {desc}{words}") as info:
+            call()
+        assert info.value.__cause__ is exc
+
+
+class _NegativeBitCPUTensor:
+    """A PyTorch tensor with its negative bit set (``torch.conj(z).imag``): its values are
+    minus its memory's, and ``__dlpack__`` (PyTorch 2.13) exports the memory as it is."""
+
+    def __init__(self, memory):
+        self._memory = memory
+        self.shape, self.ndim, self.dtype = memory.shape, memory.ndim, memory.dtype
+
+    def is_neg(self):
+        return True
+
+    def __dlpack__(self, **kwargs):
+        return self._memory.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._memory.__dlpack_device__()
+
+
+def test_a_lazily_negated_tensor_is_refused_not_read_with_the_wrong_sign():
+    """Before, every op read such a tensor through DLPack with each element's sign flipped
+    (checked with PyTorch 2.13.0: F.relu(torch.conj(z).imag) was relu(+z.imag)): silently
+    wrong. Now refused before anything reads it, naming resolve_neg()."""
+    obj = _NegativeBitCPUTensor(np.array([[1.0, -2.0, 3.0]], f32))
+    for op, name, call in [("relu", "x", lambda: F.relu(obj)),
+                           ("matmul", "b", lambda: F.matmul(np.ones((2, 1), f32), obj)),
+                           ("Parameter", "data", lambda: nn.Parameter(obj)),
+                           ("asarray", "x", lambda: cugrad.asarray(obj)),
+                           ("to_numpy", "x", lambda: cugrad.to_numpy(obj))]:
+        with pytest.raises(TypeError, match=rf"^{op}: argument '{name}' .* is a lazily negated "
+                                            rf"view .*; pass {name}\.resolve_neg\(\)"):
+            call()
+    model = nn.Sequential(nn.Linear(3, 1, rng=0))
+    with pytest.raises(TypeError, match=r"lazily negated"):
+        model.load_state_dict({"0.weight": obj, "0.bias": np.zeros(1, f32)})
+    obj.is_neg = lambda: False         # a tensor without the bit: read as it is
+    assert np.array_equal(F.relu(obj), [[1.0, 0.0, 3.0]])
+
+
 class _TorchLikeCPUTensor:
     """A CPU DLPack producer whose ``dtype`` NumPy cannot interpret, as a PyTorch tensor's
     ``torch.float32`` is not a NumPy dtype."""
