@@ -4,7 +4,7 @@
    first-step clone of g):
        g = grad + wd p;   if MOMENTUM: buf = mu buf + g, g = buf;   p -= lr g
    Adam (L2 weight decay added to the gradient, as torch.optim.Adam), step t >= 1:
-       g = grad + wd p;   m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g²
+       g = grad + wd p;   m = b1 m + (1 - b1) g;   v = b2 v + ((1 - b2) g) g
        p -= step_size · m / (sqrt(v) / bc2_sqrt + eps)
    with step_size = lr / (1 - b1^t) and bc2_sqrt = sqrt(1 - b2^t), computed in float64 and
    converted to the parameter dtype: on the host from a step number (adam_step), or on the
@@ -44,7 +44,7 @@ __global__ void sgd_step(T* __restrict__ p, const T* __restrict__ grad, T* __res
     }
 }
 
-// One Adam update of elements [first, n) by stride: the loop of both Adam kernels.
+// One Adam update of this thread's grid-stride share of [0, n): the loop of both Adam kernels.
 template <typename T>
 __device__ __forceinline__ void adam_update(T* __restrict__ p, const T* __restrict__ grad, T* __restrict__ m,
                                             T* __restrict__ v, long long n, T step_size, T beta1,
@@ -55,7 +55,9 @@ __device__ __forceinline__ void adam_update(T* __restrict__ p, const T* __restri
         T g = grad[i];
         if (weight_decay != T(0)) g += weight_decay * p[i];
         const T mi = beta1 * m[i] + one_minus_beta1 * g;
-        const T vi = beta2 * v[i] + one_minus_beta2 * (g * g);
+        // ((1 - b2) g) g, PyTorch's order: g * g first overflows float32 for |g| > 1.8e19,
+        // where v itself fits (an infinite v would then freeze the parameter for good).
+        const T vi = beta2 * v[i] + (one_minus_beta2 * g) * g;
         m[i] = mi;
         v[i] = vi;
         p[i] -= step_size * (mi / (dsqrt(vi) / bc2_sqrt + eps));

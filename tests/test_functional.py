@@ -156,6 +156,61 @@ def test_bias_grad(backend, dtype, rng, m, n):
     assert rel_err(out, g.astype(np.float64).sum(axis=0)) < tol(dtype)
 
 
+def test_bias_grad_of_a_tall_batch_keeps_the_bound(backend):
+    """float32 column sums over 2^18 + 5 rows of same-sign data (1 + 0.01 U): NumPy's
+    g.sum(axis=0) added one row after another (8.8e-4 off float64 here, MATH.md §7 allows
+    1e-4); the NumPy backend now adds blocks of rows, as the kernel adds chunks. Also through
+    linear_backward's bias gradient, alone and fused with relu's backward."""
+    m, n = 2**18 + 5, 3
+    g = (1 + 0.01 * np.random.default_rng(4).random((m, n))).astype(np.float32)
+    want = g.astype(np.float64).sum(axis=0)
+    assert rel_err(F.bias_grad(backend.put(g)), want) < tol(np.float32)
+    x, w = np.ones((m, 1), np.float32), np.ones((n, 1), np.float32)
+    for act, out in ((None, None), ("relu", np.ones((m, n), np.float32))):
+        _, _, gb = F.linear_backward(backend.put(g), backend.put(x), backend.put(w), bias=True,
+                                     activation=act, out=None if out is None else backend.put(out))
+        assert rel_err(gb, want) < tol(np.float32), act
+
+
+def test_row_ops_on_strided_rows_keep_the_bound(backend):
+    """Logits whose rows are strided in memory (the rows of z.T, z of shape (C, N)), near
+    uniform as at initialisation, so every term of a row's sum is close to 1: NumPy
+    summed such a row one term after another (softmax 7.8e-5 off float64 at C = 65536, past
+    1e-5; cross-entropy's loss 2.9e-4 at C = 2^20, past 1e-4), where a contiguous row is
+    summed pairwise. The NumPy backend lays the rows out first, as the CUDA backend does."""
+    c, n = 65536, 3
+    rng = np.random.default_rng(5)
+    z = (0.01 * rng.random((c, n))).astype(np.float32)     # near-uniform rows (at init)
+    t = rng.random((c, n)).astype(np.float32)
+    t /= t.sum(axis=0)                                       # probabilities: t.T
+    z64, t64 = z.T.astype(np.float64), t.T.astype(np.float64)
+    e = np.exp(z64 - z64.max(axis=1, keepdims=True))
+    p64 = e / e.sum(axis=1, keepdims=True)
+    lse = np.log(e.sum(axis=1)) + z64.max(axis=1)
+    zt, tt = backend.put(z).T, backend.put(t).T
+    assert rel_err(F.softmax(zt), p64) < tol(np.float32, "elementwise")
+    assert rel_err(F.log_softmax(zt), np.log(p64)) < tol(np.float32, "elementwise")
+    want_loss = float(np.mean(lse * t64.sum(axis=1) - (t64 * z64).sum(axis=1)))
+    assert rel_err(F.cross_entropy(zt, tt), want_loss) < tol(np.float32)
+    want_grad = (p64 * t64.sum(axis=1, keepdims=True) - t64) / n
+    assert rel_err(F.cross_entropy_backward(zt, tt), want_grad) < tol(np.float32, "elementwise")
+
+
+def test_a_vector_product_with_a_long_k_keeps_the_bound():
+    """A (1, K) @ (K, 1) float32 product goes to BLAS's dot, one float32 sum per lane over
+    the whole K: 1.5e-4 off float64 at K = 2^25 (MATH.md §7 allows 1e-4). The NumPy backend
+    takes K in ranges of 2^17, as the CUDA GEMM does. NumPy only: the GPU's split is
+    test_long_k_float32_products_stay_inside_the_bound."""
+    k = 2**25 + 3
+    rng = np.random.default_rng(6)
+    a = rng.random((1, k), dtype=np.float32)
+    b = rng.random((k, 1), dtype=np.float32)
+    want = sum(float(a[0, i:i + 2**20].astype(np.float64) @ b[i:i + 2**20, 0].astype(np.float64))
+               for i in range(0, k, 2**20))
+    assert rel_err(F.matmul(a, b), [[want]]) < tol(np.float32)
+    assert rel_err(F.linear(a, b.T), [[want]]) < tol(np.float32)
+
+
 # -------------------------------------------------------------------------- activations
 
 ACT_OPS = {"sigmoid": (F.sigmoid, F.sigmoid_backward), "tanh": (F.tanh, F.tanh_backward),

@@ -122,6 +122,26 @@ def test_switching_capturable_between_steps_keeps_the_count(backend, rng, first)
 
 
 
+def test_adam_survives_a_gradient_whose_square_overflows_float32(backend):
+    """A float32 gradient of 2e19: g * g overflows (4e38 > 3.4e38) though (1 - b2) g² = 4e35
+    fits. Formed as (1 - b2) (g * g), exp_avg_sq became inf and every later update was
+    exactly 0: the parameter froze for good, silently. Now ((1 - b2) g) g, PyTorch's order
+    (its addcmul): the float64 reference's parameter and moments, step after step."""
+    p = backend.put(np.ones(3, np.float32))
+    m, v = backend.put(np.zeros(3, np.float32)), backend.put(np.zeros(3, np.float32))
+    grads = [np.float32(2e19), np.float32(1.0), np.float32(-1.0), np.float32(0.5)]
+    p64, m64, v64 = np.ones(3), np.zeros(3), np.zeros(3)
+    for t, g in enumerate(grads, start=1):
+        F.adam_step(p, backend.put(np.full(3, g, np.float32)), m, v, step=t, lr=1e-3)
+        g64 = float(g)
+        m64 = 0.9 * m64 + 0.1 * g64
+        v64 = 0.999 * v64 + 0.001 * g64 * g64
+        p64 = p64 - 1e-3 / (1 - 0.9**t) * m64 / (np.sqrt(v64) / np.sqrt(1 - 0.999**t) + 1e-8)
+    assert np.isfinite(to_numpy(v)).all()
+    assert rel_err(v, v64) < 1e-5 and rel_err(m, m64) < 1e-5
+    assert rel_err(p, p64) < 1e-5 and (to_numpy(p) != 1).all()
+
+
 def test_adam_step_counter_argument(backend):
     """F.adam_step(step=<0-d int64 array>) increments the counter in place and uses the new
     value as t (equal to step=t); a counter of another dtype, shape or device, or (on the

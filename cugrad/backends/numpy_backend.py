@@ -40,18 +40,52 @@ def _apply_activation_inplace(name: str | None, y: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- products
 
+# A float32 product takes K in ranges of at most this many terms, each range's products added
+# to the running total in order: a vector-shaped product goes to BLAS's dot or gemv, which
+# keep one float32 sum per lane for the whole K (1.5e-4 off float64 at K = 2^25, past
+# MATH.md §7's 1e-4). The CUDA GEMM splits at the same depth (config.GEMM_MAX_K_PER_SPLIT).
+_MAX_K_PER_RANGE = 2**17
+
+
 @implements(BACKEND, "gemm")
 def gemm(a, b, trans_a, trans_b, bias, activation):
     # .T is a view: NumPy hands BLAS the transposed layout, no copy is made.
-    out = np.matmul(a.T if trans_a else a, b.T if trans_b else b)
+    a, b = (a.T if trans_a else a), (b.T if trans_b else b)
+    k = a.shape[1]
+    if a.dtype == np.float32 and k > _MAX_K_PER_RANGE:
+        out = np.matmul(a[:, :_MAX_K_PER_RANGE], b[:_MAX_K_PER_RANGE])
+        for start in range(_MAX_K_PER_RANGE, k, _MAX_K_PER_RANGE):
+            stop = start + _MAX_K_PER_RANGE
+            out += np.matmul(a[:, start:stop], b[start:stop])
+    else:
+        out = np.matmul(a, b)
     if bias is not None:
         out += bias
     return _apply_activation_inplace(activation, out)
 
 
+# Column sums add _COLUMN_BLOCK rows at a time, then the blocks' sums the same way.
+_COLUMN_BLOCK = 128
+
+
+def _column_sum(g: np.ndarray) -> np.ndarray:
+    """Σ over the rows of a C-contiguous (M, N) array. NumPy's ``g.sum(axis=0)`` adds one
+    row after another into N running sums, so its error grows with M (float32, same-sign
+    data: 8.7e-5 at M = 65536, 3.9e-3 at 2^20; MATH.md §7 allows 1e-4); in blocks of 128
+    rows, then the blocks' sums in blocks, it grows with 128 × log_128(M) (3.5e-7 at 2^16,
+    1.3e-7 at 2^20) at the same speed. The CUDA kernel also sums in chunks of rows."""
+    while g.shape[0] > _COLUMN_BLOCK:
+        whole = g.shape[0] // _COLUMN_BLOCK * _COLUMN_BLOCK
+        sums = g[:whole].reshape(-1, _COLUMN_BLOCK, g.shape[1]).sum(axis=1)
+        if whole < g.shape[0]:
+            sums = np.concatenate([sums, g[whole:].sum(axis=0, keepdims=True)])
+        g = sums
+    return g.sum(axis=0)
+
+
 @implements(BACKEND, "bias_grad")
 def bias_grad(grad):
-    return grad.sum(axis=0)
+    return _column_sum(np.ascontiguousarray(grad))
 
 
 # -------------------------------------------------------------------------- activations
@@ -63,13 +97,13 @@ def activation_backward_bias_grad(name, grad_out, saved):
         # term makes its column's sum non-finite), so the select's fallback needs no pass of
         # its own; a sum that overflows from finite terms only takes the fallback needlessly.
         grad_in = _relu_mask_product(grad_out, saved)
-        grad_b = grad_in.sum(axis=0)
+        grad_b = _column_sum(grad_in)
         if not np.isfinite(grad_b).all():
             grad_in = _relu_select(grad_out, saved)
-            grad_b = grad_in.sum(axis=0)
+            grad_b = _column_sum(grad_in)
         return grad_in, grad_b
     grad_in = activation_backward(name, grad_out, saved)
-    return grad_in, grad_in.sum(axis=0)
+    return grad_in, _column_sum(grad_in)
 
 
 @implements(BACKEND, "activation")
@@ -125,7 +159,10 @@ def _shift_exp_sm1(x):
     ``s - 1`` with ``s = Σ exp(x - max)`` (keepdims). The terms equal to 1 (the max and any
     tie) are counted rather than added, so ``s - 1`` keeps the small terms that ``s`` itself
     would round away in a confident row: ``ln s = log1p(s - 1)`` (losses.cu does the same).
-    A NaN term is not equal to 1, so it is added and propagates."""
+    A NaN term is not equal to 1, so it is added and propagates. The rows are laid out in C
+    order first: NumPy sums a contiguous row pairwise, a strided one (the rows of ``z.T``)
+    one term after another (7.8e-5 off at C = 65536 in float32, against 5.7e-8)."""
+    x = np.ascontiguousarray(x)
     shifted = x - x.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     ones = exp == 1
@@ -191,11 +228,12 @@ def mse_loss_backward(pred, target, reduction):
 
 def _xent_parts(logits, target, reduction):
     """Shared pass: shifted logits, their exponentials, s - 1 per row (``_shift_exp_sm1``),
-    and the reduction's scale."""
+    the reduction's scale, and the target (probabilities in C order, so that their row sums
+    are pairwise, as the logits' are)."""
     n = logits.shape[0]
     shifted, exp, sm1 = _shift_exp_sm1(logits)
     scale = 1.0 / n if reduction == "mean" else 1.0
-    return shifted, exp, sm1, scale
+    return shifted, exp, sm1, scale, np.ascontiguousarray(target)
 
 
 def _xent_loss(shifted, sm1, target, scale, dtype, rows=None):
@@ -242,19 +280,19 @@ def _xent_grad(exp, sm1, target, scale, rows=None, shifted=None):
 
 @implements(BACKEND, "cross_entropy")
 def cross_entropy(logits, target, reduction):
-    shifted, _, sm1, scale = _xent_parts(logits, target, reduction)
+    shifted, _, sm1, scale, target = _xent_parts(logits, target, reduction)
     return _xent_loss(shifted, sm1, target, scale, logits.dtype)
 
 
 @implements(BACKEND, "cross_entropy_backward")
 def cross_entropy_backward(logits, target, reduction):
-    shifted, exp, sm1, scale = _xent_parts(logits, target, reduction)
+    shifted, exp, sm1, scale, target = _xent_parts(logits, target, reduction)
     return _xent_grad(exp, sm1, target, scale, shifted=shifted)
 
 
 @implements(BACKEND, "cross_entropy_fwd_bwd")
 def cross_entropy_fwd_bwd(logits, target, reduction):
-    shifted, exp, sm1, scale = _xent_parts(logits, target, reduction)
+    shifted, exp, sm1, scale, target = _xent_parts(logits, target, reduction)
     rows = np.arange(len(target)) if target.ndim == 1 else None
     loss = _xent_loss(shifted, sm1, target, scale, logits.dtype, rows)
     return loss, _xent_grad(exp, sm1, target, scale, rows, shifted)
@@ -291,7 +329,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wei
     exp_avg *= beta1
     exp_avg += (1.0 - beta1) * g
     exp_avg_sq *= beta2
-    exp_avg_sq += (1.0 - beta2) * (g * g)
+    exp_avg_sq += ((1.0 - beta2) * g) * g   # PyTorch's order: g² may overflow where v fits
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2_sqrt = (1.0 - beta2 ** step) ** 0.5
     denom = np.sqrt(exp_avg_sq)
