@@ -1,9 +1,10 @@
 """Backend registry and dispatch: the backend follows the data.
 
 Every op of ``cugrad.functional`` is implemented once per backend with one signature,
-declared in ``OPS`` below. ``functional`` validates arguments, then calls
-``backend_for(...).ops.<name>(...)``; nothing below it checks arguments again, so a
-backend op may assume:
+declared in ``OPS`` below. ``functional`` validates arguments (``_checks.prepare`` picks
+the backend from the arrays' device), then calls ``<backend>.ops.<name>(...)``. A backend
+keeps only cheap guards of its own preconditions for direct callers (the CUDA launchers:
+C-contiguous written arrays, 32-bit sizes); otherwise a backend op may assume:
 
 * every array argument is an array of this backend (NumPy or CuPy), of dtype float32 or
   float64 (all float arguments of one call share it; class-index targets are int64);
@@ -219,7 +220,7 @@ def is_cupy_array(x) -> bool:
     if type(x) is np.ndarray:      # the common case, first: one type check
         return False
     mod = type(x).__module__
-    return mod.startswith("cupy") or mod.startswith("cupy_backends")
+    return mod.startswith("cupy")           # cupy, cupy_backends, cupy._core ...
 
 
 def is_gpu_array(x) -> bool:

@@ -1,4 +1,5 @@
-"""Argument validation for ``cugrad.functional``: the only place arguments are checked.
+"""Argument validation: the checks ``cugrad.functional`` (and ``nn``, ``optim``, ``graph``)
+build their own from.
 
 Every error names the op, the argument, what it got (type, shape, dtype, device) and what
 was expected. After ``prepare`` the arrays are arrays of one backend and one float dtype.
@@ -205,8 +206,8 @@ def prepare(op: str, arrays: dict, *, ints: tuple[str, ...] = (),
         elif arr.dtype != dtype:
             raise TypeError(
                 f"{op}: argument {name!r} has dtype {arr.dtype} ({describe(arr)}) but "
-                f"{dtype_name!r} has dtype {dtype}; all float arguments of one call must share a dtype (convert with "
-                ".astype)")
+                f"{dtype_name!r} has dtype {dtype}; all float arguments of one call must share "
+                "a dtype (convert with .astype)")
     return _backend.backend_for_device(device), out
 
 

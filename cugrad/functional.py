@@ -2,8 +2,10 @@
 
 Each op validates its arguments (shapes per MATH.md, one float dtype, one device), opens
 its NVTX range, and calls one backend implementation: NumPy arrays run on the NumPy
-backend, CuPy (and other CUDA) arrays on the CUDA backend. Nothing below this module
-checks arguments again.
+backend, CuPy (and other CUDA) arrays on the CUDA backend. The arithmetic of each op is
+the function of the same name in ``backends/numpy_backend.py`` (the specification) and its
+launcher in ``backends/cuda/ops.py`` (the kernels of ``kernels/*.cu``); this module holds
+the argument checks and the contracts.
 
 Shapes (MATH.md §1–4): ``matmul`` computes ``op(a) @ op(b)`` with ``op(x) = x.T`` when the
 ``trans_*`` flag is set, reading the operands in place; ``linear`` uses PyTorch's weight
@@ -149,12 +151,14 @@ def linear(x, weight, bias=None, *, activation=None):
 @_op("linear.backward")
 def linear_backward(grad_y, x, weight, *, bias=True, activation=None, out=None,
                     input_grad=True):
-    """Gradients of ``y = act(x @ weight.T + b)``: returns ``(grad_x, grad_weight,
-    grad_bias)`` (``grad_bias`` None when ``bias`` is False, ``grad_x`` None when
-    ``input_grad`` is False: the first layer of a network needs no gradient for its input,
-    and skipping it saves the largest product of that layer's backward). With
-    ``activation``, ``grad_y`` is the gradient of the activated output and ``out`` the saved
-    forward output. dX = G W (NN), dW = Gᵀ X (TN), db = column sum of G (MATH.md §2)."""
+    """Gradients of ``y = act(x @ weight.T + b)`` (MATH.md §2-3): with G = grad_y ⊙ act'(y)
+    (G = grad_y without an activation), dX = G W (NN), dW = Gᵀ X (TN), db = Σ_rows G.
+
+    Returns ``(grad_x, grad_weight, grad_bias)`` (``grad_bias`` None when ``bias`` is False,
+    ``grad_x`` None when ``input_grad`` is False: the first layer of a network needs no
+    gradient for its input, and skipping it saves the largest product of that layer's
+    backward). With ``activation``, ``grad_y`` is the gradient of the activated output and
+    ``out`` the saved forward output, from which act' is taken."""
     op = "linear_backward"
     _check_activation(op, activation)
     bias = check_flag(op, "bias", bias)
@@ -166,9 +170,8 @@ def linear_backward(grad_y, x, weight, *, bias=True, activation=None, out=None,
         raise ValueError(f"{op}: out= is the saved output of an activation and is used only "
                          "with activation=; got out= without it (did the forward have an "
                          "activation?)")
-    backend, arr = prepare(op, {"grad_y": grad_y, "x": x, "weight": weight,
-                                "out": out if activation is not None else None},
-                           optional=("out",))
+    backend, arr = prepare(op, {"grad_y": grad_y, "x": x, "weight": weight, "out": out},
+                           optional=("out",))    # out is None exactly without an activation
     g, x, weight = arr["grad_y"], arr["x"], arr["weight"]
     _linear_shapes(op, x, weight, None)
     check_ndim(op, "grad_y", g, 2, "(batch, out_features)")
@@ -455,7 +458,7 @@ def accumulate(total, grad):
     not overlapping."""
     backend, arr = _inplace_args("accumulate", {"total": total, "grad": grad})
     if arr["total"].size:
-        _update(backend, "accumulate", (arr["total"], arr["grad"]))()
+        _deferred_update(backend, "accumulate", (arr["total"], arr["grad"]))()
 
 
 @_op("sgd_step")
@@ -485,8 +488,9 @@ def _checked_sgd_step(param, grad, momentum_buf=None, *, lr, momentum=0.0, weigh
     _check_scalars_fit(op, arr["param"], lr=lr, momentum=momentum, weight_decay=weight_decay)
     if not arr["param"].size:
         return _nothing
-    return _update(backend, "sgd_step", (arr["param"], arr["grad"], arr["momentum_buf"], lr,
-                                         momentum, weight_decay))
+    return _deferred_update(backend, "sgd_step", (arr["param"], arr["grad"],
+                                                  arr["momentum_buf"], lr, momentum,
+                                                  weight_decay))
 
 
 def _nothing():
@@ -496,7 +500,7 @@ def _nothing():
 _RAISING = frozenset({"raise", "call"})     # np.seterr modes that can stop an update midway
 
 
-def _update(backend, name, args):
+def _deferred_update(backend, name, args):
     """The backend's in-place op ``name`` on ``args`` (the written arrays first, then
     ``grad``, then the rest) as a function of no arguments. On NumPy, where NumPy is set to
     raise on floating-point errors (np.errstate(all="raise"), or a callback that raises),
@@ -539,12 +543,14 @@ def _check_scalars_fit(op, param, **scalars):
 @_op("adam_step")
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999,
               eps=1e-8, weight_decay=0.0):
-    """In place, PyTorch's Adam (L2 weight decay added to the gradient). ``step`` is the
-    step number t (an integer, counting from 1) that sets the bias corrections 1 − β^t, or a
-    step counter: a 0-d int64 array on the parameters' device holding the steps taken so
-    far, which the op increments in place and then uses as t. A counter is read on the
-    device, so a CUDA graph's replays advance it (``optim.Adam(capturable=True)``); its value
-    is not checked on the GPU (that would wait for the device): it must be >= 0."""
+    """In place, PyTorch's Adam (L2 weight decay added to the gradient): g = grad + wd·param,
+    m = β₁m + (1 − β₁)g, v = β₂v + (1 − β₂)g², param -= lr/(1 − β₁ᵗ) · m / (√v/√(1 − β₂ᵗ) + eps)
+    (MATH.md §5). ``step`` is the step number t (an integer, counting from 1) that sets the
+    bias corrections 1 − β^t, or a step counter: a 0-d int64 array on the parameters'
+    device holding the steps taken so far, which the op increments in place and then uses
+    as t. A counter is read on the device, so a CUDA graph's replays advance it
+    (``optim.Adam(capturable=True)``); its value is not checked on the GPU (that would wait
+    for the device): it must be >= 0."""
     _checked_adam_step(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1,
                        beta2=beta2, eps=eps, weight_decay=weight_decay)()
 
@@ -572,9 +578,10 @@ def _checked_adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9,
         step = _step_counter(op, step, arr)
     if not (arr["param"].size or counter):   # an empty parameter's counter still counts
         return _nothing
-    return _update(backend, "adam_step", (arr["param"], arr["grad"], arr["exp_avg"],
-                                          arr["exp_avg_sq"], step if counter else int(step),
-                                          lr, beta1, beta2, eps, weight_decay))
+    return _deferred_update(backend, "adam_step",
+                            (arr["param"], arr["grad"], arr["exp_avg"], arr["exp_avg_sq"],
+                             step if counter else int(step), lr, beta1, beta2, eps,
+                             weight_decay))
 
 
 _STEP_MAX = 2**63 - 1       # the largest count an int64 step counter holds
@@ -597,7 +604,9 @@ def _step_counter(op, step, arrays):
         if not 0 <= int(step) < _STEP_MAX:    # incremented before use: must not wrap
             raise ValueError(f"{op}: the step counter holds {int(step)}, expected the number "
                              "of steps taken so far, in [0, 2**63 - 2]")
-    for name, a in arrays.items():   # it is incremented in place, and read: its own array
+    # Incremented in place, and read: its own array. Its own loop, not check_no_overlap
+    # (which would check the other pairs again, and which the optimiser's fast path skips).
+    for name, a in arrays.items():
         if a.size and shares_memory(step, a):
             raise ValueError(f"{op}: the step counter ({describe(step)}) shares memory with "
                              f"argument {name!r} ({describe(a)}); it is incremented in place "

@@ -289,12 +289,11 @@ def _labelled_parameters(model, optimizer):
 
 
 def _hyperparameters(optimizer) -> dict:
-    """The host values a captured step baked in, by name: lr, momentum and weight_decay for
-    SGD; lr, betas, eps, weight_decay and capturable for Adam (the graph counts steps on
-    the device: an eager step without capturable would count on the host)."""
-    names = (("lr", "betas", "eps", "weight_decay", "capturable") if isinstance(optimizer, Adam)
-             else ("lr", "momentum", "weight_decay"))
-    return {name: getattr(optimizer, name) for name in names}
+    """The host values a captured step baked in, by name: the optimiser's own
+    ``_hyperparameters`` (lr, momentum and weight_decay for SGD; lr, betas, eps,
+    weight_decay and capturable for Adam: the graph counts steps on the device, and an eager
+    step without capturable would count on the host)."""
+    return {name: getattr(optimizer, name) for name in type(optimizer)._hyperparameters}
 
 
 @contextlib.contextmanager

@@ -16,8 +16,9 @@ refuses a repeat): calling it twice in one forward would overwrite what the firs
 saved. A ``Parameter`` may be shared (tied weights): ``parameters()`` lists it once.
 
 Every forward and backward runs inside an NVTX range named ``"{name}.forward"`` /
-``"{name}.backward"``, where name is the class name or, inside a ``Sequential``,
-``"{index}:{ClassName}"``.
+``"{name}.backward"``, where name is the class name or, for a child module, its path and
+class: ``"{index}:{ClassName}"`` inside a ``Sequential``, ``"fc:Linear"`` for an
+attribute, ``"body.0:Linear"`` deeper down.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 import secrets
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Iterator
 
 import numpy as np
@@ -642,10 +643,12 @@ class Linear(Module):
 
 
 class _Activation(Module):
-    """Element-wise activation; saves its output for the backward (MATH.md §3)."""
+    """Element-wise activation; saves its output for the backward (MATH.md §3). A subclass
+    names its pair of ops, ``_forward`` and ``_backward`` (the backward takes the saved
+    output)."""
 
-    _forward = staticmethod(F.sigmoid)
-    _backward = staticmethod(F.sigmoid_backward)
+    _forward: Callable
+    _backward: Callable
 
     def forward(self, x):
         y = self._forward(x)
@@ -682,6 +685,8 @@ class _Activation(Module):
 
 class Sigmoid(_Activation):
     """``1 / (1 + exp(-x))``."""
+    _forward = staticmethod(F.sigmoid)
+    _backward = staticmethod(F.sigmoid_backward)
 
 
 class Tanh(_Activation):
@@ -841,8 +846,9 @@ class Sequential(Module):
     def __getitem__(self, i):
         """``model[i]`` is a layer; ``model[a:b]`` a new Sequential of those layers (the same
         module instances, as PyTorch's slicing gives, but numbered from 0 in its parameter
-        names; a layer's range name follows the Sequential that ran it last, so the new
-        one's numbering until this one runs again)."""
+        names). A layer's range name follows the Sequential that ran it last: after the
+        slice runs, its layers' ranges carry the slice's numbering until this one runs
+        again."""
         if isinstance(i, slice):
             return Sequential(*self.layers[i])
         return self.layers[i]

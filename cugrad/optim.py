@@ -175,12 +175,16 @@ class Optimizer:
                 for update in updates:
                     update()
                 return
-            # NumPy is set to raise on floating-point errors: each update is all or nothing
-            # (F's own guard), and the step is too: what earlier updates wrote is put back.
-            saved = [(st, dict(st), [(a, a.copy()) for a in (p.data, *st.values())
-                                     if isinstance(a, np.ndarray)])
-                     for p in self.params if p.grad is not None
-                     for st in (self.state[id(p)],)]
+            # NumPy is set to raise on floating-point errors: the step is all or nothing, so
+            # what earlier updates wrote is put back. (Each update also runs on copies first,
+            # F._deferred_update's guard for a direct F call: redundant here, and harmless.)
+            saved = []
+            for p in self.params:
+                if p.grad is not None:
+                    st = self.state[id(p)]
+                    arrays = [(a, a.copy()) for a in (p.data, *st.values())
+                              if isinstance(a, np.ndarray)]
+                    saved.append((st, dict(st), arrays))
             try:
                 for update in updates:
                     update()
@@ -246,7 +250,7 @@ def _loaded_step(where, key, value) -> int:
     elif hasattr(value, "shape") and tuple(value.shape) == ():   # a 0-d device array
         value = to_numpy(value)[()]
     if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
-            or not 0 <= value <= np.iinfo(np.int64).max):
+            or not 0 <= value <= F._STEP_MAX):
         raise ValueError(f"{where}: key {key!r} must be a step count, a whole number in "
                          f"[0, 2**63 - 1] (an int or a 0-d integer array), got {value!r}")
     return int(value)

@@ -16,17 +16,17 @@
 #include "common.cuh"
 
 template <typename T, int ACT>
-__global__ void activation_fwd(const T* __restrict__ x, T* __restrict__ y, long long n) {
-    // x (n) -> y (n), y = f(x); any 1-D grid.
+__global__ void activation_fwd(const T* __restrict__ y, T* __restrict__ z, long long n) {
+    // y (n) -> z (n), z = f(y); any 1-D grid.
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        y[i] = activate<T, ACT>(x[i]);
+        z[i] = activate<T, ACT>(y[i]);
 }
 
 template <typename T, int ACT>
 __global__ void activation_bwd(const T* __restrict__ grad_out, const T* __restrict__ saved,
                                T* __restrict__ grad_in, long long n) {
-    // grad_out (n), saved = f(y) (n) -> grad_in (n) = grad_out * f'(y); any 1-D grid.
+    // grad_out (n), saved z = f(y) (n) -> grad_in (n) = grad_out * f'(y), f' from z; any 1-D grid.
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
         grad_in[i] = activate_backward<T, ACT>(grad_out[i], saved[i]);
