@@ -500,6 +500,12 @@ def _nothing():
 _RAISING = frozenset({"raise", "call"})     # np.seterr modes that can stop an update midway
 
 
+def _numpy_may_raise() -> bool:
+    """Whether NumPy is set to raise on floating-point errors (np.errstate(all="raise"), or
+    a callback, which may raise): an in-place update could then stop half written."""
+    return not _RAISING.isdisjoint(np.geterr().values())
+
+
 def _deferred_update(backend, name, args):
     """The backend's in-place op ``name`` on ``args`` (the written arrays first, then
     ``grad``, then the rest) as a function of no arguments. On NumPy, where NumPy is set to
@@ -511,7 +517,7 @@ def _deferred_update(backend, name, args):
         return functools.partial(op, *args)
 
     def update():
-        if _RAISING.isdisjoint(np.geterr().values()):
+        if not _numpy_may_raise():
             return op(*args)
         trial = [a.copy() if isinstance(a, np.ndarray) and i != 1 else a
                  for i, a in enumerate(args)]

@@ -171,7 +171,7 @@ class Optimizer:
                     _add_note(exc, f"(in {type(self).__name__}.step, params[{i}]: {p!r}; "
                                    "no parameter was updated)")
                     raise
-            if not _numpy_may_raise(self.params):
+            if not _host_step_may_raise(self.params):
                 for update in updates:
                     update()
                 return
@@ -226,11 +226,10 @@ class Optimizer:
         return buf
 
 
-def _numpy_may_raise(params) -> bool:
-    """Whether NumPy is set to raise on floating-point errors (np.errstate(all="raise"), or
-    a callback, which may raise) and the step runs on the host."""
-    return (not F._RAISING.isdisjoint(np.geterr().values())
-            and any(p.device == "cpu" for p in params))
+def _host_step_may_raise(params) -> bool:
+    """Whether NumPy may raise midway (``F._numpy_may_raise``) and the step runs on the
+    host."""
+    return F._numpy_may_raise() and any(p.device == "cpu" for p in params)
 
 
 def _loaded_buffer(where, key, value, p, nonnegative=False):
