@@ -101,12 +101,18 @@ def _plain_ndarray(op: str, name: str, x: np.ndarray) -> np.ndarray:
     """An ndarray subclass as a plain ndarray view (np.matrix, np.memmap, ...): the ops do
     their own arithmetic, so a subclass's operators must not leak into it. A masked array is
     refused: its mask would be ignored."""
+    refuse_masked(op, f"argument {name!r}", x)
+    return x.view(np.ndarray)
+
+
+def refuse_masked(where: str, what: str, x) -> None:
+    """TypeError if ``x`` is a NumPy masked array: cugrad would use its data and ignore its
+    mask. ``what`` names it in the message ("argument 'x'", "data", "key 'weight'")."""
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError(
-            f"{op}: argument {name!r} is a masked array ({describe(x)}); cugrad's ops would "
-            "ignore its mask: pass x.filled(value) or x.compressed(), or np.asarray(x) to "
-            "drop the mask knowingly")
-    return x.view(np.ndarray)
+            f"{where}: {what} is a masked array ({describe(x)}); cugrad would ignore its "
+            "mask: pass .filled(value) or .compressed(), or np.asarray() of it to drop the "
+            "mask knowingly")
 
 
 def _refuse_negative_bit(op: str, name: str, x) -> None:

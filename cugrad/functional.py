@@ -554,9 +554,10 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.
     (MATH.md §5). ``step`` is the step number t (an integer, counting from 1) that sets the
     bias corrections 1 − β^t, or a step counter: a 0-d int64 array on the parameters'
     device holding the steps taken so far, which the op increments in place and then uses
-    as t. A counter is read on the device, so a CUDA graph's replays advance it
-    (``optim.Adam(capturable=True)``); its value is not checked on the GPU (that would wait
-    for the device): it must be >= 0."""
+    as t; it stops at 2**63 - 1, the largest int64, where both bias corrections are 1 in
+    float64 whatever the betas. A counter is read on the device, so a CUDA graph's replays
+    advance it (``optim.Adam(capturable=True)``); its value is not checked on the GPU (that
+    would wait for the device): it must be >= 0."""
     _checked_adam_step(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1,
                        beta2=beta2, eps=eps, weight_decay=weight_decay)()
 
@@ -607,9 +608,9 @@ def _step_counter(op, step, arrays):
         if not isinstance(step, np.ndarray) or not step.flags.writeable:
             raise ValueError(f"{op}: the step counter is incremented in place and must be a "
                              f"writable NumPy array, got {describe(step)}")
-        if not 0 <= int(step) < _STEP_MAX:    # incremented before use: must not wrap
+        if int(step) < 0:
             raise ValueError(f"{op}: the step counter holds {int(step)}, expected the number "
-                             "of steps taken so far, in [0, 2**63 - 2]")
+                             "of steps taken so far, >= 0")
     # Incremented in place, and read: its own array. Its own loop, not check_no_overlap
     # (which would check the other pairs again, and which the optimiser's fast path skips).
     for name, a in arrays.items():

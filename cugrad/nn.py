@@ -39,8 +39,8 @@ from . import _backend, _trace
 from . import functional as F
 from ._arrays import asarray, to_numpy
 from ._checks import (FLOAT_DTYPES, check_choice, check_flag, check_shape, describe,
-                      exported_read_only, import_foreign, numpy_dtype, prepare, shares_memory,
-                      unwrap_parameter)
+                      exported_read_only, import_foreign, numpy_dtype, prepare, refuse_masked,
+                      shares_memory, unwrap_parameter)
 from ._trace import op_range
 
 __all__ = ["Parameter", "Module", "Linear", "Sigmoid", "Tanh", "ReLU", "Sequential",
@@ -56,10 +56,7 @@ def _parameter_data(where: str, data):
         raise TypeError(f"{where}: data is a Parameter ({data!r}), not an array: pass "
                         "p.data.copy() to copy its values, or assign the Parameter itself "
                         "(b.weight = a.weight) to share it")
-    if isinstance(data, np.ma.MaskedArray):
-        raise TypeError(f"{where}: data is a masked array ({describe(data)}); cugrad's ops "
-                        "would ignore its mask: pass data.filled(value), or np.asarray(data) "
-                        "to drop the mask knowingly")
+    refuse_masked(where, "data", data)
     if not hasattr(data, "shape") or not hasattr(data, "dtype"):
         raise TypeError(f"{where}: data must be an array, got {describe(data)}; convert "
                         "it with cugrad.asarray()")
@@ -749,9 +746,7 @@ def _loaded_array(where: str, key, value, p: Parameter, kinds: str = "fiu"):
     if np.dtype(value.dtype).kind not in kinds:
         raise TypeError(f"{where}: key {key!r} is not a {'float' if kinds == 'f' else 'numeric'} "
                         f"array ({describe(value)})")
-    if isinstance(value, np.ma.MaskedArray):
-        raise TypeError(f"{where}: key {key!r} is a masked array ({describe(value)}); its "
-                        "mask would be lost: pass value.filled(...) or np.asarray(value)")
+    refuse_masked(where, f"key {key!r}", value)
     if isinstance(value, np.ndarray):
         value = value.view(np.ndarray)          # np.matrix, memmap: plain arrays
     try:           # asarray refuses a value the dtype cannot hold (1e300 in float32, 1.5

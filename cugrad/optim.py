@@ -12,7 +12,7 @@ from . import _trace
 from . import functional as F
 from ._arrays import asarray, to_numpy
 from ._backend import backend_for_device, device_of
-from ._checks import check_scalar, describe
+from ._checks import check_flag, check_scalar, describe
 from ._trace import op_range
 from .nn import Module, Parameter, _add_note, _loaded_array
 
@@ -300,7 +300,8 @@ class Adam(Optimizer):
     PyTorch's option of that name does: the same updates, one more small launch per
     parameter, and a step that a CUDA graph can replay (``cugrad.capture_train_step``).
     With the default, the count is a Python int and the corrections come from the host.
-    ``capturable`` may be switched between steps: the count carries over in the new form."""
+    ``capturable`` may be switched between steps: the count carries over in the new form.
+    Either count stops at 2**63 - 1 (the largest int64; both bias corrections are 1 there)."""
 
     _range = "adam.step"
     _hyperparameters = ("lr", "betas", "eps", "weight_decay", "capturable")
@@ -335,15 +336,13 @@ class Adam(Optimizer):
 
     @capturable.setter
     def capturable(self, capturable):
-        if not isinstance(capturable, bool):
-            raise TypeError(f"Adam: capturable must be a bool, got {capturable!r}")
-        self._capturable = capturable
+        self._capturable = check_flag("Adam", "capturable", capturable)
 
     def _check(self, p, state):
         if self.capturable:            # the op counts the step on the device
             step = self._counter(p, state)
-        else:                          # counted when the update is made, not before
-            step = self._host_count(state) + 1
+        else:                          # counted when the update is made, not before; it
+            step = min(self._host_count(state) + 1, F._STEP_MAX)   # stops, as a counter does
         update = F._checked_adam_step(
             p.data, p.grad, self._buffer(p, state, "exp_avg"),
             self._buffer(p, state, "exp_avg_sq"), step=step, lr=self.lr, beta1=self.betas[0],

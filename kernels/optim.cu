@@ -91,8 +91,10 @@ __global__ void adam_step_counted(T* __restrict__ p, const T* __restrict__ grad,
 template <typename I>
 __global__ void counter_increment(I* counter) {
     // One thread adds 1; a launch of its own, so that every block of the kernel after it
-    // reads the new count.
-    if (blockIdx.x == 0 && threadIdx.x == 0) *counter += I(1);
+    // reads the new count. The count stops at the largest I (long long: 2^63 - 1), past which
+    // it would wrap to a negative t; both bias corrections are 1 there in float64.
+    const I most = I(~0ULL >> 1);
+    if (blockIdx.x == 0 && threadIdx.x == 0 && *counter < most) *counter += I(1);
 }
 
 template <typename T>

@@ -451,12 +451,29 @@ def test_adam_step_out_of_range_changes_nothing():
     m, v = np.zeros(3, f32), np.zeros(3, f32)
     with pytest.raises(ValueError, match=r"step must be an integer in \[1, 2\*\*63 - 1\]"):
         F.adam_step(p, g, m, v, step=10**400, lr=0.1)
-    counter = np.array(2**63 - 1, dtype=np.int64)
-    with pytest.raises(ValueError, match="step counter holds"):
+    counter = np.array(-1, dtype=np.int64)
+    with pytest.raises(ValueError, match=r"step counter holds -1, expected .* >= 0"):
         F.adam_step(p, g, m, v, step=counter, lr=0.1)
-    assert (m == 0).all() and (v == 0).all() and (p == 1).all() and int(counter) == 2**63 - 1
+    assert (m == 0).all() and (v == 0).all() and (p == 1).all() and int(counter) == -1
     F.adam_step(p, g, m, v, step=2**63 - 1, lr=0.1)     # the largest step is fine
     assert np.isfinite(p).all()
+
+
+def test_a_step_counter_stops_at_the_largest_int64():
+    """A counter at 2**63 - 1 was refused (it would have wrapped, and the GPU's kernel wrapped
+    it to t = -2**63, whose bias corrections are NaN); it now stays there, where both bias
+    corrections are 1 in float64: the same update as step=2**63 - 1 given as an int."""
+    rng = np.random.default_rng(7)
+    p, g = rng.standard_normal(5), rng.standard_normal(5)
+    for start in (2**63 - 2, 2**63 - 1):
+        counter = np.array(start, dtype=np.int64)
+        ours, by_int = p.copy(), p.copy()
+        m, v, m2, v2 = (np.zeros(5) for _ in range(4))
+        for _ in range(2):
+            F.adam_step(ours, g, m, v, step=counter, lr=0.1)
+            F.adam_step(by_int, g, m2, v2, step=2**63 - 1, lr=0.1)
+            assert int(counter) == 2**63 - 1
+        assert np.array_equal(ours, by_int) and np.isfinite(ours).all()
 
 
 @pytest.mark.parametrize("target", [np.zeros((4, 1), np.int64), np.array(0)],
@@ -878,9 +895,12 @@ def test_adam_betas_and_capturable_are_checked_when_set_later():
     assert opt.betas == (0.9, 0.999)
     opt.betas = [0.5, 0.75]
     assert opt.betas == (0.5, 0.75)
-    with pytest.raises(TypeError, match=r"^Adam: capturable must be a bool, got 'yes'"):
+    with pytest.raises(TypeError, match=r"^Adam: capturable must be a bool, got str 'yes'"):
         opt.capturable = "yes"
     assert opt.capturable is False
+    opt.capturable = np.True_               # a NumPy bool, as every other flag takes it
+    assert opt.capturable is True
+    opt.capturable = False
     assert repr(opt).startswith("Adam(lr=0.1, betas=(0.5, 0.75), eps=1e-08")
 
 

@@ -493,6 +493,28 @@ def test_the_largest_int64_step_count_loads():
         opt.load_state_dict({"0.exp_avg": zeros, "0.exp_avg_sq": zeros, "0.step": 2**63})
 
 
+@pytest.mark.parametrize("capturable", [False, True])
+def test_a_step_count_stops_at_the_largest_int64(backend, rng, capturable):
+    """From a loaded count of 2**63 - 1 the host count's next step (2**63) was refused by
+    adam_step and the device counter (counter_increment) wrapped to -2**63, whose bias
+    corrections are NaN; both now stay at 2**63 - 1 and step with bias corrections of 1 (a
+    float64 reference of Adam without them)."""
+    p = nn.Parameter(backend.put(randn(rng, 4, dtype=np.float64)))
+    opt = optim.Adam([p], lr=0.01, capturable=capturable)
+    zeros = np.zeros(4)
+    opt.load_state_dict({"0.exp_avg": zeros, "0.exp_avg_sq": zeros, "0.step": 2**63 - 1})
+    ref, m, v = backend.get(p.data), zeros.copy(), zeros.copy()
+    for _ in range(3):
+        g = randn(rng, 4, dtype=np.float64)
+        p.grad = backend.put(g)
+        opt.step()
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        ref -= 0.01 * m / (np.sqrt(v) + 1e-8)
+        assert opt.state_dict()["0.step"] == 2**63 - 1
+    np.testing.assert_allclose(backend.get(p.data), ref, rtol=1e-14, atol=0)
+
+
 def _adam_pair(rng):
     ps = [nn.Parameter(randn(rng, 3, 2)), nn.Parameter(randn(rng, 4))]
     opt = optim.Adam(ps, lr=0.01)

@@ -322,7 +322,8 @@ def sgd_step(param, grad, momentum_buf, lr, momentum, weight_decay):
 @implements(BACKEND, "adam_step")
 def adam_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
     if isinstance(step, np.ndarray):   # a step counter (0-d int64): count this step, use it
-        step += 1
+        if step < np.iinfo(np.int64).max:   # it stops there, as the kernel's does
+            step += 1
         step = int(step)
     g = grad
     if weight_decay != 0.0:
