@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import warnings
 
 import numpy as np
 
@@ -501,15 +502,24 @@ _RAISING = frozenset({"raise", "call"})     # np.seterr modes that can stop an u
 
 
 def _numpy_may_raise() -> bool:
-    """Whether NumPy is set to raise on floating-point errors (np.errstate(all="raise"), or
-    a callback, which may raise): an in-place update could then stop half written."""
-    return not _RAISING.isdisjoint(np.geterr().values())
+    """Whether a floating-point error in NumPy may raise, so that an in-place update could
+    stop half written: NumPy set to raise (np.errstate(all="raise")) or to call a callback
+    (which may raise), or set to warn while a warnings filter turns RuntimeWarning into an
+    error (warnings.simplefilter("error"), python -W error, pytest -W error). NumPy raises
+    after it has written the output."""
+    modes = set(np.geterr().values())
+    if not _RAISING.isdisjoint(modes):
+        return True
+    # Any "error" filter that RuntimeWarning falls under (whatever filters before it say,
+    # or its message and module patterns: when in doubt, the update runs on copies).
+    return "warn" in modes and any(f[0] == "error" and issubclass(RuntimeWarning, f[2])
+                                   for f in warnings.filters)
 
 
 def _deferred_update(backend, name, args):
     """The backend's in-place op ``name`` on ``args`` (the written arrays first, then
-    ``grad``, then the rest) as a function of no arguments. On NumPy, where NumPy is set to
-    raise on floating-point errors (np.errstate(all="raise"), or a callback that raises),
+    ``grad``, then the rest) as a function of no arguments. On NumPy, where a floating-point
+    error may raise (``_numpy_may_raise``: np.errstate(all="raise"), warnings as errors),
     it runs on copies first: NumPy reports an error after it has written the output, and a
     call that raises must change nothing. Only a clean run is copied back."""
     op = getattr(backend.ops, name)

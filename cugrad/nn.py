@@ -617,11 +617,24 @@ class Linear(Module):
         # so its retry counts each once.
         op = f"{self._range_name}.backward"
         self.weight._check_accumulable(op, "weight.grad", gw)
-        if self.bias is not None:
-            self.bias._check_accumulable(op, "bias.grad", gb)
+        if self.bias is None:
+            self.weight._accumulate_own(gw)
+            return gx
+        self.bias._check_accumulable(op, "bias.grad", gb)
+        # NumPy set to raise on floating-point errors (F._numpy_may_raise) may stop the
+        # bias's sum after the weight's was added: the weight's is then put back.
+        before = self.weight.grad
+        kept = (before.copy() if isinstance(before, np.ndarray) and F._numpy_may_raise()
+                else None)
         self.weight._accumulate_own(gw)
-        if self.bias is not None:
+        try:
             self.bias._accumulate_own(gb)
+        except Exception:
+            if before is None:
+                self.weight.grad = None
+            elif kept is not None:
+                np.copyto(before, kept)
+            raise
         return gx
 
     def _grad_shape_error(self, grad_out, x):

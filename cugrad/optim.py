@@ -150,7 +150,8 @@ class Optimizer:
     def step(self) -> None:
         """Update every parameter that has a gradient. All of them are checked first: a step
         that raises (a gradient of the wrong dtype or shape, a hyper-parameter set out of
-        range) has updated none of them, nor made any state (a first step's buffers), and
+        range; on the CPU, an overflow where NumPy is set to raise on one, or to warn with
+        warnings made errors) has updated none of them, nor made any state (a first step's buffers), and
         the error says which parameter it was."""
         with op_range(self._range, self.params[0].device):
             updates, made = [], []      # made: (state, how many entries it had before)
@@ -162,12 +163,7 @@ class Optimizer:
                 try:
                     updates.append(self._check(p, state))
                 except (TypeError, ValueError) as exc:
-                    # The checks may have made a parameter's first buffers (new keys come
-                    # last in a dict): a step that changed nothing leaves no entries, so
-                    # state_dict() stays loadable.
-                    for st, before in made:
-                        for name in list(st)[before:]:
-                            del st[name]
+                    _forget_new_entries(made)
                     _add_note(exc, f"(in {type(self).__name__}.step, params[{i}]: {p!r}; "
                                    "no parameter was updated)")
                     raise
@@ -194,6 +190,7 @@ class Optimizer:
                         np.copyto(a, copy)
                     st.clear()
                     st.update(entries)
+                _forget_new_entries(made)
                 _add_note(exc, f"(in {type(self).__name__}.step: no parameter was updated)")
                 raise
 
@@ -224,6 +221,15 @@ class Optimizer:
         if device_of(buf) != p.device or buf.dtype != p.dtype:
             buf = state[name] = asarray(buf, device=p.device, dtype=p.dtype)
         return buf
+
+
+def _forget_new_entries(made) -> None:
+    """Delete the state entries a step that raised had made (a first step's buffers and
+    count): ``made`` is [(state, how many entries it had before)], and new keys come last in
+    a dict. A step that changed nothing leaves no entries, so state_dict() stays loadable."""
+    for state, before in made:
+        for name in list(state)[before:]:
+            del state[name]
 
 
 def _host_step_may_raise(params) -> bool:

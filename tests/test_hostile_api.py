@@ -5,7 +5,9 @@ Each case is correct or a clear TypeError/ValueError; none changes state before 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 import zipfile
 import sys
 from types import SimpleNamespace
@@ -948,11 +950,28 @@ def test_float_class_indices_are_told_about_asarray():
 
 # ------------------------------------------------- a researcher's use of F, found by a probe
 
+@contextlib.contextmanager
+def _warnings_as_errors():
+    with warnings.catch_warnings(), np.errstate(all="warn"):
+        warnings.simplefilter("error")
+        yield
+
+
+# The two ways NumPy may stop an update midway, after writing its output: set to raise
+# (FloatingPointError), or set to warn while warnings are errors (python -W error, pytest -W
+# error, warnings.simplefilter("error"): RuntimeWarning; an update left half written there
+# until session 17).
+RAISING = {"errstate": (lambda: np.errstate(all="raise"), FloatingPointError),
+           "warnings": (_warnings_as_errors, RuntimeWarning)}
+
+
+@pytest.mark.parametrize("mode", sorted(RAISING))
 @pytest.mark.parametrize("call", ["adam", "adam-counter", "sgd-momentum", "sgd", "accumulate"])
-def test_an_update_that_numpy_stops_midway_changes_nothing(call):
-    """Under np.errstate(all="raise"), NumPy reports an overflow after writing the output:
-    adam_step left exp_avg updated and the counter counted, sgd_step its momentum buffer,
-    accumulate its total (inf), when the op raised FloatingPointError."""
+def test_an_update_that_numpy_stops_midway_changes_nothing(call, mode):
+    """Where NumPy raises on an overflow it reports it after writing the output: adam_step
+    left exp_avg updated and the counter counted, sgd_step its momentum buffer, accumulate
+    its total (inf), when the op raised."""
+    raising, error = RAISING[mode]
     p, m, v = np.ones(3, f32), np.full(3, 0.5, f32), np.full(3, 0.25, f32)
     g, counter = np.full(3, 3e38, f32), np.array(4, np.int64)
     total = np.full(3, 3e38, f32)
@@ -963,33 +982,83 @@ def test_an_update_that_numpy_stops_midway_changes_nothing(call):
            "sgd-momentum": lambda: F.sgd_step(p, g, m, lr=10.0, momentum=0.9),
            "sgd": lambda: F.sgd_step(p, g, lr=3.0),
            "accumulate": lambda: F.accumulate(total, g)}[call]
-    with np.errstate(all="raise"), pytest.raises(FloatingPointError):
+    with raising(), pytest.raises(error):
         run()
     for a, b in zip(state, before):
         assert np.array_equal(a, b)
-    with np.errstate(all="raise"):          # a clean update is made, as without the setting
+    with raising():                         # a clean update is made, as without the setting
         F.adam_step(p, np.ones(3, f32), m, v, step=counter, lr=0.1)
     assert int(counter) == 5 and not np.array_equal(p, before[0])
 
 
-@pytest.mark.parametrize("make", [lambda ps: optim.Adam(ps, lr=0.1),
-                                  lambda ps: optim.SGD(ps, lr=10.0, momentum=0.9)],
-                         ids=["Adam", "SGD"])
-def test_an_optimiser_step_that_numpy_stops_puts_back_the_earlier_updates(make):
+_OPTIMISERS = pytest.mark.parametrize(
+    "make", [lambda ps: optim.Adam(ps, lr=0.1), lambda ps: optim.Adam(ps, capturable=True),
+             lambda ps: optim.SGD(ps, lr=10.0, momentum=0.9)],
+    ids=["Adam", "Adam-capturable", "SGD"])
+
+
+@pytest.mark.parametrize("mode", sorted(RAISING))
+@_OPTIMISERS
+def test_an_optimiser_step_that_numpy_stops_puts_back_the_earlier_updates(make, mode):
     """The first parameter's update was kept when the second one's raised."""
+    raising, error = RAISING[mode]
     a, b = nn.Parameter(np.ones(3, f32)), nn.Parameter(np.ones(2, f32))
     opt = make([a, b])
     a.grad, b.grad = np.ones(3, f32), np.ones(2, f32)
     opt.step()
     before = [a.data.copy(), b.data.copy(), opt.state_dict()]
     a.grad, b.grad = np.ones(3, f32), np.full(2, 3e38, f32)
-    with np.errstate(all="raise"), pytest.raises(FloatingPointError) as info:
+    with raising(), pytest.raises(error) as info:
         opt.step()
     assert info.value.__notes__[-1].endswith("step: no parameter was updated)")
     assert np.array_equal(a.data, before[0]) and np.array_equal(b.data, before[1])
     after = opt.state_dict()
     assert after.keys() == before[2].keys()
     assert all(np.array_equal(after[k], before[2][k]) for k in after)
+
+
+@pytest.mark.parametrize("mode", sorted(RAISING))
+@_OPTIMISERS
+def test_a_first_step_that_numpy_stops_leaves_no_state(make, mode):
+    """A first step that raised midway kept the buffers its checks had made (Adam's moments
+    without its count): state_dict() held ['0.exp_avg', '0.exp_avg_sq'], which Adam's own
+    load_state_dict refuses ("its entries come together")."""
+    raising, error = RAISING[mode]
+    a, b = nn.Parameter(np.ones(3, f32)), nn.Parameter(np.ones(2, f32))
+    opt = make([a, b])
+    a.grad, b.grad = np.ones(3, f32), np.full(2, 3e38, f32)
+    with raising(), pytest.raises(error):
+        opt.step()
+    assert opt.state_dict() == {} and (a.data == 1).all() and (b.data == 1).all()
+    make([a, b]).load_state_dict(opt.state_dict())
+    b.grad = np.ones(2, f32)
+    opt.step()                              # and the next step is a first step
+    fresh_a, fresh_b = nn.Parameter(np.ones(3, f32)), nn.Parameter(np.ones(2, f32))
+    fresh = make([fresh_a, fresh_b])
+    fresh_a.grad, fresh_b.grad = np.ones(3, f32), np.ones(2, f32)
+    fresh.step()
+    assert np.array_equal(a.data, fresh_a.data) and np.array_equal(b.data, fresh_b.data)
+
+
+@pytest.mark.parametrize("mode", sorted(RAISING))
+@pytest.mark.parametrize("weight_grad", ["held", "none"])
+def test_a_linear_backward_that_numpy_stops_leaves_the_weight_gradient(mode, weight_grad):
+    """The weight's gradient was added before the bias's, whose sum overflowed: the backward
+    raised with the weight's gradient counted, and a retry would count it twice."""
+    raising, error = RAISING[mode]
+    layer = nn.Linear(3, 2, rng=0)
+    x, g = np.ones((4, 3), f32), np.full((4, 2), 2e37, f32)   # dW, db 8e37: finite
+    layer(x)
+    held = np.full((2, 3), 0.5, f32) if weight_grad == "held" else None
+    layer.weight.grad = None if held is None else held.copy()
+    layer.bias.grad = np.full(2, 3e38, f32)
+    with raising(), pytest.raises(error):
+        layer.backward(g, input_grad=False)      # bias.grad + db overflows
+    if held is None:
+        assert layer.weight.grad is None
+    else:
+        assert np.array_equal(layer.weight.grad, held)
+    assert np.array_equal(layer.bias.grad, np.full(2, 3e38, f32))
 
 
 def test_adams_step_counter_may_not_share_memory_with_the_update():
