@@ -274,6 +274,9 @@ def backend_for_device(device: str) -> Backend:
 
 
 def normalize_device(device) -> str:
+    """"cpu" or "cuda" for a device name, any case: "cpu" (or "numpy", the backend's name),
+    "cuda" (the current CuPy device), or "cuda:0" where device 0 is the current one (another
+    current device is refused: cugrad runs on the current device, whatever the name said)."""
     name = str(device).lower()
     if name in ("cpu", "numpy"):
         return "cpu"
@@ -281,5 +284,12 @@ def normalize_device(device) -> str:
         if name not in ("cuda", "cuda:0"):
             raise ValueError(f"cugrad: device {device!r} is not supported; expected 'cpu' or "
                              "'cuda' (the current CuPy device)")
+        if name == "cuda:0" and _cuda_status()[0]:
+            current = cuda_backend().xp.cuda.runtime.getDevice()
+            if current != 0:
+                raise ValueError(
+                    f"cugrad: device {device!r} is not the current CuPy device ({current}); "
+                    "cugrad runs on the current device: pass 'cuda', or make device 0 "
+                    "current (with cupy.cuda.Device(0): ...)")
         return "cuda"
     raise ValueError(f"cugrad: unknown device {device!r}; expected 'cpu' or 'cuda'")

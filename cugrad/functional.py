@@ -280,8 +280,9 @@ def relu(x):
 @_op("relu.backward")
 def relu_backward(grad_out, out_or_x):
     """``grad_out`` where ``x > 0``, else 0: a select, so an infinite or NaN ``grad_out``
-    where ``x <= 0`` gives 0 (MATH.md §3), as PyTorch's. ``relu(x) > 0`` exactly where
-    ``x > 0``, so the saved output or the input may be passed."""
+    where ``x <= 0`` gives 0 (MATH.md §3), as PyTorch's; where ``x`` is NaN it gives 0 too
+    (PyTorch's passes ``grad_out`` there, since NaN <= 0 is false). ``relu(x) > 0`` exactly
+    where ``x > 0``, so the saved output or the input may be passed."""
     return _activation_backward("relu", "out_or_x", grad_out, out_or_x)
 
 

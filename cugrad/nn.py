@@ -290,55 +290,88 @@ class Module:
         if prefix != self._child_prefix:        # this module was renamed (moved, nested)
             self._child_prefix, self._child_names = prefix, {}
         names = self._child_names
-        for key, m in self.named_children():
+        for key, m in self.named_children():     # a module held twice: by its first name
             if m._range_name is not names.get(key):
                 names[key] = m._range_name = f"{prefix}{key}:{type(m).__name__}"
 
     # -- parameters and children ------------------------------------------------------------
-    def named_children(self) -> Iterator[tuple[str, "Module"]]:
+    def _child_items(self) -> Iterator[tuple[str, "Module"]]:
+        """(name, module) for every module held directly, in attribute order; a module held
+        under two names comes twice."""
         for name, value in vars(self).items():
             if isinstance(value, Module):
                 yield name, value
 
+    def named_children(self) -> Iterator[tuple[str, "Module"]]:
+        """(name, module) for each module held directly, each once: one held under two
+        names comes under its first (PyTorch's rule)."""
+        seen: set[int] = set()
+        for name, m in self._child_items():
+            if id(m) not in seen:
+                seen.add(id(m))
+                yield name, m
+
     def children(self) -> Iterator["Module"]:
-        """The modules held directly (PyTorch's name)."""
+        """The modules held directly, each once (PyTorch's name)."""
         for _, m in self.named_children():
             yield m
 
-    def named_modules(self) -> Iterator[tuple[str, "Module"]]:
-        """(dotted path, module) for this module ("") and every module below it, parents
-        first (PyTorch's order)."""
+    def named_modules(self, *, prefix: str = "", remove_duplicate: bool = True
+                      ) -> Iterator[tuple[str, "Module"]]:
+        """(dotted path, module) for this module (``prefix``, "" by default) and every
+        module below it, parents first (PyTorch's order); a module held twice comes once,
+        under its first path, unless ``remove_duplicate=False``."""
+        _check_prefix("named_modules", prefix)
+        remove_duplicate = check_flag("named_modules", "remove_duplicate", remove_duplicate)
+        seen: set[int] = set()
         for path, m in _module_tree(self, ""):
-            yield path[1:], m
+            if remove_duplicate:
+                if id(m) in seen:
+                    continue
+                seen.add(id(m))
+            yield _joined(prefix, path[1:]), m
 
     def modules(self) -> Iterator["Module"]:
+        """Every module from this one down, each once."""
         for _, m in self.named_modules():
             yield m
 
-    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, Parameter]]:
         """(dotted name, Parameter) pairs: the module's own Parameters first (in attribute
-        order), then each child's in turn, recursively (PyTorch's order); a Parameter held
-        twice (tied weights) is listed once, under its first name."""
+        order), then each child's in turn, recursively (PyTorch's order and arguments;
+        ``recurse=False``: the module's own only). A Parameter held twice (tied weights) is
+        listed once, under its first name, unless ``remove_duplicate=False``. ``prefix``
+        goes before each name, with a dot (``prefix="net"``: ``"net.weight"``)."""
+        _check_prefix("named_parameters", prefix)
+        recurse = check_flag("named_parameters", "recurse", recurse)
+        remove_duplicate = check_flag("named_parameters", "remove_duplicate", remove_duplicate)
         seen: set[int] = set()
-        for name, p in self._all_parameters(prefix):
-            if id(p) not in seen:
+        for name, p in self._all_parameters("", recurse):
+            if remove_duplicate:
+                if id(p) in seen:
+                    continue
                 seen.add(id(p))
-                yield name, p
+            yield _joined(prefix, name), p
 
-    def _all_parameters(self, prefix: str) -> Iterator[tuple[str, Parameter]]:
+    def _all_parameters(self, prefix: str, recurse: bool = True
+                        ) -> Iterator[tuple[str, Parameter]]:
         for name, value in vars(self).items():
             if isinstance(value, Parameter):
                 yield prefix + name, value
-        for name, child in self.named_children():
-            yield from child._all_parameters(f"{prefix}{name}.")
+        if recurse:
+            for name, child in self._child_items():
+                yield from child._all_parameters(f"{prefix}{name}.")
 
     def parameters(self) -> list[Parameter]:
         """Every Parameter of this module and its children, each once."""
         return [p for _, p in self.named_parameters()]
 
-    def zero_grad(self) -> None:
-        for p in self.parameters():
-            p.grad = None
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every parameter's gradient, PyTorch's way: ``.grad = None`` (the default;
+        the next backward stores its gradient afresh), or with ``set_to_none=False`` fill
+        each gradient held with zeros in place (one that is None stays None)."""
+        _zero_grads(f"{type(self).__name__}.zero_grad", self.parameters(), set_to_none)
 
     def train(self, mode: bool = True) -> "Module":
         """Set ``training`` to ``mode`` on this module and every module below it; returns
@@ -407,23 +440,35 @@ class Module:
 
     # -- weights -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """{name: array} of every parameter (the arrays themselves, not copies)."""
-        return {name: p.data for name, p in self.named_parameters()}
+        """{name: array} of every parameter (the arrays themselves, not copies); a Parameter
+        held twice (tied weights) under each of its names, as in PyTorch."""
+        return {name: p.data for name, p in self.named_parameters(remove_duplicate=False)}
 
     def load_state_dict(self, state: dict) -> "Module":
         """Replace each parameter's array with an own C-contiguous copy of ``state[name]``
         in the parameter's dtype and device (arrays taken earlier from ``state_dict()``
         keep the old values). Every key must be present with the right shape; on any error
-        nothing is changed and the message names the key."""
+        nothing is changed and the message names the key. A Parameter held twice (tied
+        weights) is loaded from any of its names (``state_dict()`` and PyTorch's give all of
+        them; a dict with just the first also loads); where several are given they must
+        hold the same values."""
         if not isinstance(state, Mapping):
             raise TypeError(f"load_state_dict: state must be a mapping of parameter name to "
                             f"array (as state_dict() returns), got {type(state).__name__}")
-        params = dict(self.named_parameters())
-        _check_keys(params, state)
-        new = {name: _loaded_array("load_state_dict", name, state[name], p)
-               for name, p in params.items()}
-        for name, p in params.items():          # only now: all or nothing
-            p.data = new[name]
+        named = list(self.named_parameters(remove_duplicate=False))
+        _check_keys(named, state)
+        new: dict[int, tuple[str, object]] = {}      # id(p): (its first key given, array)
+        for name, p in named:
+            if name not in state:
+                continue                              # a tied Parameter's other name
+            array = _loaded_array("load_state_dict", name, state[name], p)
+            if id(p) not in new:
+                new[id(p)] = name, array
+            elif not np.array_equal(to_numpy(new[id(p)][1]), to_numpy(array), equal_nan=True):
+                raise ValueError(f"load_state_dict: keys {new[id(p)][0]!r} and {name!r} name "
+                                 "one Parameter (tied weights) but hold different values")
+        for _, p in named:                            # only now: all or nothing
+            p.data = new[id(p)][1]
         return self
 
     def save(self, path) -> None:
@@ -464,7 +509,8 @@ class Module:
         os.PathLike; every error names it."""
         where = f"{type(self).__name__}.load"
         path = _path(where, path)
-        params = dict(self.named_parameters())
+        named = list(self.named_parameters(remove_duplicate=False))
+        params = dict(named)
         name = None
         try:
             with open(path, "rb") as f:
@@ -478,7 +524,7 @@ class Module:
                     if not info.filename.endswith(".npy"):
                         raise ValueError(f"member {info.filename!r} is not a .npy array")
                     infos[info.filename[:-4]] = info
-                _check_keys(params, infos, f"{where}: the weights in {path!r}")
+                _check_keys(named, infos, f"{where}: the weights in {path!r}")
                 for name, info in infos.items():
                     with archive.open(info) as member:
                         _check_npy_header(member, info, params[name].shape)
@@ -496,7 +542,7 @@ class Module:
 
     def __repr__(self):
         inner = "".join(f"\n  ({name}): " + repr(m).replace("\n", "\n  ")
-                        for name, m in self.named_children())
+                        for name, m in self._child_items())
         return f"{type(self).__name__}({inner}\n)" if inner else f"{type(self).__name__}()"
 
 
@@ -516,8 +562,8 @@ class Linear(Module):
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"Linear: {name} must be a positive integer, got {v!r}")
-        try:
-            dtype = np.dtype(dtype)
+        try:         # None: the default, as in PyTorch (np.dtype(None) would be float64)
+            dtype = np.dtype("float32" if dtype is None else dtype)
         except TypeError:
             raise TypeError(f"Linear: dtype must be float32 or float64, got {dtype!r}") from None
         if dtype not in (np.float32, np.float64):
@@ -773,12 +819,23 @@ def _loaded_array(where: str, key, value, p: Parameter, kinds: str = "fiu"):
     return _backend.backend_for_device(p.device).xp.array(converted, order="C", copy=True)
 
 
-def _check_keys(params: dict, state, where: str = "load_state_dict") -> None:
-    missing = [k for k in params if k not in state]
-    unexpected = [k for k in state if k not in params]
+def _check_keys(named: list, state, where: str = "load_state_dict") -> None:
+    """KeyError unless ``state``'s keys are among the (name, Parameter) pairs ``named`` (every
+    name of each, tied Parameters under each of theirs) and name each Parameter at least
+    once; a missing one is named by its first name."""
+    names = {name for name, _ in named}
+    given = {id(p) for name, p in named if name in state}
+    missing, seen = [], set()
+    for name, p in named:
+        if id(p) not in given and id(p) not in seen:
+            missing.append(name)
+        seen.add(id(p))
+    unexpected = [k for k in state if k not in names]
     if missing or unexpected:
+        expected = ("exactly" if len(seen) == len(named) else
+                    "each Parameter under one or more of its names, among")
         raise KeyError(f"{where}: missing keys {missing}, unexpected keys "
-                       f"{unexpected} (expected exactly {list(params)})")
+                       f"{unexpected} (expected {expected} {[name for name, _ in named]})")
 
 
 def _check_npy_header(member, info: zipfile.ZipInfo, shape: tuple) -> None:
@@ -808,11 +865,40 @@ def _add_note(exc: BaseException, note: str) -> None:
         exc.add_note(note)
 
 
+def _zero_grads(where: str, params, set_to_none) -> None:
+    """``zero_grad``: each Parameter's .grad set to None, or its values to 0 in place (every
+    gradient checked writable first, so a refusal changes none)."""
+    if check_flag(where, "set_to_none", set_to_none):
+        for p in params:
+            p.grad = None
+        return
+    held = [p for p in params if p.grad is not None]
+    for p in held:
+        if exported_read_only(p.grad) or not getattr(getattr(p.grad, "flags", None),
+                                                     "writeable", True):
+            raise ValueError(f"{where}: {p!r} holds a read-only gradient "
+                             f"({describe(p.grad)}); set_to_none=False writes zeros into it")
+    for p in held:
+        p.grad[...] = 0
+
+
 def _module_tree(module: Module, path: str) -> Iterator[tuple[str, Module]]:
-    """``module`` and every module below it, with their positions (``"1.0"``, ``"2.fc"``)."""
+    """``module`` and every module below it, with their positions (``".1.0"``, ``".2.fc"``
+    below ``path`` ""): a module held twice, with what is below it, comes at each."""
     yield path, module
-    for name, child in module.named_children():
+    for name, child in module._child_items():
         yield from _module_tree(child, f"{path}.{name}")
+
+
+def _check_prefix(op: str, prefix) -> None:
+    if not isinstance(prefix, str):
+        raise TypeError(f"{op}: prefix must be a str, got {type(prefix).__name__} {prefix!r}")
+
+
+def _joined(prefix: str, name: str) -> str:
+    """``prefix.name``, PyTorch's rule for a name prefix (just one of them if the other is
+    empty)."""
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 class Sequential(Module):
@@ -844,7 +930,7 @@ class Sequential(Module):
         self._set_device(devices.pop() if devices else "cpu")
         self._name_children()           # "0:Linear", ... from the start
 
-    def named_children(self):
+    def _child_items(self):
         for i, m in enumerate(self.layers):
             yield str(i), m
 

@@ -14,7 +14,7 @@ from ._arrays import asarray, to_numpy
 from ._backend import backend_for_device, device_of
 from ._checks import check_flag, check_scalar, describe
 from ._trace import op_range
-from .nn import Module, Parameter, _add_note, _loaded_array
+from .nn import Module, Parameter, _add_note, _loaded_array, _zero_grads
 
 __all__ = ["Optimizer", "SGD", "Adam"]
 
@@ -69,9 +69,9 @@ class Optimizer:
             first[id(p)] = i
         self.state: dict[int, dict] = {id(p): {} for p in self.params}
 
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the parameters' gradients (``nn.Module.zero_grad``'s rule)."""
+        _zero_grads(f"{type(self).__name__}.zero_grad", self.params, set_to_none)
 
     # -- checkpoints ---------------------------------------------------------------------
     _state_names: tuple[str, ...] = ()     # a parameter's state entries, all or none of them

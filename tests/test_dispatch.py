@@ -259,3 +259,18 @@ def test_asarray_refuses_only_values_that_round_to_infinity(dtype, fits, overflo
         assert got.tolist() == [float(np.finfo(dtype).max), -float(np.finfo(dtype).max)]
         with pytest.raises(ValueError, match="it would become infinity"):
             cugrad.asarray(np.array([1.0, -overflows], dtype=src), dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_0_is_refused_where_another_device_is_current(monkeypatch):
+    """"cuda:0" meant the current CuPy device whichever it was: with device 1 current, arrays
+    asked for on "cuda:0" went to device 1."""
+    if not cugrad.cuda_available():
+        pytest.skip(f"CUDA backend not tested: {cugrad.cuda_unavailable_reason()}")
+    import cupy
+    assert _backend.normalize_device("cuda:0") == "cuda"        # device 0 is current
+    monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 1)
+    with pytest.raises(ValueError, match=r"^cugrad: device 'cuda:0' is not the current CuPy "
+                                         r"device \(1\); .*pass 'cuda'"):
+        _backend.normalize_device("cuda:0")
+    assert _backend.normalize_device("cuda") == "cuda"

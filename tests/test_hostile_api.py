@@ -182,6 +182,104 @@ def test_tied_weights_are_one_parameter_updated_once(rng):
     np.testing.assert_allclose(a.weight.data, w0 - 0.1 * grad, rtol=1e-6)
 
 
+class _Tied(nn.Module):
+    """Two layers sharing one weight, and one layer held under two names, PyTorch-style."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _linear(0, 3, 3), _linear(1, 3, 3)
+        self.b.weight = self.a.weight
+        self.c = self.d = nn.ReLU()
+
+
+def test_tied_weights_are_in_the_state_dict_under_each_name_and_load_from_any():
+    """state_dict() listed a tied weight once ('a.weight'), where PyTorch lists 'b.weight' too:
+    a PyTorch state dict of the same model did not load (unexpected key 'b.weight')."""
+    model = _Tied()
+    state = model.state_dict()
+    assert list(state) == ["a.weight", "a.bias", "b.weight", "b.bias"]
+    assert state["b.weight"] is state["a.weight"]
+    other = _Tied()
+    for p in other.parameters():
+        p.data = p.data + 1
+    first_names = {k: v for k, v in other.state_dict().items() if k != "b.weight"}
+    for given in (other.state_dict(), first_names):           # all names, or the first only
+        model.load_state_dict(given)
+        assert model.b.weight is model.a.weight
+        for k, v in other.state_dict().items():
+            assert np.array_equal(model.state_dict()[k], v), k
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    clash = {**other.state_dict(), "b.weight": other.state_dict()["a.weight"] + 1}
+    with pytest.raises(ValueError, match=r"keys 'a.weight' and 'b.weight' name one Parameter"):
+        model.load_state_dict(clash)
+    with pytest.raises(KeyError, match=r"missing keys \['a.weight'\], unexpected keys \[\]"):
+        model.load_state_dict({k: v for k, v in first_names.items() if k != "a.weight"})
+    for k, v in model.state_dict().items():                    # nothing changed
+        assert np.array_equal(v, before[k]), k
+
+
+def test_tied_weights_save_and_load(tmp_path):
+    model, other = _Tied(), _Tied()
+    for p in other.parameters():
+        p.data = p.data * 2
+    other.save(tmp_path / "w.npz")
+    model.load(tmp_path / "w.npz")
+    assert model.b.weight is model.a.weight
+    assert all(np.array_equal(model.state_dict()[k], v) for k, v in other.state_dict().items())
+
+
+def test_named_parameters_and_modules_take_pytorchs_arguments():
+    """prefix="net" gave 'netweight' (PyTorch: 'net.weight'); named_modules and
+    named_children listed a module held twice twice (PyTorch: once)."""
+    model = _Tied()
+    assert [n for n, _ in model.named_parameters()] == ["a.weight", "a.bias", "b.bias"]
+    assert [n for n, _ in model.named_parameters(remove_duplicate=False)] == [
+        "a.weight", "a.bias", "b.weight", "b.bias"]
+    assert [n for n, _ in model.named_parameters(prefix="net")] == [
+        "net.a.weight", "net.a.bias", "net.b.bias"]
+    assert [n for n, _ in model.a.named_parameters("fc", False)] == ["fc.weight", "fc.bias"]
+    assert list(model.named_parameters(recurse=False)) == []
+    assert [n for n, _ in model.named_modules()] == ["", "a", "b", "c"]
+    assert [n for n, _ in model.named_modules(remove_duplicate=False)] == ["", "a", "b", "c", "d"]
+    assert [n for n, _ in model.named_modules(prefix="m")] == ["m", "m.a", "m.b", "m.c"]
+    assert [n for n, _ in model.named_children()] == ["a", "b", "c"]
+    assert len(list(model.children())) == 3 and len(list(model.modules())) == 4
+    assert "(c): ReLU()" in repr(model) and "(d): ReLU()" in repr(model)   # as PyTorch's repr
+    with pytest.raises(TypeError, match=r"^named_parameters: prefix must be a str, got int 3"):
+        list(model.named_parameters(3))
+    with pytest.raises(TypeError, match=r"^named_modules: remove_duplicate must be a bool"):
+        list(model.named_modules(remove_duplicate="no"))
+
+
+@pytest.mark.parametrize("owner", ["module", "optimiser"])
+def test_zero_grad_takes_pytorchs_set_to_none(owner):
+    """zero_grad(set_to_none=False), PyTorch's spelling, was a TypeError (no such argument)."""
+    layer = _linear(0, 3, 2)
+    clear = layer.zero_grad if owner == "module" else optim.SGD(layer.parameters(), 0.1).zero_grad
+    layer.weight.grad = held = np.ones((2, 3), f32)
+    clear(set_to_none=False)
+    assert layer.weight.grad is held and (held == 0).all() and layer.bias.grad is None
+    held[...] = 1
+    layer.bias.grad = np.ones(2, f32)
+    layer.bias.grad.flags.writeable = False
+    with pytest.raises(ValueError, match=r"zero_grad: Parameter\(shape=\(2,\).* holds a "
+                                         r"read-only gradient"):
+        clear(set_to_none=False)
+    assert (held == 1).all()                     # checked before any was written
+    with pytest.raises(TypeError, match=r"zero_grad: set_to_none must be a bool"):
+        clear(set_to_none=None)
+    clear()
+    assert layer.weight.grad is None and layer.bias.grad is None
+
+
+def test_linear_dtype_none_is_float32_as_in_pytorch():
+    """np.dtype(None) is float64: Linear(..., dtype=None) made a float64 layer (PyTorch's is
+    float32, its default dtype), as device=None already meant the default device."""
+    layer = nn.Linear(2, 3, dtype=None, device=None)
+    assert layer.weight.dtype == np.float32 and layer.bias.dtype == np.float32
+    assert layer.device == "cpu"
+
+
 @pytest.mark.parametrize("opt", [lambda ps: optim.SGD(ps, lr=0.1), lambda ps: optim.Adam(ps)])
 def test_the_same_parameter_twice_is_refused(opt):
     p = nn.Parameter(np.ones(3, f32))

@@ -153,3 +153,41 @@ def test_tensors_pytorch_will_not_export_as_they_are_get_cugrads_words(make, wor
     # what PyTorch's own remedy gives is taken, with the values the tensor holds
     fixed = tensor.detach().float().resolve_neg()
     assert np.array_equal(F.relu(fixed), np.maximum(fixed.numpy(), 0))
+
+
+def test_module_names_and_a_tied_state_dict_are_pytorchs():
+    """The same tied model in both libraries (one weight shared by two layers, one module held
+    under two names): parameter, module and state-dict names equal PyTorch's, with its
+    arguments (prefix, recurse, remove_duplicate); PyTorch's state dict loads."""
+
+    class Theirs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+            self.b.weight = self.a.weight
+            self.c = self.d = torch.nn.ReLU()
+
+    class Ours(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3, dtype=None), nn.Linear(3, 3)
+            self.b.weight = self.a.weight
+            self.c = self.d = nn.ReLU()
+
+    theirs, ours = Theirs(), Ours()
+
+    def names(pairs):
+        return [name for name, _ in pairs]
+
+    for kwargs in ({}, {"prefix": "net"}, {"recurse": False}, {"remove_duplicate": False}):
+        assert names(ours.named_parameters(**kwargs)) == names(theirs.named_parameters(**kwargs))
+    for kwargs in ({}, {"prefix": "m"}, {"remove_duplicate": False}):
+        assert names(ours.named_modules(**kwargs)) == names(theirs.named_modules(**kwargs))
+    assert names(ours.named_children()) == names(theirs.named_children())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.b.weight is ours.a.weight and ours.a.weight.dtype == np.float32
+    x = np.random.default_rng(3).standard_normal((4, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = theirs.c(theirs.b(theirs.a(torch.from_numpy(x)))).numpy()
+    np.testing.assert_allclose(ours.c(ours.b(ours.a(x))), want, rtol=1e-6, atol=1e-7)
