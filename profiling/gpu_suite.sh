@@ -33,10 +33,8 @@ for step in "${STEPS[@]}"; do
     esac
 done
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+source profiling/nvtx_env.sh
+ensure_nvtx "$PY" || echo "gpu_suite.sh: the nvtx package is not importable (no wheel in .whl/?): no NVTX ranges; the NVTX tests skip" >&2
 
 # One summary line per step; a non-zero exit status marks the step failed.
 record() {
@@ -46,14 +44,16 @@ record() {
 }
 
 # The GPU tests under compute-sanitizer, which follows every process (SAN_WORKERS sets
-# pytest-xdist workers; one log per process, concatenated). SAN_K narrows them (pytest -k);
+# pytest-xdist workers; one log per process, concatenated). SAN_M selects them (pytest -m,
+# default "gpu and not slow": the slow ones, a soak and tests past 2^31 elements of up to
+# ~37 GB, would outlast SAN_TIMEOUT alone under a sanitizer), SAN_K narrows them (pytest -k);
 # the sanitizers run several times slower than the suite.
 sanitize() {
     local tool=$1; shift
     mkdir -p "$OUT/san"
     timeout "${SAN_TIMEOUT:-240}" compute-sanitizer --tool "$tool" "$@" \
         --error-exitcode 86 --log-file "$OUT/san/$tool.%p.log" \
-        $PY -m pytest -q -p no:cacheprovider -m gpu ${SAN_WORKERS:+-n "$SAN_WORKERS"} \
+        $PY -m pytest -q -p no:cacheprovider -m "${SAN_M:-gpu and not slow}" ${SAN_WORKERS:+-n "$SAN_WORKERS"} \
         ${SAN_K:+-k "$SAN_K"} tests > "$OUT/$tool.pytest.log" 2>&1
     local rc=$?
     cat "$OUT"/san/"$tool".*.log > "$OUT/$tool.sanitizer.log" && rm -f "$OUT"/san/"$tool".*.log

@@ -59,6 +59,8 @@ METRICS=(
 METRIC_LIST=$(IFS=,; echo "${METRICS[*]}")
 
 command -v "$NCU" >/dev/null || { echo "ncu_kernels.sh: '$NCU' not found (CUDA toolkit bin/)" >&2; exit 2; }
+source profiling/nvtx_env.sh
+ensure_nvtx "$PYTHON" || { echo "ncu_kernels.sh: the nvtx package is not importable for $PYTHON: cugrad would emit no NVTX ranges and --nvtx-include would match no kernel (pip install nvtx, or carry its wheel in .whl/)" >&2; exit 2; }
 mkdir -p "$OUT_DIR"
 SUMMARY="$OUT_DIR/summary.md"
 {
@@ -70,6 +72,7 @@ SUMMARY="$OUT_DIR/summary.md"
     echo
 } > "$SUMMARY"
 
+EMPTY=0         # ranges where ncu profiled no kernel (or failed)
 for RANGE in "${RANGES[@]}"; do
     NAME=${RANGE//[:\/]/_}
     REP="$OUT_DIR/ncu_$NAME"
@@ -80,7 +83,15 @@ for RANGE in "${RANGES[@]}"; do
          ${EXTRA_NCU_ARGS:-}
          "$PYTHON" profiling/train_mlp.py --device cuda --config "$CONFIG" --steps 1 --warmup 2)
     echo ">> ${CMD[*]}"
-    "${CMD[@]}" > "$REP.log" 2>&1 || { echo "ncu failed for $RANGE, see $REP.log" >&2; tail -20 "$REP.log" >&2; continue; }
+    "${CMD[@]}" > "$REP.log" 2>&1 || { echo "ncu failed for $RANGE, see $REP.log" >&2; tail -20 "$REP.log" >&2; EMPTY=$((EMPTY + 1)); continue; }
+    if [ ! -f "$REP.ncu-rep" ]; then      # ncu exits 0 when no kernel matched, writing none
+        echo "ncu profiled no kernel in cugrad@$RANGE/, see $REP.log" >&2
+        grep -E '==(WARNING|ERROR)==' "$REP.log" | head -5 >&2 || true
+        printf '## `cugrad@%s/`: no kernel profiled\n\n%s\n\n' "$RANGE" \
+            "$(grep -E '==(WARNING|ERROR)==' "$REP.log" | head -5 || true)" >> "$SUMMARY"
+        EMPTY=$((EMPTY + 1))
+        continue
+    fi
     "$NCU" --import "$REP.ncu-rep" --page raw --csv --metrics "$METRIC_LIST" > "$REP.csv"
     "$NCU" --import "$REP.ncu-rep" --page details > "$REP.txt"
     KERNELS=$(( $(wc -l < "$REP.csv") - 2 ))   # header and units rows
@@ -115,3 +126,6 @@ PY
     } >> "$SUMMARY"
 done
 echo "wrote $SUMMARY"
+# Non-zero when a range gave no report: a filter that matched nothing, or ncu without access
+# to the performance counters (ERR_NVGPUCTRPERM in the range's log).
+[ "$EMPTY" -eq 0 ] || { echo "ncu_kernels.sh: $EMPTY range(s) without a report" >&2; exit 1; }

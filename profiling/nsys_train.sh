@@ -24,6 +24,8 @@ CONFIGS=("$@")
 [ "${#CONFIGS[@]}" -gt 0 ] || CONFIGS=(large small)
 
 command -v "$NSYS" >/dev/null || { echo "nsys_train.sh: '$NSYS' not found" >&2; exit 2; }
+source profiling/nvtx_env.sh
+ensure_nvtx "$PYTHON" || { echo "nsys_train.sh: the nvtx package is not importable for $PYTHON: cugrad would emit no NVTX ranges and the NVTX summaries would be empty (pip install nvtx, or carry its wheel in .whl/)" >&2; exit 2; }
 mkdir -p "$OUT_DIR"
 MISSING=0
 for CONFIG in "${CONFIGS[@]}"; do
@@ -32,7 +34,7 @@ for CONFIG in "${CONFIGS[@]}"; do
          --capture-range-end=stop --force-overwrite=true -o "$REP"
          "$PYTHON" profiling/train_mlp.py --device cuda --config "$CONFIG" --steps "$STEPS")
     echo ">> ${CMD[*]}"
-    "${CMD[@]}"
+    "${CMD[@]}" || echo "nsys_train.sh: nsys exited $? for $CONFIG" >&2   # its report may still be there
     if [ ! -f "$REP.nsys-rep" ]; then
         echo "nsys_train.sh: nsys wrote no $REP.nsys-rep (see its output above)" >&2
         MISSING=$((MISSING + 1))

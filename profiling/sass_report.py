@@ -282,8 +282,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     result = report(args.arch, args.filter)
     if not result["kernels"]:
-        print(f"sass_report: no kernel's template name contains {args.filter!r}",
-              file=sys.stderr)
+        why = (f"no kernel's template name contains {args.filter!r}" if args.filter else
+               "cuobjdump listed no kernel in the compiled modules")
+        print(f"sass_report: {why}", file=sys.stderr)
         return 2
     text = (f"SASS of {len(result['kernels'])} kernels, {result['arch']}, {result['nvcc']}, "
             f"cuobjdump {result['cuobjdump']}, {result['date']}\n\n{table(result)}\n")

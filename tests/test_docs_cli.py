@@ -529,6 +529,51 @@ def test_gpu_suite_exits_0_when_every_step_passes(tmp_path):
     assert "warm: rc=0" in proc.stdout and "failed" not in proc.stdout
 
 
+NCU_KERNELS = ROOT / "profiling" / "ncu_kernels.sh"
+NSYS_TRAIN = ROOT / "profiling" / "nsys_train.sh"
+
+
+def _profiling_script(tmp_path, script, *args, python="true"):
+    """ncu_kernels.sh or nsys_train.sh with stand-ins for ncu and nsys (a script that says
+    "No kernels were profiled" and writes no report, as ncu does when its NVTX filter
+    matches nothing, then exits 0) and an interpreter that does nothing (`true`: "import
+    nvtx" succeeds) or fails (`false`)."""
+    tools = tmp_path / "bin"
+    tools.mkdir(exist_ok=True)
+    for tool in ("ncu", "nsys"):
+        (tools / tool).write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'Version 0' && exit 0\n"
+                                  "echo '==WARNING== No kernels were profiled.'\n")
+        (tools / tool).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PATH=f"{tools}{os.pathsep}{env['PATH']}", PYTHON=python,
+               OUT_DIR=str(tmp_path / "out"))
+    return subprocess.run(["bash", str(script), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_ncu_kernels_goes_on_past_a_range_without_kernels_and_exits_1(tmp_path):
+    """ncu exits 0 and writes no report when its filter matches no kernel: the script's
+    --import of the missing report stopped it (set -e) at the first such range, leaving a
+    summary of its header only."""
+    proc = _profiling_script(tmp_path, NCU_KERNELS, "relu", "linear.forward")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    for r in ("relu", "linear.forward"):
+        assert f"## `cugrad@{r}/`: no kernel profiled" in summary, summary
+    assert "No kernels were profiled" in summary
+    assert "2 range(s) without a report" in proc.stderr
+
+
+@pytest.mark.parametrize("script", [NCU_KERNELS, NSYS_TRAIN], ids=["ncu", "nsys"])
+def test_profiling_scripts_refuse_a_python_without_nvtx(tmp_path, script):
+    """Without the nvtx package cugrad emits no ranges: ncu would match no kernel and nsys's
+    NVTX summaries would be empty, after minutes on a lent GPU."""
+    proc = _profiling_script(tmp_path, script, python="false")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "the nvtx package is not importable for false" in proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 # ----------------------------------------------------------------------------- MATH.md
 
 MATH = ROOT / "MATH.md"
