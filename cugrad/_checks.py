@@ -111,8 +111,7 @@ def refuse_masked(where: str, what: str, x) -> None:
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError(
             f"{where}: {what} is a masked array ({describe(x)}); cugrad would ignore its "
-            "mask: pass .filled(value) or .compressed(), or np.asarray() of it to drop the "
-            "mask knowingly")
+            "mask: pass .filled(value), or np.asarray() of it to drop the mask knowingly")
 
 
 def _refuse_negative_bit(op: str, name: str, x) -> None:

@@ -14,6 +14,7 @@ layout ``(out_features, in_features)``.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import numbers
 import warnings
@@ -501,6 +502,10 @@ def _nothing():
 
 _RAISING = frozenset({"raise", "call"})     # np.seterr modes that can stop an update midway
 
+# Set while a caller that puts back everything itself (an optimiser's step under a raising
+# NumPy) runs updates: _deferred_update's own copies would be a second, redundant snapshot.
+_RESTORED_BY_CALLER = contextvars.ContextVar("cugrad_restored_by_caller", default=False)
+
 
 def _numpy_may_raise() -> bool:
     """Whether a floating-point error in NumPy may raise, so that an in-place update could
@@ -511,10 +516,23 @@ def _numpy_may_raise() -> bool:
     modes = set(np.geterr().values())
     if not _RAISING.isdisjoint(modes):
         return True
-    # Any "error" filter that RuntimeWarning falls under (whatever filters before it say,
-    # or its message and module patterns: when in doubt, the update runs on copies).
-    return "warn" in modes and any(f[0] == "error" and issubclass(RuntimeWarning, f[2])
-                                   for f in warnings.filters)
+    return "warn" in modes and _runtime_warnings_may_raise()
+
+
+def _runtime_warnings_may_raise() -> bool:
+    """Whether the warnings filters may turn NumPy's RuntimeWarning into an exception. They
+    are read in order, as warnings.warn reads them: the first filter for all RuntimeWarnings
+    (no message, module or line pattern) decides; one with a pattern that says "error" may
+    apply, so it counts as yes (when in doubt, the update runs on copies); with none that
+    decides, Python's default shows the warning."""
+    for action, message, category, module, lineno in warnings.filters:
+        if not issubclass(RuntimeWarning, category):
+            continue
+        if action == "error":
+            return True
+        if message is None and module is None and not lineno:
+            return False
+    return False
 
 
 def _deferred_update(backend, name, args):
@@ -528,7 +546,7 @@ def _deferred_update(backend, name, args):
         return functools.partial(op, *args)
 
     def update():
-        if not _numpy_may_raise():
+        if not _numpy_may_raise() or _RESTORED_BY_CALLER.get():
             return op(*args)
         trial = [a.copy() if isinstance(a, np.ndarray) and i != 1 else a
                  for i, a in enumerate(args)]

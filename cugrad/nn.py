@@ -297,7 +297,11 @@ class Module:
     # -- parameters and children ------------------------------------------------------------
     def _child_items(self) -> Iterator[tuple[str, "Module"]]:
         """(name, module) for every module held directly, in attribute order; a module held
-        under two names comes twice."""
+        under two names comes twice. A subclass that lists its children by overriding
+        ``named_children`` (modules kept in a list, say) is taken at its word."""
+        if type(self).named_children is not Module.named_children:
+            yield from self.named_children()
+            return
         for name, value in vars(self).items():
             if isinstance(value, Module):
                 yield name, value
@@ -370,8 +374,9 @@ class Module:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear every parameter's gradient, PyTorch's way: ``.grad = None`` (the default;
         the next backward stores its gradient afresh), or with ``set_to_none=False`` fill
-        each gradient held with zeros in place (one that is None stays None)."""
-        _zero_grads(f"{type(self).__name__}.zero_grad", self.parameters(), set_to_none)
+        each gradient held with zeros in place (one that is None stays None; every one is
+        checked writable first, so a refusal changes none)."""
+        _zero_grads(f"{type(self).__name__}.zero_grad", self.named_parameters(), set_to_none)
 
     def train(self, mode: bool = True) -> "Module":
         """Set ``training`` to ``mode`` on this module and every module below it; returns
@@ -668,10 +673,12 @@ class Linear(Module):
             return gx
         self.bias._check_accumulable(op, "bias.grad", gb)
         # NumPy set to raise on floating-point errors (F._numpy_may_raise) may stop the
-        # bias's sum after the weight's was added: the weight's is then put back.
-        before = self.weight.grad
-        kept = (before.copy() if isinstance(before, np.ndarray) and F._numpy_may_raise()
-                else None)
+        # bias's sum after the weight's was added: the weight's is then put back (through
+        # the NumPy view of another library's array, which F.accumulate writes through).
+        before, held, kept = self.weight.grad, None, None
+        if before is not None and F._numpy_may_raise():
+            held = import_foreign(op, "weight.grad", before)
+            kept = held.copy() if isinstance(held, np.ndarray) else None
         self.weight._accumulate_own(gw)
         try:
             self.bias._accumulate_own(gb)
@@ -679,7 +686,7 @@ class Linear(Module):
             if before is None:
                 self.weight.grad = None
             elif kept is not None:
-                np.copyto(before, kept)
+                np.copyto(held, kept)
             raise
         return gx
 
@@ -865,21 +872,32 @@ def _add_note(exc: BaseException, note: str) -> None:
         exc.add_note(note)
 
 
-def _zero_grads(where: str, params, set_to_none) -> None:
-    """``zero_grad``: each Parameter's .grad set to None, or its values to 0 in place (every
-    gradient checked writable first, so a refusal changes none)."""
+def _zero_grads(where: str, named, set_to_none) -> None:
+    """``zero_grad`` of the (name, Parameter) pairs ``named``: each .grad set to None, or its
+    values to 0 in place. Every gradient is taken as an array (another library's through
+    DLPack / the CUDA array interface) and checked writable first, so a refusal changes
+    none."""
     if check_flag(where, "set_to_none", set_to_none):
-        for p in params:
+        for _, p in named:
             p.grad = None
         return
-    held = [p for p in params if p.grad is not None]
-    for p in held:
-        if exported_read_only(p.grad) or not getattr(getattr(p.grad, "flags", None),
-                                                     "writeable", True):
-            raise ValueError(f"{where}: {p!r} holds a read-only gradient "
-                             f"({describe(p.grad)}); set_to_none=False writes zeros into it")
-    for p in held:
-        p.grad[...] = 0
+    arrays = []
+    for name, p in named:
+        if p.grad is None:
+            continue
+        what = f"{name}.grad"
+        grad = import_foreign(where, what, p.grad)
+        if not (isinstance(grad, np.ndarray) or _backend.is_gpu_array(grad)):
+            raise TypeError(f"{where}: {what} is {describe(p.grad)}, not an array; "
+                            "set_to_none=False writes zeros into it: use zero_grad()")
+        if exported_read_only(p.grad) or (isinstance(grad, np.ndarray)
+                                          and not grad.flags.writeable):
+            raise ValueError(f"{where}: {what} is read-only ({describe(p.grad)}); "
+                             "set_to_none=False writes zeros into it: use zero_grad(), which "
+                             "sets it to None")
+        arrays.append(grad)
+    for grad in arrays:
+        grad[...] = 0
 
 
 def _module_tree(module: Module, path: str) -> Iterator[tuple[str, Module]]:

@@ -71,7 +71,8 @@ class Optimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the parameters' gradients (``nn.Module.zero_grad``'s rule)."""
-        _zero_grads(f"{type(self).__name__}.zero_grad", self.params, set_to_none)
+        _zero_grads(f"{type(self).__name__}.zero_grad",
+                    [(f"params[{i}]", p) for i, p in enumerate(self.params)], set_to_none)
 
     # -- checkpoints ---------------------------------------------------------------------
     _state_names: tuple[str, ...] = ()     # a parameter's state entries, all or none of them
@@ -171,9 +172,9 @@ class Optimizer:
                 for update in updates:
                     update()
                 return
-            # NumPy is set to raise on floating-point errors: the step is all or nothing, so
-            # what earlier updates wrote is put back. (Each update also runs on copies first,
-            # F._deferred_update's guard for a direct F call: redundant here, and harmless.)
+            # NumPy may raise on a floating-point error: the step is all or nothing, so what
+            # earlier updates wrote is put back. This snapshot is the only one: the updates
+            # skip F._deferred_update's copies (its guard for a direct F call).
             saved = []
             for p in self.params:
                 if p.grad is not None:
@@ -181,6 +182,7 @@ class Optimizer:
                     arrays = [(a, a.copy()) for a in (p.data, *st.values())
                               if isinstance(a, np.ndarray)]
                     saved.append((st, dict(st), arrays))
+            token = F._RESTORED_BY_CALLER.set(True)
             try:
                 for update in updates:
                     update()
@@ -193,6 +195,8 @@ class Optimizer:
                 _forget_new_entries(made)
                 _add_note(exc, f"(in {type(self).__name__}.step: no parameter was updated)")
                 raise
+            finally:
+                F._RESTORED_BY_CALLER.reset(token)
 
     def _check(self, p: Parameter, state: dict):
         """Validate p's update and return it as a function of no arguments that makes it

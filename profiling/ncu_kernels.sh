@@ -83,12 +83,17 @@ for RANGE in "${RANGES[@]}"; do
          ${EXTRA_NCU_ARGS:-}
          "$PYTHON" profiling/train_mlp.py --device cuda --config "$CONFIG" --steps 1 --warmup 2)
     echo ">> ${CMD[*]}"
-    "${CMD[@]}" > "$REP.log" 2>&1 || { echo "ncu failed for $RANGE, see $REP.log" >&2; tail -20 "$REP.log" >&2; EMPTY=$((EMPTY + 1)); continue; }
-    if [ ! -f "$REP.ncu-rep" ]; then      # ncu exits 0 when no kernel matched, writing none
-        echo "ncu profiled no kernel in cugrad@$RANGE/, see $REP.log" >&2
-        grep -E '==(WARNING|ERROR)==' "$REP.log" | head -5 >&2 || true
-        printf '## `cugrad@%s/`: no kernel profiled\n\n%s\n\n' "$RANGE" \
-            "$(grep -E '==(WARNING|ERROR)==' "$REP.log" | head -5 || true)" >> "$SUMMARY"
+    rm -f "$REP.ncu-rep" "$REP.csv" "$REP.txt"    # an earlier run's report is not this one's
+    STATUS=0
+    "${CMD[@]}" > "$REP.log" 2>&1 || STATUS=$?
+    # ncu exits 0 when no kernel matched, writing no report; non-zero when it failed (no
+    # access to the counters: ERR_NVGPUCTRPERM). Either way: noted, and on to the next range.
+    if [ "$STATUS" -ne 0 ] || [ ! -f "$REP.ncu-rep" ]; then
+        echo "ncu profiled no kernel in cugrad@$RANGE/ (exit $STATUS), see $REP.log" >&2
+        tail -5 "$REP.log" >&2
+        printf '## `cugrad@%s/`: no kernel profiled (ncu exit %s)\n\n```\n%s\n```\n\n' \
+            "$RANGE" "$STATUS" "$(grep -E '==(WARNING|ERROR)==' "$REP.log" | head -5 || true)" \
+            >> "$SUMMARY"
         EMPTY=$((EMPTY + 1))
         continue
     fi

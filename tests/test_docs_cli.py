@@ -533,16 +533,17 @@ NCU_KERNELS = ROOT / "profiling" / "ncu_kernels.sh"
 NSYS_TRAIN = ROOT / "profiling" / "nsys_train.sh"
 
 
-def _profiling_script(tmp_path, script, *args, python="true"):
+def _profiling_script(tmp_path, script, *args, python="true", say=None, status=0):
     """ncu_kernels.sh or nsys_train.sh with stand-ins for ncu and nsys (a script that says
-    "No kernels were profiled" and writes no report, as ncu does when its NVTX filter
-    matches nothing, then exits 0) and an interpreter that does nothing (`true`: "import
-    nvtx" succeeds) or fails (`false`)."""
+    ``say``, by default "No kernels were profiled", and writes no report, as ncu does when
+    its NVTX filter matches nothing, then exits ``status``) and an interpreter that does
+    nothing (`true`: "import nvtx" succeeds) or fails (`false`)."""
     tools = tmp_path / "bin"
     tools.mkdir(exist_ok=True)
+    say = say or "==WARNING== No kernels were profiled."
     for tool in ("ncu", "nsys"):
         (tools / tool).write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'Version 0' && exit 0\n"
-                                  "echo '==WARNING== No kernels were profiled.'\n")
+                                  f"echo '{say}'\nexit {status}\n")
         (tools / tool).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PATH=f"{tools}{os.pathsep}{env['PATH']}", PYTHON=python,
@@ -562,6 +563,20 @@ def test_ncu_kernels_goes_on_past_a_range_without_kernels_and_exits_1(tmp_path):
         assert f"## `cugrad@{r}/`: no kernel profiled" in summary, summary
     assert "No kernels were profiled" in summary
     assert "2 range(s) without a report" in proc.stderr
+
+
+def test_ncu_kernels_notes_a_failed_range_and_ignores_an_earlier_report(tmp_path):
+    """A report left by an earlier run was read as this run's when ncu wrote none; a range
+    where ncu failed (no access to the counters) had no line in the summary."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ncu_relu.ncu-rep").write_text("an earlier run's report")
+    proc = _profiling_script(tmp_path, NCU_KERNELS, "relu", status=1,
+                             say="==ERROR== ERR_NVGPUCTRPERM - no permission")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## `cugrad@relu/`: no kernel profiled (ncu exit 1)" in summary, summary
+    assert "ERR_NVGPUCTRPERM" in summary
+    assert not (tmp_path / "out" / "ncu_relu.ncu-rep").exists()
 
 
 @pytest.mark.parametrize("script", [NCU_KERNELS, NSYS_TRAIN], ids=["ncu", "nsys"])

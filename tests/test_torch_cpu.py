@@ -191,3 +191,30 @@ def test_module_names_and_a_tied_state_dict_are_pytorchs():
     with torch.no_grad():
         want = theirs.c(theirs.b(theirs.a(torch.from_numpy(x)))).numpy()
     np.testing.assert_allclose(ours.c(ours.b(ours.a(x))), want, rtol=1e-6, atol=1e-7)
+
+
+def test_gradients_held_as_tensors_are_put_back_and_zeroed_or_refused_whole():
+    """A weight gradient held as a PyTorch tensor (F.accumulate writes through it) was not
+    put back when the bias's sum overflowed under warnings made errors; zero_grad(
+    set_to_none=False) zeroed the weight's gradient, then raised PyTorch's own error on a
+    bias gradient that requires grad."""
+    import warnings
+
+    layer = nn.Linear(2, 2, rng=0)
+    layer(np.ones((1, 2), np.float32))
+    layer.weight.grad = torch.zeros(2, 2)
+    layer.bias.grad = np.full(2, 3e38, np.float32)
+    with warnings.catch_warnings(), np.errstate(all="warn"):
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning):
+            layer.backward(np.full((1, 2), 2e38, np.float32), input_grad=False)
+    assert torch.equal(layer.weight.grad, torch.zeros(2, 2))
+    layer.weight.grad = torch.ones(2, 2)
+    layer.bias.grad = torch.ones(2, requires_grad=True)
+    with pytest.raises(TypeError, match=r"^Linear\.zero_grad: .*bias\.grad"):
+        layer.zero_grad(set_to_none=False)
+    assert torch.equal(layer.weight.grad, torch.ones(2, 2))
+    layer.bias.grad = torch.ones(2)
+    layer.zero_grad(set_to_none=False)
+    assert torch.equal(layer.weight.grad, torch.zeros(2, 2))
+    assert torch.equal(layer.bias.grad, torch.zeros(2))
