@@ -309,11 +309,7 @@ class Module:
     def named_children(self) -> Iterator[tuple[str, "Module"]]:
         """(name, module) for each module held directly, each once: one held under two
         names comes under its first (PyTorch's rule)."""
-        seen: set[int] = set()
-        for name, m in self._child_items():
-            if id(m) not in seen:
-                seen.add(id(m))
-                yield name, m
+        return _once_each(self._child_items())
 
     def children(self) -> Iterator["Module"]:
         """The modules held directly, each once (PyTorch's name)."""
@@ -327,12 +323,8 @@ class Module:
         under its first path, unless ``remove_duplicate=False``."""
         _check_prefix("named_modules", prefix)
         remove_duplicate = check_flag("named_modules", "remove_duplicate", remove_duplicate)
-        seen: set[int] = set()
-        for path, m in _module_tree(self, ""):
-            if remove_duplicate:
-                if id(m) in seen:
-                    continue
-                seen.add(id(m))
+        pairs = _module_tree(self, "")
+        for path, m in _once_each(pairs) if remove_duplicate else pairs:
             yield _joined(prefix, path[1:]), m
 
     def modules(self) -> Iterator["Module"]:
@@ -350,12 +342,8 @@ class Module:
         _check_prefix("named_parameters", prefix)
         recurse = check_flag("named_parameters", "recurse", recurse)
         remove_duplicate = check_flag("named_parameters", "remove_duplicate", remove_duplicate)
-        seen: set[int] = set()
-        for name, p in self._all_parameters("", recurse):
-            if remove_duplicate:
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
+        pairs = self._all_parameters("", recurse)
+        for name, p in _once_each(pairs) if remove_duplicate else pairs:
             yield _joined(prefix, name), p
 
     def _all_parameters(self, prefix: str, recurse: bool = True
@@ -906,6 +894,16 @@ def _module_tree(module: Module, path: str) -> Iterator[tuple[str, Module]]:
     yield path, module
     for name, child in module._child_items():
         yield from _module_tree(child, f"{path}.{name}")
+
+
+def _once_each(pairs):
+    """The (name, object) pairs whose object has not come before (by identity): each object
+    under its first name."""
+    seen: set[int] = set()
+    for name, obj in pairs:
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            yield name, obj
 
 
 def _check_prefix(op: str, prefix) -> None:
